@@ -1,0 +1,60 @@
+"""Connecting to Ray: an embedded local instance by default, or an existing cluster.
+
+The embedded instance binds its dashboard to 127.0.0.1 only. Inside a Ray job (``vitpipe
+submit``), ``RAY_ADDRESS`` is set and the driver joins that cluster instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from pipeline.config import RaySettings
+from pipeline.errors import VitpipeError
+
+__all__ = ["ray_runtime", "resolve_address"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_address(settings: RaySettings, override: str | None = None) -> str | None:
+    """The cluster to join, or None for an embedded local instance."""
+    return override or settings.address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextlib.contextmanager
+def ray_runtime(settings: RaySettings, address: str | None = None) -> Iterator[str]:
+    """Connect (or start) Ray for the duration of the block; yields a description of where."""
+    import ray
+
+    if ray.is_initialized():  # already connected (e.g. an embedding application or a test)
+        yield "existing Ray connection"
+        return
+    target = resolve_address(settings, address)
+    kwargs = {"namespace": "vitpipe", "log_to_driver": True, "logging_level": logging.WARNING}
+    try:
+        if target:
+            ray.init(address=target, **kwargs)
+            where = f"Ray cluster at {target}"
+        else:
+            # address="local" always starts a fresh instance; a bare ray.init() would silently
+            # join any cluster `ray start` left running on this machine.
+            ray.init(
+                address="local",
+                num_cpus=settings.num_cpus,
+                num_gpus=settings.num_gpus,
+                include_dashboard=settings.include_dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=settings.dashboard_port,
+                **kwargs,
+            )
+            where = "embedded local Ray instance"
+    except ConnectionError as err:
+        raise VitpipeError(f"cannot connect to Ray at {target}: {str(err).splitlines()[0]}") from None
+    log.info("connected to %s (%s CPUs)", where, ray.cluster_resources().get("CPU", 0))
+    try:
+        yield where
+    finally:
+        ray.shutdown()

@@ -1,0 +1,269 @@
+"""The ``vitpipe`` command line.
+
+This is the composition root: it wires the engine (:mod:`pipeline`), the stage registry
+(:mod:`stages`, by name) and Ray (:mod:`cluster`). Every error a user can cause is printed as a
+single ``vitpipe: error: ...`` line with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import RunConfig, StorageSettings, load_config, parse_config
+from pipeline.errors import VitpipeError
+from pipeline.overrides import apply_overrides
+from pipeline.storage import open_storage
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("vitpipe")
+
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+
+EPILOG = """\
+examples:
+  vitpipe run configs/tiny.yaml                      run the CPU default pipeline (embedded Ray)
+  vitpipe run configs/tiny.yaml pretrain.steps=200   ... with a dotted override
+  vitpipe status runs/tiny                           what each stage did
+  vitpipe resume runs/tiny                           finish an interrupted run
+  vitpipe run configs/tiny.yaml --from finetune      re-run finetune and everything after it
+  vitpipe submit configs/tiny.yaml --address http://HEAD:8265   run it as a Ray job
+"""
+
+
+def _add_run_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. seed=1 or pretrain.steps=200")
+    p.add_argument("--only", action="append", default=[], metavar="STAGE",
+                   help="run only this stage (repeatable); its inputs must be complete")
+    p.add_argument("--from", dest="from_stages", action="append", default=[], metavar="STAGE",
+                   help="re-run this stage and everything downstream of it (repeatable)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local instance)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the embedded Ray instance (default: all)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (embedded Ray)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="trust committed outputs without checking that they exist with the recorded sizes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitpipe",
+        description="Vision Transformer pretraining pipelines on Ray: run, resume, inspect and submit.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vitpipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run a pipeline config (skips stages that are already up to date)")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("--run-dir", help="run location: a path or s3://bucket/prefix (default: runs/NAME)")
+    _add_run_selection(p)
+
+    p = sub.add_parser("resume", help="continue a run from its directory, skipping finished stages")
+    p.add_argument("run", help="run directory or s3:// URI")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    _add_run_selection(p)
+
+    p = sub.add_parser("status", help="show each stage's state, duration, outputs and error")
+    p.add_argument("run", help="run directory or s3:// URI")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("validate", help="check a config (schema, stage params, graph) without running it")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    p = sub.add_parser("submit", help="submit a pipeline as a Ray job; prints the job id")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--address", default=None,
+                   help=f"Ray dashboard URL (default: RAY_API_SERVER_ADDRESS or {DEFAULT_DASHBOARD})")
+    p.add_argument("--run-dir", help="run location as seen from the cluster (default: runs/NAME in the job's "
+                                     "working directory; use s3:// for multi-node clusters)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra non-secret environment variable for the job (repeatable)")
+    p.add_argument("--wait", action="store_true", help="wait for the job and stream its logs")
+
+    for name, help_text in (("jobs", "list Ray jobs submitted by vitpipe"),):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--address", default=None, help=f"Ray dashboard URL (default: {DEFAULT_DASHBOARD})")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("logs", help="print a job's logs")
+    p.add_argument("job_id")
+    p.add_argument("--address", default=None, help=f"Ray dashboard URL (default: {DEFAULT_DASHBOARD})")
+    p.add_argument("-f", "--follow", action="store_true", help="stream logs until the job ends")
+    p = sub.add_parser("stop", help="stop a running job")
+    p.add_argument("job_id")
+    p.add_argument("--address", default=None, help=f"Ray dashboard URL (default: {DEFAULT_DASHBOARD})")
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    # Third-party libraries stay at WARNING unless -v.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _interrupt_on_sigterm() -> None:
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _apply_runtime_flags(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    if args.num_cpus is not None:
+        config.ray.num_cpus = args.num_cpus
+    if args.no_dashboard:
+        config.ray.include_dashboard = False
+    return config
+
+
+def _execute(config: RunConfig, run_uri: str, args: argparse.Namespace) -> int:
+    from cluster.executor import RayExecutor
+    from cluster.runtime import ray_runtime
+    from pipeline.engine import run_pipeline
+    from pipeline.status import collect_status, format_table
+
+    _interrupt_on_sigterm()
+    show_progress = sys.stderr.isatty() and not args.quiet
+    with ray_runtime(config.ray, args.address) as where:
+        log.info("run %s in %s on %s", config.name, run_uri, where)
+        try:
+            summary = run_pipeline(config, run_uri, RayExecutor(), only=args.only, from_stages=args.from_stages,
+                                   show_progress=show_progress, verify=not args.no_verify)
+        finally:
+            if not args.quiet:
+                try:
+                    _, rows = collect_status(open_storage(run_uri, config.storage))
+                    print(format_table(rows))
+                except VitpipeError:
+                    pass
+    log.info("run %s finished: %d ran, %d up to date", config.name, len(summary.ran), len(summary.skipped))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = _apply_runtime_flags(load_config(args.config, args.overrides), args)
+    return _execute(config, args.run_dir or config.default_run_dir(), args)
+
+
+def _run_storage(uri: str, endpoint_url: str | None) -> Any:
+    return open_storage(uri, StorageSettings(endpoint_url=endpoint_url))
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from pipeline.engine import read_run_config
+
+    recorded = read_run_config(_run_storage(args.run, args.endpoint_url))
+    config = recorded
+    if args.overrides:
+        raw = apply_overrides(recorded.to_dict(), args.overrides, source=args.run)
+        config = parse_config(raw, source=args.run)
+    if args.endpoint_url:
+        config.storage.endpoint_url = args.endpoint_url
+    return _execute(_apply_runtime_flags(config, args), args.run, args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import collect_status, format_table
+
+    name, rows = collect_status(_run_storage(args.run, args.endpoint_url))
+    if args.json:
+        print(json.dumps({"run": name, "uri": args.run, "stages": [r.as_dict() for r in rows]}, indent=2))
+    else:
+        print(f"run {name} ({args.run})")
+        print(format_table(rows))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    print(f"{args.config}: ok ({len(config.stages)} stages: {', '.join(config.stages)})")
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> str:
+    return args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_DASHBOARD
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    config = load_config(args.config, args.overrides)
+    job_id = jobs.submit_pipeline(_dashboard(args), config, run_dir=args.run_dir, extra_env=args.env)
+    print(job_id)
+    if args.wait:
+        return jobs.follow_logs(_dashboard(args), job_id)
+    return 0
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    listed = jobs.list_pipeline_jobs(_dashboard(args))
+    if args.json:
+        print(json.dumps(listed, indent=2))
+    else:
+        print(jobs.format_jobs(listed))
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    if args.follow:
+        return jobs.follow_logs(_dashboard(args), args.job_id)
+    sys.stdout.write(jobs.job_logs(_dashboard(args), args.job_id))
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    stopped = jobs.stop_job(_dashboard(args), args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'not running'}")
+    return 0
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "resume": _cmd_resume,
+    "status": _cmd_status,
+    "validate": _cmd_validate,
+    "submit": _cmd_submit,
+    "jobs": _cmd_jobs,
+    "logs": _cmd_logs,
+    "stop": _cmd_stop,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except VitpipeError as err:
+        print(f"vitpipe: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("vitpipe: interrupted; `vitpipe resume` continues where this stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

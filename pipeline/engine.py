@@ -1,0 +1,354 @@
+"""The engine: decides which stages to run, runs them through an executor, records everything.
+
+Planning (:func:`plan_run`) is a pure function of the config, the fingerprints and the committed
+manifests. A stage is skipped iff its manifest exists, its fingerprint matches, and each input's
+manifest is the one it consumed (and that input is not itself re-running). Everything else runs,
+and so does everything downstream of it.
+
+Execution goes through an :class:`Executor` (Ray tasks in :mod:`cluster.executor`); independent
+stages are submitted together and run concurrently as far as the cluster's resources allow.
+Before a stage runs, its old manifest is removed, so a crash mid-stage can never leave an old
+manifest describing new, half-written outputs. The stage folder itself is kept when the same
+fingerprint is being retried (so a stage can resume from its own checkpoints) and wiped when
+the config changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal, Protocol
+
+from pipeline import dag
+from pipeline.config import RunConfig, StageResources
+from pipeline.errors import ConfigError, StageFailedError
+from pipeline.events import EventLog
+from pipeline.fingerprint import stage_fingerprints
+from pipeline.lock import acquire_run_lock
+from pipeline.manifest import MANIFEST_NAME, Manifest, manifest_digest, read_manifest, verify_outputs
+from pipeline.runner import StageResult, StageTask, stage_folder
+from pipeline.state import RunState, load_state, save_state
+from pipeline.storage import Storage, open_storage
+
+__all__ = ["CONFIG_FILE", "StagePlan", "plan_run", "Executor", "RunSummary", "run_pipeline", "read_run_config"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    action: Literal["run", "skip", "leave"]
+    reason: str
+    fingerprint: str
+
+
+def plan_run(
+    config: RunConfig,
+    fingerprints: Mapping[str, str],
+    manifests: Mapping[str, Manifest | None],
+    only: Collection[str] = (),
+    from_stages: Collection[str] = (),
+    broken: Mapping[str, str] | None = None,
+) -> list[StagePlan]:
+    """Decide, in topological order, which stages run and why.
+
+    ``only``: run exactly these stages (their inputs must be complete); leave the rest.
+    ``from_stages``: force these stages and everything downstream of them to run.
+    ``broken``: stages whose committed outputs failed verification, with the reason.
+    """
+    graph = {name: list(spec.inputs.values()) for name, spec in config.stages.items()}
+    for name in (*only, *from_stages):
+        if name not in config.stages:
+            raise ConfigError(f"no stage named {name!r} (stages: {', '.join(config.stages)})")
+    forced = dag.downstream_closure(graph, from_stages) if from_stages else set()
+    broken = broken or {}
+    runs: set[str] = set()
+    plans: list[StagePlan] = []
+    for name in dag.topological_order(graph):
+        spec = config.stages[name]
+        fp = fingerprints[name]
+        manifest = manifests.get(name)
+        reason = None
+        if manifest is None:
+            reason = "not run yet"
+        elif manifest.fingerprint != fp:
+            reason = "config changed"
+        elif name in broken:
+            reason = f"outputs damaged: {broken[name]}"
+        else:
+            for role, upstream in spec.inputs.items():
+                recorded = manifest.inputs.get(role)
+                current = manifests.get(upstream)
+                if upstream in runs:
+                    reason = f"input {upstream!r} re-runs"
+                elif recorded is None or current is None or recorded.manifest_sha256 != manifest_digest(current):
+                    reason = f"input {upstream!r} changed"
+                if reason:
+                    break
+        if name in forced:
+            reason = "forced by --from"
+        if only:
+            if name in only:
+                plans.append(StagePlan(name, "run", "selected by --only", fp))
+                runs.add(name)
+                continue
+            plans.append(StagePlan(name, "leave", reason or "up to date", fp))
+            continue
+        if reason:
+            plans.append(StagePlan(name, "run", reason, fp))
+            runs.add(name)
+        else:
+            plans.append(StagePlan(name, "skip", "up to date", fp))
+    if only:
+        by_name = {p.name: p for p in plans}
+        for name in only:
+            for upstream in config.stages[name].inputs.values():
+                if upstream not in only and by_name[upstream].reason != "up to date":
+                    raise ConfigError(
+                        f"--only {name}: its input stage {upstream!r} is not complete "
+                        f"({by_name[upstream].reason}); run it first or add --only {upstream}"
+                    )
+    return plans
+
+
+class Executor(Protocol):
+    """Runs :class:`StageTask` s somewhere and reports their :class:`StageResult` s."""
+
+    def submit(self, task: StageTask, resources: StageResources) -> Any: ...
+
+    def wait(self, handles: Sequence[Any], timeout: float) -> list[tuple[Any, StageResult]]: ...
+
+    def cancel(self, handle: Any) -> None: ...
+
+
+@dataclass
+class RunSummary:
+    run_uri: str
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    blocked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocked
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def read_run_config(storage: Storage) -> RunConfig:
+    """The resolved config a run directory recorded (what ``resume`` and ``status`` use)."""
+    from pipeline.config import parse_config
+
+    source = storage.uri_of(CONFIG_FILE)
+    if not storage.exists(CONFIG_FILE):
+        raise ConfigError(f"{source}: not a vitpipe run directory (no {CONFIG_FILE}); start it with `vitpipe run`")
+    try:
+        raw = json.loads(storage.read_text(CONFIG_FILE))
+    except ValueError:
+        raise ConfigError(f"{source}: the recorded config is not valid JSON") from None
+    return parse_config(raw, source=source)
+
+
+class _StageBar:
+    """Driver-side progress over stages; draws only on a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar = None
+        if enabled and total:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc="stages", unit="stage", file=sys.stderr, leave=False)
+
+    def advance(self, label: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(label)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run_pipeline(
+    config: RunConfig,
+    run_uri: str,
+    executor: Executor,
+    only: Collection[str] = (),
+    from_stages: Collection[str] = (),
+    show_progress: bool = False,
+    verify: bool = True,
+) -> RunSummary:
+    """Run (or resume) the pipeline in ``run_uri``; returns a summary, raises on stage failure."""
+    storage = open_storage(run_uri, config.storage)
+    with acquire_run_lock(storage):
+        return _Driver(config, storage, executor, show_progress).run(only, from_stages, verify)
+
+
+class _Driver:
+    def __init__(self, config: RunConfig, storage: Storage, executor: Executor, show_progress: bool) -> None:
+        self.config = config
+        self.storage = storage
+        self.executor = executor
+        self.show_progress = show_progress
+        self.events = EventLog(storage, config.name)
+        self.state: RunState = load_state(storage, config.name)
+        self._resumed: dict[str, bool] = {}
+
+    def _save(self) -> None:
+        save_state(self.storage, self.state)
+
+    def run(self, only: Collection[str], from_stages: Collection[str], verify: bool) -> RunSummary:
+        config, storage = self.config, self.storage
+        storage.write_text(CONFIG_FILE, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        fps = stage_fingerprints(config)
+        manifests = {name: read_manifest(storage.child(stage_folder(name))) for name in config.stages}
+        broken = {}
+        if verify:
+            for name, manifest in manifests.items():
+                if manifest is not None and manifest.fingerprint == fps[name]:
+                    problems = verify_outputs(storage.child(stage_folder(name)), manifest)
+                    if problems:
+                        broken[name] = problems[0]
+        plans = plan_run(config, fps, manifests, only, from_stages, broken)
+        to_run = [p for p in plans if p.action == "run"]
+        summary = RunSummary(storage.uri)
+        self.events.emit("run_started", uri=storage.uri,
+                         plan={p.name: {"action": p.action, "reason": p.reason} for p in plans})
+        for p in plans:
+            if p.action == "skip":
+                st = self.state.stage(p.name)
+                st.status, st.fingerprint, st.error = "done", p.fingerprint, None
+                if st.duration_s is None and manifests[p.name] is not None:
+                    st.duration_s = manifests[p.name].timings.get("duration_s")
+                summary.skipped.append(p.name)
+                log.info("stage %s: up to date, skipped", p.name)
+                self.events.emit("stage_skipped", stage=p.name, reason=p.reason)
+        for p in to_run:
+            self._prepare(p)
+        self._save()
+
+        graph = {name: list(spec.inputs.values()) for name, spec in config.stages.items()}
+        available = {p.name: manifests[p.name] for p in plans if p.action != "run" and manifests[p.name]}
+        pending = list(to_run)
+        running: dict[Any, StagePlan] = {}
+        bar = _StageBar(len(to_run), self.show_progress)
+        try:
+            while pending or running:
+                for p in list(pending):
+                    ups = graph[p.name]
+                    if any(u in summary.failed or u in summary.blocked for u in ups):
+                        pending.remove(p)
+                        self._block(p, summary)
+                        bar.advance(f"{p.name} blocked")
+                    elif all(u in available for u in ups):
+                        pending.remove(p)
+                        running[self._submit(p, fps, available)] = p
+                if not running:
+                    if pending:  # cannot happen for a validated DAG; fail loudly rather than spin
+                        raise RuntimeError(f"scheduler stalled with pending stages {[p.name for p in pending]}")
+                    continue
+                for handle, result in self.executor.wait(list(running), timeout=1.0):
+                    p = running.pop(handle)
+                    self._finish(p, result, summary, available)
+                    bar.advance(f"{p.name} {'done' if result.ok else 'failed'}")
+        except BaseException as err:
+            # Ctrl-C / SIGTERM (or a driver bug): stop stage tasks, record them as interrupted.
+            for handle, p in running.items():
+                self.executor.cancel(handle)
+                st = self.state.stage(p.name)
+                st.status, st.error = "interrupted", f"driver stopped: {type(err).__name__}"
+                self.events.emit("stage_interrupted", stage=p.name)
+            self._save()
+            self.events.emit("run_interrupted", reason=type(err).__name__)
+            raise
+        finally:
+            bar.close()
+        self.events.emit("run_finished", ok=summary.ok, ran=summary.ran, skipped=summary.skipped,
+                         failed=summary.failed, blocked=summary.blocked)
+        self._save()
+        if not summary.ok:
+            first = next(iter(summary.failed.items()), None)
+            detail = f"stage {first[0]!r} failed: {first[1]}" if first else "some stages were blocked"
+            raise StageFailedError(f"{storage.uri}: {detail} (see `vitpipe status {storage.uri}`)")
+        return summary
+
+    def _prepare(self, p: StagePlan) -> None:
+        """Remove the old commit record; wipe the folder unless the same attempt is being resumed."""
+        stage_storage = self.storage.child(stage_folder(p.name))
+        stage_storage.delete(MANIFEST_NAME)
+        st = self.state.stage(p.name)
+        resumable = (
+            st.fingerprint == p.fingerprint
+            and st.status in ("running", "interrupted", "failed", "pending")
+            and p.reason != "forced by --from"
+        )
+        if not resumable:
+            stage_storage.delete_prefix()
+            st.attempts = 0
+        st.status, st.fingerprint, st.error = "pending", p.fingerprint, None
+        st.started = st.finished = None
+        st.duration_s = None
+        self._resumed[p.name] = resumable and st.attempts > 0
+
+    def _submit(self, p: StagePlan, fps: Mapping[str, str], available: Mapping[str, Manifest]) -> Any:
+        spec = self.config.stages[p.name]
+        st = self.state.stage(p.name)
+        st.status, st.started, st.attempts = "running", _now(), st.attempts + 1
+        task = StageTask(
+            run_uri=self.storage.uri,
+            storage_settings=self.config.storage.model_dump(),
+            name=p.name,
+            type_name=spec.type,
+            params=spec.params,
+            fingerprint=fps[p.name],
+            seed=self.config.seed,
+            inputs={role: (up, available[up].model_dump(mode="json")) for role, up in spec.inputs.items()},
+            plugins=list(self.config.plugins),
+            attempt=st.attempts,
+            resumed=self._resumed.get(p.name, False),
+            show_progress=self.show_progress,
+        )
+        assert spec.resources is not None  # filled in by parse_config
+        handle = self.executor.submit(task, spec.resources)
+        self._save()
+        log.info("stage %s: started (%s)", p.name, p.reason)
+        self.events.emit("stage_started", stage=p.name, type=spec.type, reason=p.reason, attempt=st.attempts,
+                         resources=spec.resources.model_dump())
+        return handle
+
+    def _finish(self, p: StagePlan, result: StageResult, summary: RunSummary,
+                available: dict[str, Manifest]) -> None:
+        st = self.state.stage(p.name)
+        st.finished = _now()
+        st.duration_s = round(result.duration_s, 3)
+        if result.ok and result.manifest is not None:
+            st.status, st.error = "done", None
+            available[p.name] = Manifest.model_validate(result.manifest)
+            summary.ran.append(p.name)
+            log.info("stage %s: done in %.1fs", p.name, result.duration_s)
+            self.events.emit("stage_finished", stage=p.name, duration_s=st.duration_s,
+                             outputs=len(result.manifest.get("outputs", [])))
+        else:
+            st.status, st.error = "failed", result.error
+            summary.failed[p.name] = result.error or "unknown error"
+            log.error("stage %s: failed: %s", p.name, result.error)
+            self.events.emit("stage_failed", stage=p.name, duration_s=st.duration_s, error=result.error)
+        self._save()
+
+    def _block(self, p: StagePlan, summary: RunSummary) -> None:
+        st = self.state.stage(p.name)
+        st.status, st.error = "blocked", "an input stage failed"
+        summary.blocked.append(p.name)
+        self.events.emit("stage_blocked", stage=p.name)
+        self._save()

@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad config, a missing file, bad credentials, a locked run) is a
+:class:`VitpipeError`. The command line prints its message as one line and exits non-zero, with
+no traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["VitpipeError", "ConfigError", "StorageError", "RunLockedError", "StageFailedError"]
+
+
+class VitpipeError(Exception):
+    """An error whose message alone tells the user what went wrong and what to do."""
+
+    exit_code = 2
+
+
+class ConfigError(VitpipeError):
+    """A run config is malformed: names the file, the field and what was expected."""
+
+
+class StorageError(VitpipeError):
+    """A storage operation failed for a reason the user can act on (missing object, credentials)."""
+
+
+class RunLockedError(VitpipeError):
+    """Another live process is running the same run directory."""
+
+    exit_code = 3
+
+
+class StageFailedError(VitpipeError):
+    """One or more stages failed; their errors are in the run's status and event log."""
+
+    exit_code = 1

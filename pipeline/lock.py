@@ -1,0 +1,173 @@
+"""A run lock: one driver per run directory at a time, and no lock outlives a dead driver.
+
+- On a local filesystem the lock is an ``flock`` on ``RUN/.lock``. The kernel drops it the moment
+  its holder dies (even by SIGKILL), so a stale lock cannot exist; the file only carries the
+  holder's pid/host for the error message.
+- On S3 the lock is an object ``RUN/.lock.json`` created with a conditional PUT (``If-None-Match:
+  *``) and refreshed by a heartbeat thread. A lock whose heartbeat is older than ``stale_after``
+  seconds belongs to a dead driver and is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.errors import RunLockedError
+from pipeline.storage import Storage
+
+__all__ = ["RunLock", "acquire_run_lock", "is_run_locked", "LOCAL_LOCK_FILE", "S3_LOCK_FILE"]
+
+log = logging.getLogger(__name__)
+
+LOCAL_LOCK_FILE = ".lock"
+S3_LOCK_FILE = ".lock.json"
+
+
+def _holder_info(owner: str) -> dict[str, Any]:
+    return {
+        "owner": owner,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "heartbeat": time.time(),
+    }
+
+
+def _describe(info: dict[str, Any]) -> str:
+    return f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('started', '?')}"
+
+
+class RunLock:
+    """Held for the life of a driver; release with :meth:`release` or as a context manager."""
+
+    def __init__(self, storage: Storage, stale_after: float = 90.0, heartbeat_every: float = 15.0) -> None:
+        self.storage = storage
+        self.stale_after = stale_after
+        self.heartbeat_every = heartbeat_every
+        self.owner = uuid.uuid4().hex
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._info: dict[str, Any] = {}
+
+    def acquire(self) -> RunLock:
+        local = self.storage.local_path(LOCAL_LOCK_FILE)
+        if local is not None:
+            self._acquire_local(str(local))
+        else:
+            self._acquire_remote()
+        return self
+
+    def _acquire_local(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except ValueError:
+                info = {}
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.storage.uri}: run is in use by {_describe(info)}; wait for it or stop that process"
+            ) from None
+        self._info = _holder_info(self.owner)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self._info).encode(), 0)
+        self._fd = fd
+
+    def _acquire_remote(self) -> None:
+        self._info = _holder_info(self.owner)
+        payload = json.dumps(self._info).encode()
+        if not self.storage.put_if_absent(S3_LOCK_FILE, payload):
+            current = self._read_remote()
+            age = time.time() - float(current.get("heartbeat", 0)) if current else None
+            if current and age is not None and age < self.stale_after:
+                raise RunLockedError(
+                    f"{self.storage.uri}: run is in use by {_describe(current)} "
+                    f"(heartbeat {age:.0f}s ago); wait for it or stop that process"
+                )
+            log.warning("%s: taking over a stale lock held by %s", self.storage.uri,
+                        _describe(current) if current else "an unknown holder")
+            # Re-check just before deleting so a lock refreshed meanwhile is left alone.
+            if self._read_remote() == current:
+                self.storage.delete(S3_LOCK_FILE)
+            if not self.storage.put_if_absent(S3_LOCK_FILE, payload):
+                raise RunLockedError(f"{self.storage.uri}: another process took the run lock first")
+        self._thread = threading.Thread(target=self._heartbeat, name="vitpipe-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _read_remote(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.storage.read_text(S3_LOCK_FILE))
+        except Exception:  # noqa: BLE001 - vanished or unreadable lock: treat as no holder
+            return {}
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_every):
+            current = self._read_remote()
+            if current.get("owner") != self.owner:
+                log.error("%s: the run lock was taken by %s", self.storage.uri, _describe(current))
+                return
+            self._info["heartbeat"] = time.time()
+            try:
+                self.storage.write_text(S3_LOCK_FILE, json.dumps(self._info))
+            except Exception:  # noqa: BLE001 - transient; next beat retries
+                log.warning("%s: lock heartbeat failed", self.storage.uri, exc_info=True)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+            self._fd = None
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+            if self._read_remote().get("owner") == self.owner:
+                with contextlib.suppress(Exception):
+                    self.storage.delete(S3_LOCK_FILE)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def acquire_run_lock(storage: Storage, stale_after: float = 90.0) -> RunLock:
+    """Take the run lock or raise :class:`RunLockedError` naming the holder."""
+    return RunLock(storage, stale_after=stale_after).acquire()
+
+
+def is_run_locked(storage: Storage, stale_after: float = 90.0) -> bool:
+    """Whether a live driver holds the run lock right now (for status displays)."""
+    local = storage.local_path(LOCAL_LOCK_FILE)
+    if local is not None:
+        if not local.exists():
+            return False
+        fd = os.open(local, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock we may just have taken
+        return False
+    try:
+        info = json.loads(storage.read_text(S3_LOCK_FILE))
+    except Exception:  # noqa: BLE001 - no lock object
+        return False
+    return time.time() - float(info.get("heartbeat", 0)) < stale_after

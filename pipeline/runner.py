@@ -1,0 +1,138 @@
+"""Runs one stage where it is scheduled (a Ray task) and commits its manifest.
+
+:class:`StageTask` is a plain, picklable description of one stage execution; :func:`execute_stage`
+is the function an executor runs. It never raises for a stage's own failure: it returns a
+:class:`StageResult` with a one-line error and writes the full traceback to
+``stages/NAME/error.txt``, so the driver can show a clean status table instead of a traceback wall.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline import registry
+from pipeline.config import StorageSettings
+from pipeline.errors import VitpipeError
+from pipeline.manifest import InputRecord, Manifest, commit_manifest, manifest_digest, package_versions
+from pipeline.stage import StageContext, StageInput
+from pipeline.storage import open_storage
+
+__all__ = ["StageTask", "StageResult", "execute_stage", "stage_folder", "ERROR_FILE"]
+
+log = logging.getLogger(__name__)
+
+ERROR_FILE = "error.txt"
+
+
+def stage_folder(name: str) -> str:
+    """Where a stage's outputs live, relative to the run root."""
+    return f"stages/{name}"
+
+
+@dataclass
+class StageTask:
+    run_uri: str
+    storage_settings: dict[str, Any]
+    name: str
+    type_name: str
+    params: dict[str, Any]
+    fingerprint: str
+    seed: int
+    inputs: dict[str, tuple[str, dict[str, Any]]]  # role -> (upstream stage, its manifest as data)
+    plugins: list[str] = field(default_factory=list)
+    attempt: int = 1
+    resumed: bool = False
+    show_progress: bool = False
+
+
+@dataclass
+class StageResult:
+    name: str
+    ok: bool
+    manifest: dict[str, Any] | None = None
+    error: str | None = None
+    duration_s: float = 0.0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, VitpipeError):
+        text = str(err)
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return " ".join(text.split()) or type(err).__name__
+
+
+def execute_stage(task: StageTask) -> StageResult:
+    """Run the stage described by ``task`` and commit its manifest; never raises for stage errors."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started_wall = _now()
+    started = time.perf_counter()
+    run_storage = open_storage(task.run_uri, StorageSettings(**task.storage_settings))
+    out = run_storage.child(stage_folder(task.name))
+    try:
+        registry.load_plugins(task.plugins)
+        stage_cls = registry.find_stage(task.type_name)
+        if stage_cls is None:
+            raise VitpipeError(f"stage type {task.type_name!r} is not registered on {socket.gethostname()}")
+        params = stage_cls.Params.model_validate(task.params)
+        inputs = {
+            role: StageInput(
+                stage=upstream,
+                manifest=Manifest.model_validate(manifest),
+                storage=run_storage.child(stage_folder(upstream)),
+            )
+            for role, (upstream, manifest) in task.inputs.items()
+        }
+        ctx = StageContext(
+            name=task.name,
+            type_name=task.type_name,
+            params=params,
+            fingerprint=task.fingerprint,
+            seed=task.seed,
+            out=out,
+            run_storage=run_storage,
+            inputs=inputs,
+            attempt=task.attempt,
+            resumed=task.resumed,
+            show_progress=task.show_progress,
+            logger=logging.getLogger(f"vitpipe.stage.{task.name}"),
+        )
+        stage_cls().run(ctx)
+        duration = time.perf_counter() - started
+        manifest = Manifest(
+            stage=task.name,
+            type=task.type_name,
+            fingerprint=task.fingerprint,
+            params=params.model_dump(mode="json"),
+            inputs={
+                role: InputRecord(stage=inp.stage, fingerprint=inp.manifest.fingerprint,
+                                  manifest_sha256=manifest_digest(inp.manifest))
+                for role, inp in inputs.items()
+            },
+            outputs=ctx.outputs,
+            metrics=ctx.metrics,
+            versions=package_versions(),
+            timings={"started": started_wall, "finished": _now(), "duration_s": round(duration, 3),
+                     "host": socket.gethostname(), "pid": os.getpid(), "attempt": task.attempt},
+        )
+        out.delete(ERROR_FILE)
+        commit_manifest(out, manifest)
+        return StageResult(task.name, ok=True, manifest=manifest.model_dump(mode="json"), duration_s=duration)
+    except Exception as err:  # noqa: BLE001 - reported as the stage's failure, traceback kept on disk
+        line = _one_line(err)
+        try:
+            out.write_text(ERROR_FILE, traceback.format_exc())
+        except Exception:  # noqa: BLE001 - the storage itself may be what failed
+            log.debug("could not write %s for %s", ERROR_FILE, task.name, exc_info=True)
+        return StageResult(task.name, ok=False, error=line, duration_s=time.perf_counter() - started)

@@ -1,0 +1,100 @@
+"""``vitpipe status``: what each stage of a run is doing or did, from the run directory alone."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pipeline import dag
+from pipeline.engine import read_run_config
+from pipeline.fingerprint import stage_fingerprints
+from pipeline.lock import is_run_locked
+from pipeline.manifest import read_manifest
+from pipeline.runner import stage_folder
+from pipeline.state import load_state
+from pipeline.storage import Storage
+
+__all__ = ["StatusRow", "collect_status", "format_table", "format_bytes"]
+
+
+@dataclass
+class StatusRow:
+    stage: str
+    type: str
+    state: str
+    duration_s: float | None
+    outputs: int
+    output_bytes: int
+    error: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def collect_status(storage: Storage) -> tuple[str, list[StatusRow]]:
+    """The run's name and one row per stage, in topological order."""
+    config = read_run_config(storage)
+    fps = stage_fingerprints(config)
+    state = load_state(storage, config.name)
+    live = is_run_locked(storage)
+    graph = {name: list(spec.inputs.values()) for name, spec in config.stages.items()}
+    rows = []
+    for name in dag.topological_order(graph):
+        spec = config.stages[name]
+        st = state.stages.get(name)
+        manifest = read_manifest(storage.child(stage_folder(name)))
+        recorded = st.status if st else "pending"
+        if manifest is not None and manifest.fingerprint == fps[name]:
+            status = "done"
+        elif recorded in ("running", "pending") and not live and st is not None and st.started:
+            status = "interrupted"
+        elif recorded == "done":
+            status = "stale"  # done once, but the config or an input has changed since
+        else:
+            status = recorded
+        duration = st.duration_s if st and st.duration_s is not None else None
+        if duration is None and manifest is not None:
+            duration = manifest.timings.get("duration_s")
+        outputs = manifest.outputs if manifest is not None and status == "done" else []
+        rows.append(StatusRow(
+            stage=name,
+            type=spec.type,
+            state=status,
+            duration_s=duration,
+            outputs=len(outputs),
+            output_bytes=sum(o.size for o in outputs),
+            error=(st.error or "") if st and status in ("failed", "interrupted", "blocked") else "",
+        ))
+    return config.name, rows
+
+
+def format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+def format_table(rows: list[StatusRow]) -> str:
+    """A plain-text table (stable, greppable, fine in CI logs)."""
+    header = ("STAGE", "TYPE", "STATE", "DURATION", "OUTPUTS", "ERROR")
+    body = [
+        (r.stage, r.type, r.state, _duration(r.duration_s),
+         f"{r.outputs} ({format_bytes(r.output_bytes)})" if r.outputs else "-", r.error or "")
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    widths[-1] = 0  # the error column is last and unpadded
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in (header, *body)]
+    return "\n".join(lines)

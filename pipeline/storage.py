@@ -1,0 +1,572 @@
+"""One small storage interface over local paths and ``s3://`` URIs.
+
+Everything a run writes goes through :class:`Storage`, rooted at the run's URI, with paths
+relative to that root (``stages/pretrain/manifest.json``). Two guarantees the engine builds on:
+
+- **Atomic writes.** :meth:`Storage.write_bytes` and :meth:`Storage.open_write` make an object
+  visible whole or not at all: a temp file plus ``os.replace`` on disk; a single PUT, or a
+  multipart upload completed only at the end, on S3. A reader never sees half an object.
+- **Streaming reads.** :meth:`Storage.open_read` returns a file object that reads as it goes
+  (an S3 ``GetObject`` body), so shards are never downloaded whole first.
+
+S3 goes through boto3 with the ``standard`` retry mode; the endpoint comes from the run config
+or ``AWS_ENDPOINT_URL``; credentials come from boto3's usual chain and are never logged. Errors
+a user can fix (no credentials, access denied, no such bucket, unreachable endpoint) become a
+one-line :class:`~pipeline.errors.StorageError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from pipeline.errors import StorageError
+
+__all__ = [
+    "ObjectInfo",
+    "WrittenObject",
+    "Storage",
+    "LocalStorage",
+    "S3Storage",
+    "open_storage",
+    "is_s3_uri",
+    "sha256_stream",
+]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_TMP_MARK = ".tmp-"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object under a storage root: its path relative to the root and its size in bytes."""
+
+    path: str
+    size: int
+
+
+@dataclass
+class WrittenObject:
+    """What :meth:`Storage.open_write` reports once the object is committed."""
+
+    path: str
+    size: int = 0
+    sha256: str = ""
+
+
+def is_s3_uri(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def sha256_stream(stream: IO[bytes]) -> tuple[str, int]:
+    """sha256 hex digest and byte count of a stream, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := stream.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _clean_rel(rel: str) -> str:
+    rel = rel.replace("\\", "/").strip("/")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise ValueError(f"storage paths may not contain '..': {rel!r}")
+    return "/".join(parts)
+
+
+class _HashingWriter(io.RawIOBase):
+    """Passes writes through to a file while hashing them, so no second read is needed."""
+
+    def __init__(self, sink: IO[bytes], record: WrittenObject) -> None:
+        self._sink = sink
+        self._digest = hashlib.sha256()
+        self._record = record
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._sink.write(view)
+        self._digest.update(view)
+        self._record.size += len(view)
+        return len(view)
+
+    def finish(self) -> None:
+        self._record.sha256 = self._digest.hexdigest()
+
+
+class Storage(ABC):
+    """A tree of objects under one root URI. Paths are relative, '/'-separated."""
+
+    uri: str
+
+    @abstractmethod
+    def child(self, rel: str) -> Storage:
+        """A storage rooted at ``rel`` under this one."""
+
+    def uri_of(self, rel: str = "") -> str:
+        rel = _clean_rel(rel)
+        return f"{self.uri.rstrip('/')}/{rel}" if rel else self.uri
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, rel: str) -> int | None:
+        """Size in bytes, or None when the object does not exist."""
+
+    @abstractmethod
+    def open_read(self, rel: str) -> BinaryIO:
+        """A streaming binary reader. Raises StorageError when the object is missing."""
+
+    @abstractmethod
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[BinaryIO]:
+        """A binary writer whose object appears atomically when the block exits cleanly.
+
+        The yielded file has a ``written`` attribute (:class:`WrittenObject`) filled in with
+        size and sha256 after the block exits. On an exception nothing is written.
+        """
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every committed object under ``prefix`` (recursive), sorted by path."""
+
+    @abstractmethod
+    def delete(self, rel: str) -> None:
+        """Delete one object; a missing object is not an error."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str = "") -> int:
+        """Delete every object under ``prefix``; returns how many were deleted."""
+
+    @abstractmethod
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` with ``data`` only if it does not exist; True when this call created it."""
+
+    @abstractmethod
+    def upload_file(self, local_path: str | os.PathLike[str], rel: str) -> WrittenObject:
+        """Copy a local file in (multipart on S3 for large files), atomically."""
+
+    @abstractmethod
+    def download_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        """Copy an object to a local file (atomically replacing it)."""
+
+    def local_path(self, rel: str = "") -> Path | None:
+        """The filesystem path of ``rel`` when this storage is local, else None."""
+        return None
+
+    # Conveniences built on the primitives above.
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.open_read(rel) as f:
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def write_bytes(self, rel: str, data: bytes) -> WrittenObject:
+        with self.open_write(rel) as f:
+            f.write(data)
+        return f.written  # type: ignore[attr-defined]
+
+    def write_text(self, rel: str, text: str) -> WrittenObject:
+        return self.write_bytes(rel, text.encode("utf-8"))
+
+    def append_text(self, rel: str, text: str) -> None:
+        """Append to a small text object (event logs). Single writer only: the run lock ensures it."""
+        old = self.read_text(rel) if self.exists(rel) else ""
+        self.write_text(rel, old + text)
+
+    def sha256(self, rel: str) -> str:
+        with self.open_read(rel) as f:
+            return sha256_stream(f)[0]
+
+
+class LocalStorage(Storage):
+    """Storage on a local (or mounted shared) filesystem."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.uri!r})"
+
+    def _path(self, rel: str) -> Path:
+        return self.root / _clean_rel(rel)
+
+    def child(self, rel: str) -> LocalStorage:
+        return LocalStorage(self._path(rel))
+
+    def local_path(self, rel: str = "") -> Path:
+        return self._path(rel)
+
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).is_file()
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return self._path(rel).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def open_read(self, rel: str) -> BinaryIO:
+        path = self._path(rel)
+        try:
+            return open(path, "rb")  # noqa: SIM115 - caller closes
+        except FileNotFoundError:
+            raise StorageError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise StorageError(f"{path}: is a directory, expected a file") from None
+        except PermissionError:
+            raise StorageError(f"{path}: permission denied") from None
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[BinaryIO]:
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+        record = WrittenObject(path=_clean_rel(rel))
+        try:
+            with open(tmp, "wb") as raw:
+                hashing = _HashingWriter(raw, record)
+                writer = io.BufferedWriter(hashing, buffer_size=_CHUNK)
+                writer.written = record  # type: ignore[attr-defined]
+                yield writer  # type: ignore[misc]
+                writer.flush()
+                hashing.finish()
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self._path(prefix)
+        if base.is_file():
+            return [ObjectInfo(_clean_rel(prefix), base.stat().st_size)]
+        if not base.is_dir():
+            return []
+        found = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".") and _TMP_MARK in name:
+                    continue  # an uncommitted write
+                full = Path(dirpath) / name
+                rel = full.relative_to(self.root).as_posix()
+                with contextlib.suppress(FileNotFoundError):
+                    found.append(ObjectInfo(rel, full.stat().st_size))
+        return sorted(found, key=lambda o: o.path)
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(rel).unlink()
+
+    def delete_prefix(self, prefix: str = "") -> int:
+        base = self._path(prefix)
+        if base.is_file():
+            base.unlink()
+            return 1
+        if not base.is_dir():
+            return 0
+        count = sum(len(files) for _, _, files in os.walk(base))
+        shutil.rmtree(base)
+        return count
+
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def upload_file(self, local_path: str | os.PathLike[str], rel: str) -> WrittenObject:
+        with open(local_path, "rb") as src, self.open_write(rel) as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
+        return dst.written  # type: ignore[attr-defined]
+
+    def download_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        target = Path(local_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self.open_read(rel) as src, LocalStorage(target.parent).open_write(target.name) as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable: without it a crash can lose a "committed" manifest.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _BodyReader(io.RawIOBase):
+    """Adapts a botocore StreamingBody to a RawIOBase so it can be buffered and streamed."""
+
+    def __init__(self, body: Any, uri: str) -> None:
+        self._body = body
+        self._uri = uri
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        with _s3_errors(self._uri):
+            data = self._body.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._body.close()
+        super().close()
+
+
+_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
+               "InvalidToken", "AuthorizationHeaderMalformed", "403", "Forbidden"}
+
+
+@contextlib.contextmanager
+def _s3_errors(uri: str) -> Iterator[None]:
+    """Translate boto errors a user can act on into one-line StorageErrors."""
+    from botocore import exceptions as bex
+
+    try:
+        yield
+    except bex.NoCredentialsError:
+        raise StorageError(
+            f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or use an instance/pod role"
+        ) from None
+    except (bex.EndpointConnectionError, bex.ConnectTimeoutError) as err:
+        endpoint = getattr(err, "kwargs", {}).get("endpoint_url", "the S3 endpoint")
+        raise StorageError(f"{uri}: cannot reach {endpoint}; check storage.endpoint_url / AWS_ENDPOINT_URL") from None
+    except bex.ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket",):
+            bucket = uri[5:].split("/", 1)[0]
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise StorageError(f"{uri}: no such object") from None
+        if code in _AUTH_CODES:
+            raise StorageError(
+                f"{uri}: access denied ({code}); check the AWS credentials and the bucket policy"
+            ) from None
+        raise StorageError(f"{uri}: S3 error {code}: {err.response.get('Error', {}).get('Message', '')}") from None
+
+
+class S3Storage(Storage):
+    """Storage under ``s3://bucket/prefix`` through boto3.
+
+    Picklable: the boto3 client is made lazily in each process (clients are not fork- or
+    pickle-safe), so a storage can be passed to Ray tasks as is.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        multipart_threshold_mb: int = 64,
+        multipart_chunk_mb: int = 64,
+    ) -> None:
+        if not is_s3_uri(uri):
+            raise ValueError(f"not an s3:// URI: {uri!r}")
+        bucket, _, prefix = uri[5:].partition("/")
+        if len(bucket) < 3:
+            raise StorageError(f"{uri}: bucket names have at least 3 characters")
+        self.bucket = bucket
+        self.prefix = _clean_rel(prefix)
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        self.multipart_threshold = multipart_threshold_mb * (1 << 20)
+        self.multipart_chunk = multipart_chunk_mb * (1 << 20)
+        self._client: Any = None
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.uri!r}, endpoint_url={self.endpoint_url!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"mode": "standard", "max_attempts": 5},
+                connect_timeout=10,
+                read_timeout=120,
+            )
+            self._client = boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
+            )
+        return self._client
+
+    def _transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.multipart_chunk,
+            use_threads=True,
+            max_concurrency=4,
+        )
+
+    def _key(self, rel: str) -> str:
+        rel = _clean_rel(rel)
+        return f"{self.prefix}/{rel}" if self.prefix and rel else (self.prefix or rel)
+
+    def child(self, rel: str) -> S3Storage:
+        clone = S3Storage.__new__(S3Storage)
+        clone.__dict__.update(self.__getstate__())
+        clone._client = self._client
+        clone.prefix = self._key(rel)
+        clone.uri = f"s3://{self.bucket}/{clone.prefix}"
+        return clone
+
+    def exists(self, rel: str) -> bool:
+        return self.size(rel) is not None
+
+    def size(self, rel: str) -> int | None:
+        from botocore.exceptions import ClientError
+
+        with _s3_errors(self.uri_of(rel)):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+        return int(head["ContentLength"])
+
+    def open_read(self, rel: str) -> BinaryIO:
+        uri = self.uri_of(rel)
+        with _s3_errors(uri):
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+        return io.BufferedReader(_BodyReader(response["Body"], uri), buffer_size=_CHUNK)  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[BinaryIO]:
+        # Spool to memory (then disk past 16 MiB) and upload on close: the object appears only
+        # when PutObject or CompleteMultipartUpload succeeds, never half-written.
+        record = WrittenObject(path=_clean_rel(rel))
+        with tempfile.SpooledTemporaryFile(max_size=16 << 20) as spool:
+            hashing = _HashingWriter(spool, record)
+            writer = io.BufferedWriter(hashing, buffer_size=_CHUNK)
+            writer.written = record  # type: ignore[attr-defined]
+            yield writer  # type: ignore[misc]
+            writer.flush()
+            hashing.finish()
+            spool.seek(0)
+            with _s3_errors(self.uri_of(rel)):
+                self.client.upload_fileobj(
+                    spool, self.bucket, self._key(rel), Config=self._transfer_config()
+                )
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        key_prefix = self._key(prefix)
+        if key_prefix:
+            key_prefix += "/"  # so that "stages/a" never matches "stages/ab/..."
+        root = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        with _s3_errors(self.uri_of(prefix)):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix):
+                for obj in page.get("Contents", ()):
+                    found.append(ObjectInfo(obj["Key"][len(root):], int(obj["Size"])))
+        return sorted(found, key=lambda o: o.path)
+
+    def delete(self, rel: str) -> None:
+        with _s3_errors(self.uri_of(rel)):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(rel))
+
+    def delete_prefix(self, prefix: str = "") -> int:
+        objects = self.list(prefix)
+        with _s3_errors(self.uri_of(prefix)):
+            for start in range(0, len(objects), 1000):
+                batch = [{"Key": self._key(o.path)} for o in objects[start:start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(objects)
+
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        with _s3_errors(self.uri_of(rel)):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, IfNoneMatch="*")
+            except ClientError as err:
+                code = err.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                raise
+        return True
+
+    def upload_file(self, local_path: str | os.PathLike[str], rel: str) -> WrittenObject:
+        with open(local_path, "rb") as f:
+            digest, size = sha256_stream(f)
+        with _s3_errors(self.uri_of(rel)):
+            self.client.upload_file(str(local_path), self.bucket, self._key(rel), Config=self._transfer_config())
+        return WrittenObject(path=_clean_rel(rel), size=size, sha256=digest)
+
+    def download_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
+        target = Path(local_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with _s3_errors(self.uri_of(rel)):
+                self.client.download_file(self.bucket, self._key(rel), str(tmp), Config=self._transfer_config())
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def open_storage(uri: str, settings: Any = None) -> Storage:
+    """Storage for a local path or ``s3://`` URI. ``settings`` is a StorageSettings (optional)."""
+    if is_s3_uri(uri):
+        kwargs: dict[str, Any] = {}
+        if settings is not None:
+            kwargs = {
+                "endpoint_url": settings.endpoint_url,
+                "region": settings.region,
+                "multipart_threshold_mb": settings.multipart_threshold_mb,
+                "multipart_chunk_mb": settings.multipart_chunk_mb,
+            }
+        return S3Storage(uri, **kwargs)
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"{uri}: unsupported storage scheme (use a local path or s3://bucket/prefix)")
+    return LocalStorage(uri.removeprefix("file://"))

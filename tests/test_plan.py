@@ -1,0 +1,95 @@
+"""plan_run is pure: these tests feed it manifests directly."""
+
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.engine import plan_run
+from pipeline.errors import ConfigError
+from pipeline.fingerprint import stage_fingerprints
+from pipeline.manifest import InputRecord, Manifest, manifest_digest
+from tests.conftest import smoke_config
+
+
+def _manifests(config, fps, names=None):
+    """Manifests as a completed run would have committed them."""
+    out = {}
+    for name, spec in config.stages.items():
+        if names is not None and name not in names:
+            out[name] = None
+            continue
+        inputs = {role: InputRecord(stage=up, fingerprint=fps[up], manifest_sha256=manifest_digest(out[up]))
+                  for role, up in spec.inputs.items()}
+        out[name] = Manifest(stage=name, type=spec.type, fingerprint=fps[name], params=spec.params, inputs=inputs)
+    return out
+
+
+def _actions(plans):
+    return {p.name: p.action for p in plans}
+
+
+def test_fresh_run_runs_everything():
+    config = parse_config(smoke_config())
+    fps = stage_fingerprints(config)
+    plans = plan_run(config, fps, {n: None for n in config.stages})
+    assert [p.name for p in plans] == ["generate", "transform", "combine"]
+    assert all(p.action == "run" and p.reason == "not run yet" for p in plans)
+
+
+def test_complete_run_skips_everything():
+    config = parse_config(smoke_config())
+    fps = stage_fingerprints(config)
+    assert set(_actions(plan_run(config, fps, _manifests(config, fps))).values()) == {"skip"}
+
+
+def test_interrupted_run_resumes_at_the_first_missing_stage():
+    config = parse_config(smoke_config())
+    fps = stage_fingerprints(config)
+    plans = plan_run(config, fps, _manifests(config, fps, names={"generate"}))
+    assert _actions(plans) == {"generate": "skip", "transform": "run", "combine": "run"}
+
+
+def test_config_change_reruns_that_stage_and_downstream():
+    old = parse_config(smoke_config())
+    manifests = _manifests(old, stage_fingerprints(old))
+    new = parse_config(smoke_config(factor=5))
+    plans = plan_run(new, stage_fingerprints(new), manifests)
+    assert _actions(plans) == {"generate": "skip", "transform": "run", "combine": "run"}
+    assert plans[1].reason == "config changed"
+
+
+def test_rerun_upstream_with_same_fingerprint_invalidates_consumers():
+    config = parse_config(smoke_config())
+    fps = stage_fingerprints(config)
+    manifests = _manifests(config, fps)
+    # transform was re-run (same config, new outputs): combine consumed the old manifest.
+    manifests["transform"] = manifests["transform"].model_copy(update={"metrics": {"rerun": True}})
+    plans = plan_run(config, fps, manifests)
+    assert _actions(plans) == {"generate": "skip", "transform": "skip", "combine": "run"}
+    assert plans[2].reason == "input 'transform' changed"
+
+
+def test_from_forces_downstream_and_only_runs_exactly_the_selection():
+    config = parse_config(smoke_config())
+    fps = stage_fingerprints(config)
+    manifests = _manifests(config, fps)
+    assert _actions(plan_run(config, fps, manifests, from_stages=["transform"])) == {
+        "generate": "skip", "transform": "run", "combine": "run"}
+    assert _actions(plan_run(config, fps, manifests, only=["transform"])) == {
+        "generate": "leave", "transform": "run", "combine": "leave"}
+
+
+def test_only_refuses_when_inputs_are_incomplete_and_unknown_names_are_errors():
+    config = parse_config(smoke_config())
+    fps = stage_fingerprints(config)
+    with pytest.raises(ConfigError, match="--only transform: its input stage 'generate' is not complete"):
+        plan_run(config, fps, {n: None for n in config.stages}, only=["transform"])
+    with pytest.raises(ConfigError, match="no stage named 'nope'"):
+        plan_run(config, fps, {n: None for n in config.stages}, from_stages=["nope"])
+
+
+def test_damaged_outputs_rerun_the_stage():
+    config = parse_config(smoke_config())
+    fps = stage_fingerprints(config)
+    plans = plan_run(config, fps, _manifests(config, fps), broken={"generate": "numbers.txt: missing"})
+    assert _actions(plans) == {"generate": "run", "transform": "run", "combine": "run"}
+    assert plans[0].reason == "outputs damaged: numbers.txt: missing"
