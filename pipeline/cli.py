@@ -61,9 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vitpipe {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    # -v/-q work before or after the command (`vitpipe -q run ...` and `vitpipe run ... -q`).
+    common = argparse.ArgumentParser(add_help=False)
+    for target, default in ((parser, False), (common, argparse.SUPPRESS)):
+        target.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+        target.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return _add_parser(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("run", help="run a pipeline config (skips stages that are already up to date)")
     p.add_argument("config", help="run config YAML")
@@ -137,15 +146,17 @@ def _execute(config: RunConfig, run_uri: str, args: argparse.Namespace) -> int:
     from cluster.executor import RayExecutor
     from cluster.runtime import ray_runtime
     from pipeline.engine import run_pipeline
+    from pipeline.lock import acquire_run_lock
     from pipeline.status import collect_status, format_table
 
     _interrupt_on_sigterm()
     show_progress = sys.stderr.isatty() and not args.quiet
-    with ray_runtime(config.ray, args.address) as where:
+    lock = acquire_run_lock(open_storage(run_uri, config.storage))  # before Ray: refuse a second driver fast
+    with lock, ray_runtime(config.ray, args.address) as where:
         log.info("run %s in %s on %s", config.name, run_uri, where)
         try:
             summary = run_pipeline(config, run_uri, RayExecutor(), only=args.only, from_stages=args.from_stages,
-                                   show_progress=show_progress, verify=not args.no_verify)
+                                   show_progress=show_progress, verify=not args.no_verify, lock=lock)
         finally:
             if not args.quiet:
                 try:
@@ -253,7 +264,15 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`run cfg.yaml --run-dir x a.b=1`); argparse stops
+    # collecting a positional list at the first option, so gather the stragglers here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose, args.quiet)
     try:
         return COMMANDS[args.command](args)

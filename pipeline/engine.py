@@ -29,7 +29,7 @@ from pipeline.config import RunConfig, StageResources
 from pipeline.errors import ConfigError, StageFailedError
 from pipeline.events import EventLog
 from pipeline.fingerprint import stage_fingerprints
-from pipeline.lock import acquire_run_lock
+from pipeline.lock import RunLock, acquire_run_lock
 from pipeline.manifest import MANIFEST_NAME, Manifest, manifest_digest, read_manifest, verify_outputs
 from pipeline.runner import StageResult, StageTask, stage_folder
 from pipeline.state import RunState, load_state, save_state
@@ -188,10 +188,15 @@ def run_pipeline(
     from_stages: Collection[str] = (),
     show_progress: bool = False,
     verify: bool = True,
+    lock: RunLock | None = None,
 ) -> RunSummary:
-    """Run (or resume) the pipeline in ``run_uri``; returns a summary, raises on stage failure."""
+    """Run (or resume) the pipeline in ``run_uri``; returns a summary, raises on stage failure.
+
+    Pass ``lock`` when the caller already holds the run lock (the CLI takes it before starting
+    Ray, so a second driver is refused at once); it is released on return either way.
+    """
     storage = open_storage(run_uri, config.storage)
-    with acquire_run_lock(storage):
+    with lock or acquire_run_lock(storage):
         return _Driver(config, storage, executor, show_progress).run(only, from_stages, verify)
 
 

@@ -33,10 +33,32 @@ LOCAL_LOCK_FILE = ".lock"
 S3_LOCK_FILE = ".lock.json"
 
 
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started (to tell a live holder from a reused pid), or None if gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _holder_is_dead(info: dict[str, Any], stale_after: float) -> bool:
+    """A remote lock's holder is dead if its heartbeat is stale, or, on this host, if its process is gone."""
+    age = time.time() - float(info.get("heartbeat", 0))
+    if age >= stale_after:
+        return True
+    if info.get("host") == socket.gethostname() and "pid" in info:
+        started = _process_started(int(info["pid"]))
+        return started is None or abs(started - float(info.get("pid_started", started))) > 1.0
+    return False
+
+
 def _holder_info(owner: str) -> dict[str, Any]:
     return {
         "owner": owner,
         "pid": os.getpid(),
+        "pid_started": _process_started(os.getpid()),
         "host": socket.gethostname(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "heartbeat": time.time(),
@@ -92,8 +114,8 @@ class RunLock:
         payload = json.dumps(self._info).encode()
         if not self.storage.put_if_absent(S3_LOCK_FILE, payload):
             current = self._read_remote()
-            age = time.time() - float(current.get("heartbeat", 0)) if current else None
-            if current and age is not None and age < self.stale_after:
+            if current and not _holder_is_dead(current, self.stale_after):
+                age = time.time() - float(current.get("heartbeat", 0))
                 raise RunLockedError(
                     f"{self.storage.uri}: run is in use by {_describe(current)} "
                     f"(heartbeat {age:.0f}s ago); wait for it or stop that process"
@@ -140,8 +162,12 @@ class RunLock:
                 with contextlib.suppress(Exception):
                     self.storage.delete(S3_LOCK_FILE)
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None or self._thread is not None
+
     def __enter__(self) -> RunLock:
-        return self.acquire()
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
@@ -170,4 +196,4 @@ def is_run_locked(storage: Storage, stale_after: float = 90.0) -> bool:
         info = json.loads(storage.read_text(S3_LOCK_FILE))
     except Exception:  # noqa: BLE001 - no lock object
         return False
-    return time.time() - float(info.get("heartbeat", 0)) < stale_after
+    return not _holder_is_dead(info, stale_after)

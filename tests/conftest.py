@@ -24,6 +24,11 @@ VITPIPE = [sys.executable, "-m", "pipeline.cli"]
 S3_KEY_ID = "AKIAVITPIPETESTKEY01"
 S3_SECRET = "vitpipe-test-secret-do-not-leak-0123456789"
 
+# Set before any Ray instance or subprocess starts, so every worker inherits them, as Ray workers
+# on a real cluster inherit the node's credentials.
+os.environ.update(AWS_ACCESS_KEY_ID=S3_KEY_ID, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -47,21 +52,16 @@ def s3_endpoint() -> Iterator[str]:
     """A real HTTP S3 endpoint: moto's threaded server on 127.0.0.1, a free port."""
     from moto.server import ThreadedMotoServer
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID=S3_KEY_ID, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
     try:
-        yield endpoint
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture

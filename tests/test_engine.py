@@ -1,0 +1,147 @@
+"""The engine end to end on a real (embedded) Ray instance, run in-process."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from cluster.executor import RayExecutor
+from pipeline.config import parse_config
+from pipeline.engine import run_pipeline
+from pipeline.errors import StageFailedError
+from pipeline.events import read_events
+from pipeline.manifest import read_manifest
+from pipeline.state import load_state
+from pipeline.status import collect_status, format_table
+from pipeline.storage import open_storage
+from tests.conftest import smoke_config
+
+pytestmark = pytest.mark.usefixtures("ray_instance")
+
+
+def _outputs(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def _started(uri: str) -> dict[str, str]:
+    """When each stage's committed manifest says it started."""
+    store = open_storage(uri)
+    return {name: read_manifest(store.child(f"stages/{name}")).timings["started"]
+            for name in ("generate", "transform", "combine")}
+
+
+def test_run_then_rerun_skips_then_config_change_reruns_downstream_only(tmp_path):
+    uri = str(tmp_path / "run")
+    config = parse_config(smoke_config())
+    summary = run_pipeline(config, uri, RayExecutor())
+    assert summary.ran == ["generate", "transform", "combine"] and summary.ok
+    first = _started(uri)
+    # Outputs are the deterministic function of the config the smoke stages promise.
+    numbers = [int(x) for x in (tmp_path / "run/stages/generate/numbers.txt").read_text().split()]
+    scaled = [int(x) for x in (tmp_path / "run/stages/transform/numbers.txt").read_text().split()]
+    assert len(numbers) == 5000 and scaled == [3 * x for x in numbers]
+    summary_json = json.loads((tmp_path / "run/stages/combine/summary.json").read_text())
+    assert summary_json["transform"]["sum"] == sum(scaled)
+
+    again = run_pipeline(parse_config(smoke_config()), uri, RayExecutor())
+    assert again.ran == [] and again.skipped == ["generate", "transform", "combine"]
+    assert _started(uri) == first
+
+    changed = run_pipeline(parse_config(smoke_config(factor=5)), uri, RayExecutor())
+    assert changed.ran == ["transform", "combine"] and changed.skipped == ["generate"]
+    after = _started(uri)
+    assert after["generate"] == first["generate"]
+    assert after["transform"] > first["transform"] and after["combine"] > first["combine"]
+    rescaled = [int(x) for x in (tmp_path / "run/stages/transform/numbers.txt").read_text().split()]
+    assert rescaled == [5 * x for x in numbers]
+
+    events = [e["event"] for e in read_events(open_storage(uri))]
+    assert events.count("run_started") == 3 and events.count("stage_finished") == 5
+    _, rows = collect_status(open_storage(uri))
+    assert [(r.stage, r.state) for r in rows] == [("generate", "done"), ("transform", "done"), ("combine", "done")]
+    table = format_table(rows)
+    assert table.splitlines()[0].split() == ["STAGE", "TYPE", "STATE", "DURATION", "OUTPUTS", "ERROR"]
+
+
+def test_manifest_names_every_output_with_checksums_and_inputs(tmp_path):
+    uri = str(tmp_path / "run")
+    run_pipeline(parse_config(smoke_config()), uri, RayExecutor())
+    store = open_storage(uri)
+    gen = read_manifest(store.child("stages/generate"))
+    tr = read_manifest(store.child("stages/transform"))
+    assert [o.path for o in gen.outputs] == ["numbers.txt"]
+    import hashlib
+
+    data = (tmp_path / "run/stages/generate/numbers.txt").read_bytes()
+    assert gen.outputs[0].sha256 == hashlib.sha256(data).hexdigest() and gen.outputs[0].size == len(data)
+    assert tr.inputs["source"].stage == "generate" and tr.inputs["source"].fingerprint == gen.fingerprint
+    assert {"python", "ray", "vitpipe"} <= set(gen.versions)
+    assert gen.timings["duration_s"] >= 0 and gen.params["records"] == 5000
+
+
+def test_deleted_output_is_detected_and_the_stage_reruns(tmp_path):
+    uri = str(tmp_path / "run")
+    run_pipeline(parse_config(smoke_config()), uri, RayExecutor())
+    before = _outputs(tmp_path / "run/stages")
+    (tmp_path / "run/stages/transform/numbers.txt").unlink()
+    summary = run_pipeline(parse_config(smoke_config()), uri, RayExecutor())
+    assert summary.ran == ["transform", "combine"]
+    assert _outputs(tmp_path / "run/stages") == before
+
+
+def test_failure_blocks_downstream_runs_independent_branches_and_reports_one_line(tmp_path):
+    raw = smoke_config()
+    raw["stages"]["transform"]["type"] = "smoke.transform"
+    raw["stages"]["other"] = {"type": "smoke.transform", "inputs": {"source": "generate"}}
+    raw["plugins"] = ["tests.failing_stage"]
+    raw["stages"]["boom"] = {"type": "test.fail", "inputs": {"source": "generate"},
+                             "params": {"message": "disk quota exceeded"}}
+    raw["stages"]["combine"]["inputs"] = ["transform", "boom"]
+    uri = str(tmp_path / "run")
+    with pytest.raises(StageFailedError, match="stage 'boom' failed: OSError: disk quota exceeded"):
+        run_pipeline(parse_config(raw), uri, RayExecutor())
+    state = load_state(open_storage(uri), "dag")
+    assert state.stages["boom"].status == "failed"
+    assert state.stages["boom"].error == "OSError: disk quota exceeded"
+    assert state.stages["combine"].status == "blocked"
+    assert state.stages["other"].status == "done" and state.stages["transform"].status == "done"
+    traceback_text = (tmp_path / "run/stages/boom/error.txt").read_text()
+    assert "Traceback" in traceback_text and "disk quota exceeded" in traceback_text
+    _, rows = collect_status(open_storage(uri))
+    by_stage = {r.stage: r for r in rows}
+    assert by_stage["boom"].state == "failed" and by_stage["boom"].error == "OSError: disk quota exceeded"
+
+
+def test_independent_stages_run_concurrently(tmp_path):
+    raw = smoke_config()
+    raw["stages"]["transform"]["params"]["work_s"] = 2.0
+    raw["stages"]["twin"] = {"type": "smoke.transform", "inputs": {"source": "generate"},
+                             "params": {"factor": 2, "work_s": 2.0}}
+    raw["stages"]["combine"]["inputs"] = ["transform", "twin"]
+    uri = str(tmp_path / "run")
+    run_pipeline(parse_config(raw), uri, RayExecutor())
+    store = open_storage(uri)
+    spans = {}
+    for name in ("transform", "twin"):
+        t = read_manifest(store.child(f"stages/{name}")).timings
+        spans[name] = (datetime.fromisoformat(t["started"]), datetime.fromisoformat(t["finished"]))
+    (a0, a1), (b0, b1) = spans["transform"], spans["twin"]
+    assert a0 < b1 and b0 < a1, f"stages did not overlap: {spans}"
+
+
+def test_same_dag_on_s3(s3_endpoint, s3_bucket):
+    uri = f"s3://{s3_bucket}/runs/dag"
+    summary = run_pipeline(parse_config(smoke_config(endpoint=s3_endpoint)), uri, RayExecutor())
+    assert summary.ran == ["generate", "transform", "combine"]
+    store = open_storage(uri, parse_config(smoke_config(endpoint=s3_endpoint)).storage)
+    keys = [o.path for o in store.list()]
+    assert "config.json" in keys and "events.jsonl" in keys and "stages/combine/manifest.json" in keys
+    assert ".lock.json" not in keys  # released
+    again = run_pipeline(parse_config(smoke_config(endpoint=s3_endpoint)), uri, RayExecutor())
+    assert again.ran == []
+    changed = run_pipeline(parse_config(smoke_config(factor=5, endpoint=s3_endpoint)), uri, RayExecutor())
+    assert changed.ran == ["transform", "combine"]
