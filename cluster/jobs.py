@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.errors import VitpipeError
+from pipeline.tables import text_table
 
 __all__ = [
     "FORWARDED_ENV",
@@ -146,24 +147,27 @@ def submit_pipeline(address: str, config: RunConfig, run_dir: str | None = None,
         runtime_env = build_runtime_env(staging, extra_env or [])
         entrypoint = f"{python} -m pipeline.cli run {CONFIG_NAME} --run-dir {run_uri}"
         metadata = {METADATA_KEY: config.name, "vitpipe_run_dir": run_uri, "vitpipe_version": __version__}
-        last_error: Exception | None = None
-        for attempt in range(5):
-            try:
-                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
-                break
-            except RuntimeError as err:
-                # A freshly started head can answer 500 "No available agent" for a few seconds.
-                last_error = err
-                if "No available agent" not in str(err):
-                    break
-                time.sleep(2 * (attempt + 1))
-        else:
-            job_id = None
-        if job_id is None:
-            first = str(last_error).strip().splitlines()[0] if last_error else "unknown error"
-            raise VitpipeError(f"{address}: job submission failed: {first}")
+        job_id = _submit_with_retry(client, address, entrypoint=entrypoint, runtime_env=runtime_env,
+                                    metadata=metadata)
     log.info("submitted %s as job %s (run dir %s)", config.name, job_id, run_uri)
     return job_id
+
+
+def _submit_with_retry(client: Any, address: str, timeout: float = 120.0, **kwargs: Any) -> str:
+    # A head that just started answers 500 "No available agent" until its job agent is up
+    # (tens of seconds on a loaded machine); anything else fails at once.
+    deadline = time.monotonic() + timeout
+    delay = 1.0
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() + delay > deadline:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise VitpipeError(f"{address}: job submission failed: {first}") from None
+            log.info("the cluster's job agent is not ready yet; retrying in %.0fs", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def _job_record(job: Any) -> dict[str, Any]:
@@ -193,8 +197,7 @@ def format_jobs(jobs: list[dict[str, Any]]) -> str:
     for j in jobs:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["start_time"] / 1000)) if j["start_time"] else "-"
         rows.append((j["job_id"], j["status"], j["run"], started, j["run_dir"]))
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in (header, *rows))
+    return text_table(header, rows)
 
 
 def _wrap_job_error(job_id: str, address: str, err: Exception) -> VitpipeError:

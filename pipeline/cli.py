@@ -123,7 +123,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
     # Third-party libraries stay at WARNING unless -v.
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock"):
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "ray"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone

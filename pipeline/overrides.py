@@ -13,9 +13,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.yamlio import safe_load
-
 from pipeline.errors import ConfigError
+from pipeline.yamlio import safe_load
 
 __all__ = ["parse_override", "expand_key", "apply_overrides"]
 

@@ -75,7 +75,8 @@ def _one_line(err: BaseException) -> str:
 
 def execute_stage(task: StageTask) -> StageResult:
     """Run the stage described by ``task`` and commit its manifest; never raises for stage errors."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ray prefixes each worker line with the task name and pid; keep ours short after it.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     started_wall = _now()
     started = time.perf_counter()
     run_storage = open_storage(task.run_uri, StorageSettings(**task.storage_settings))

@@ -70,9 +70,8 @@ class _Progress:
         self._bar: Any = None
         if enabled:
             try:
-                from ray.experimental.tqdm_ray import tqdm as ray_tqdm
-
                 import ray
+                from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
                 if ray.is_initialized():
                     self._bar = ray_tqdm(total=total, desc=desc)
@@ -87,10 +86,10 @@ class _Progress:
         self.count += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.total:
-            # Without a terminal, a few log lines instead of a bar (CI logs stay readable).
-            while self.count >= self._next_log * self.total and self._next_log <= 1.0:
-                self._logger.info("%s: %d/%d", self.desc, self.count, self.total)
+        elif self.total and self.count >= self._next_log * self.total:
+            # Without a terminal, a line per quarter instead of a bar (CI logs stay readable).
+            self._logger.info("%s: %d/%d", self.desc, self.count, self.total)
+            while self._next_log * self.total <= self.count:
                 self._next_log += 0.25
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from pipeline.manifest import read_manifest
 from pipeline.runner import stage_folder
 from pipeline.state import load_state
 from pipeline.storage import Storage
+from pipeline.tables import text_table
 
 __all__ = ["StatusRow", "collect_status", "format_table", "format_bytes"]
 
@@ -87,14 +88,11 @@ def _duration(seconds: float | None) -> str:
 
 
 def format_table(rows: list[StatusRow]) -> str:
-    """A plain-text table (stable, greppable, fine in CI logs)."""
+    """The status table (the error column last, unpadded)."""
     header = ("STAGE", "TYPE", "STATE", "DURATION", "OUTPUTS", "ERROR")
     body = [
         (r.stage, r.type, r.state, _duration(r.duration_s),
          f"{r.outputs} ({format_bytes(r.output_bytes)})" if r.outputs else "-", r.error or "")
         for r in rows
     ]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    widths[-1] = 0  # the error column is last and unpadded
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in (header, *body)]
-    return "\n".join(lines)
+    return text_table(header, body)

@@ -50,9 +50,9 @@ def ray_instance() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real HTTP S3 endpoint: moto's threaded server on 127.0.0.1, a free port."""
-    from moto.server import ThreadedMotoServer
-
     import logging
+
+    from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()

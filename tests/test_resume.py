@@ -11,7 +11,15 @@ import boto3
 import pytest
 
 from pipeline.storage import open_storage
-from tests.conftest import S3_SECRET, read_events_file, run_cli, smoke_config, start_cli, wait_for, write_config
+from tests.conftest import (
+    S3_SECRET,
+    read_events_file,
+    run_cli,
+    smoke_config,
+    start_cli,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,59 @@
+"""Pure parts of job submission: what a job carries, and what it must never carry."""
+
+import os
+
+import pytest
+
+from cluster import jobs
+from pipeline.config import parse_config
+from pipeline.errors import VitpipeError
+from tests.conftest import S3_SECRET, smoke_config
+
+
+def test_runtime_env_carries_code_and_allowlisted_env_only(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    env = jobs.build_runtime_env(str(tmp_path), ["NCCL_DEBUG=INFO"])
+    assert env["working_dir"] == str(tmp_path)
+    assert [os.path.basename(p) for p in env["py_modules"]] == ["pipeline", "stages", "cluster"]
+    assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "us-east-1",
+                               "PYTHONUNBUFFERED": "1",
+                               "NCCL_DEBUG": "INFO"}
+    assert S3_SECRET not in repr(env)
+
+
+@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "WANDB_API_KEY",
+                                  "HF_TOKEN", "DB_PASSWORD"])
+def test_secret_looking_env_names_are_refused(name):
+    with pytest.raises(VitpipeError, match="secrets are not sent with jobs"):
+        jobs.check_env_name(name)
+
+
+def test_token_lookup_order(monkeypatch, tmp_path):
+    token_file = tmp_path / "tok"
+    token_file.write_text("from-file\n")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert jobs.auth_token() == "from-file"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert jobs.auth_token() == "from-env"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert jobs.auth_token() is None
+
+
+def test_run_dir_resolution():
+    config = parse_config(smoke_config())
+    assert jobs._resolve_run_dir("http://127.0.0.1:8265", config, None) == os.path.abspath("runs/dag")
+    assert jobs._resolve_run_dir("http://head:8265", config, "s3://b/r") == "s3://b/r"
+    with pytest.raises(VitpipeError, match="needs an absolute run location"):
+        jobs._resolve_run_dir("http://head:8265", config, None)
+
+
+def test_format_jobs():
+    assert jobs.format_jobs([]) == "no vitpipe jobs"
+    text = jobs.format_jobs([{"job_id": "raysubmit_1", "status": "RUNNING", "run": "tiny", "start_time": 0,
+                              "end_time": None, "run_dir": "s3://b/r", "message": ""}])
+    assert text.splitlines()[0].split() == ["JOB", "STATUS", "RUN", "STARTED", "RUN", "DIR"]
+    assert "raysubmit_1" in text and "RUNNING" in text

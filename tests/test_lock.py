@@ -1,0 +1,103 @@
+"""The run lock: one driver per run; a dead driver's lock never blocks the next one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.errors import RunLockedError
+from pipeline.lock import S3_LOCK_FILE, RunLock, acquire_run_lock, is_run_locked
+from pipeline.storage import LocalStorage, S3Storage
+from tests.conftest import REPO, wait_for
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from pipeline.lock import acquire_run_lock
+from pipeline.storage import open_storage
+from pipeline.config import StorageSettings
+lock = acquire_run_lock(open_storage({uri!r}, StorageSettings(endpoint_url={endpoint!r})))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold_in_subprocess(uri: str, endpoint: str | None = None) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(repo=str(REPO), uri=uri, endpoint=endpoint)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "run"), None
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/runs/r", endpoint
+
+
+def _storage(uri: str, endpoint: str | None):
+    return S3Storage(uri, endpoint_url=endpoint) if uri.startswith("s3://") else LocalStorage(uri)
+
+
+def test_live_holder_is_named_and_a_killed_holder_is_taken_over(run_uri):
+    uri, endpoint = run_uri
+    store = _storage(uri, endpoint)
+    holder = _hold_in_subprocess(uri, endpoint)
+    try:
+        assert is_run_locked(store)
+        with pytest.raises(RunLockedError, match=f"in use by pid {holder.pid} on "):
+            acquire_run_lock(store)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # SIGKILL: no cleanup ran, yet the lock is free at once (flock / dead pid on this host).
+    assert not is_run_locked(store)
+    lock = acquire_run_lock(store)
+    try:
+        with pytest.raises(RunLockedError):
+            RunLock(store).acquire()  # a second holder in the same process is refused too
+    finally:
+        lock.release()
+    assert not is_run_locked(store)
+
+
+def test_remote_lock_from_another_host_expires_by_heartbeat(s3_endpoint, s3_bucket):
+    store = S3Storage(f"s3://{s3_bucket}/runs/r", endpoint_url=s3_endpoint)
+    other = {"owner": "x", "pid": 1, "host": "some-other-node", "started": "earlier", "heartbeat": time.time()}
+    store.write_text(S3_LOCK_FILE, json.dumps(other))
+    with pytest.raises(RunLockedError, match="in use by pid 1 on some-other-node"):
+        RunLock(store, stale_after=60).acquire()
+    other["heartbeat"] = time.time() - 120
+    store.write_text(S3_LOCK_FILE, json.dumps(other))
+    lock = RunLock(store, stale_after=60).acquire()
+    try:
+        assert json.loads(store.read_text(S3_LOCK_FILE))["owner"] == lock.owner
+    finally:
+        lock.release()
+    assert not store.exists(S3_LOCK_FILE)
+
+
+def test_heartbeat_keeps_a_remote_lock_fresh(s3_endpoint, s3_bucket):
+    store = S3Storage(f"s3://{s3_bucket}/runs/hb", endpoint_url=s3_endpoint)
+    lock = RunLock(store, stale_after=60, heartbeat_every=0.2).acquire()
+    try:
+        first = json.loads(store.read_text(S3_LOCK_FILE))["heartbeat"]
+        wait_for(lambda: json.loads(store.read_text(S3_LOCK_FILE))["heartbeat"] > first, timeout=10,
+                 what="a heartbeat")
+    finally:
+        lock.release()
+
+
+def test_local_lock_file_records_the_holder(tmp_path):
+    store = LocalStorage(tmp_path / "run")
+    with acquire_run_lock(store):
+        info = json.loads((tmp_path / "run/.lock").read_text())
+        assert info["pid"] == os.getpid()
