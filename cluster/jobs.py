@@ -76,6 +76,9 @@ def job_client(address: str) -> Any:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    if not log.isEnabledFor(logging.DEBUG):
+        # Ray sets up its own loggers on import; its per-package upload chatter is noise here.
+        logging.getLogger("ray.dashboard").setLevel(logging.WARNING)
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:

@@ -116,6 +116,12 @@ def start_head(
         "--node-ip-address=127.0.0.1", f"--port={head.gcs_port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={head.dashboard_port}",
         f"--num-cpus={num_cpus}", "--disable-usage-stats",
+        # Every fixed default port gets a free one: another Ray instance on this machine (an
+        # embedded `vitpipe run`, a test) may hold the defaults, and a head whose job agent
+        # cannot bind 52365 accepts no jobs at all.
+        *(f"--{flag}={_free_port()}" for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")),
     ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
     head.pid = proc.pid

@@ -79,7 +79,8 @@ def execute_stage(task: StageTask) -> StageResult:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     started_wall = _now()
     started = time.perf_counter()
-    run_storage = open_storage(task.run_uri, StorageSettings(**task.storage_settings))
+    settings = StorageSettings(**task.storage_settings)
+    run_storage = open_storage(task.run_uri, settings)
     out = run_storage.child(stage_folder(task.name))
     try:
         registry.load_plugins(task.plugins)
@@ -103,6 +104,7 @@ def execute_stage(task: StageTask) -> StageResult:
             seed=task.seed,
             out=out,
             run_storage=run_storage,
+            run_storage_settings=settings,
             inputs=inputs,
             attempt=task.attempt,
             resumed=task.resumed,

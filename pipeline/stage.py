@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, ClassVar
 
-from pipeline.config import StageResources, StrictModel
+from pipeline.config import StageResources, StorageSettings, StrictModel
 from pipeline.manifest import MANIFEST_NAME, Manifest, OutputEntry
 from pipeline.storage import Storage, WrittenObject, sha256_stream
 
@@ -116,6 +116,7 @@ class StageContext:
     out: Storage
     run_storage: Storage
     inputs: dict[str, StageInput]
+    run_storage_settings: StorageSettings | None = None
     attempt: int = 1
     resumed: bool = False
     show_progress: bool = False
@@ -148,6 +149,10 @@ class StageContext:
         with self.out.open_read(rel) as f:
             digest, size = sha256_stream(f)
         self._outputs[rel] = OutputEntry(path=rel, size=size, sha256=digest)
+
+    def record_output(self, rel: str, size: int, sha256: str) -> None:
+        """Record an output whose size and checksum were computed where it was written (a Ray task)."""
+        self._outputs[rel] = OutputEntry(path=rel, size=size, sha256=sha256)
 
     def _record(self, written: WrittenObject) -> None:
         self._outputs[written.path] = OutputEntry(path=written.path, size=written.size, sha256=written.sha256)

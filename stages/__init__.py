@@ -1,3 +1,3 @@
 """Stage types. Importing this package registers every built-in stage with the engine."""
 
-from stages import smoke  # noqa: F401  (registers smoke.* stages)
+from stages import ingest, smoke  # noqa: F401  (each module registers its stage types)

@@ -1,0 +1,283 @@
+"""Where ingestion reads images from.
+
+Every source lists its samples up front as :class:`SourceItem` s (key, split, class name, where
+to read the bytes) in a deterministic order, and reads one item's bytes on demand, so shards can
+be planned before any image is opened and written in parallel.
+
+- ``digits``: scikit-learn's bundled handwritten digits (1797 8x8 images), rendered to RGB PNG at
+  ``image_size`` with fixed train/val/test splits.
+- ``imagefolder``: ``ROOT/CLASS/IMAGE`` or ``ROOT/SPLIT/CLASS/IMAGE`` (split folders named
+  train/val/test), on disk or under an ``s3://`` prefix.
+- ``list``: a CSV (header ``path,label[,split]``) or JSONL file of ``{"path", "label", "split"?}``
+  rows; paths are local, ``s3://`` URIs, or relative to the list file.
+- ``webdataset``: existing shards (``.tar``), re-sharded; labels from ``KEY.cls`` (an integer
+  index, with class names from a ``classes.json`` beside the shards when present), ``KEY.txt``
+  or ``KEY.json`` (``label`` field).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import VitpipeError
+from pipeline.storage import Storage, is_s3_uri, open_storage
+
+__all__ = ["SourceItem", "Source", "DigitsSource", "ImageFolderSource", "ListSource", "WebDatasetSource",
+           "make_source", "SPLIT_NAMES", "IMAGE_EXTENSIONS", "sanitize_key"]
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_KEY_CHARS = re.compile(r"[^A-Za-z0-9_/-]")
+
+
+def sanitize_key(text: str) -> str:
+    """A webdataset-safe key: no dots (they separate the extension), no odd characters."""
+    return _KEY_CHARS.sub("_", text).strip("/") or "_"
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    key: str
+    split: str
+    label: str | None  # class name; None = missing label (skipped with a reason)
+    locator: Any  # what read() needs: a path relative to the source's storage, an index, ...
+    origin: str  # human-readable source path, recorded in KEY.json and in skip reasons
+    size: int | None = None  # bytes, when known without reading (plans shards by bytes)
+
+
+class Source:
+    """Lists items and reads their bytes. Subclasses must be picklable (sent to Ray tasks)."""
+
+    def items(self) -> list[SourceItem]:
+        raise NotImplementedError
+
+    def read(self, item: SourceItem) -> bytes:
+        raise NotImplementedError
+
+    def read_many(self, items: list[SourceItem]) -> Iterator[tuple[SourceItem, bytes | Exception]]:
+        """Each item with its bytes, or the error reading it, in the given order."""
+        for item in items:
+            try:
+                yield item, self.read(item)
+            except Exception as err:  # noqa: BLE001 - recorded as that item's skip reason
+                yield item, err
+
+    def class_names(self) -> list[str] | None:
+        """A fixed class order, when the source defines one (else sorted names are used)."""
+        return None
+
+
+class DigitsSource(Source):
+    """scikit-learn's handwritten digits as RGB PNGs. Splits: a fixed seeded permutation."""
+
+    def __init__(self, image_size: int = 32, val: int = 200, test: int = 300) -> None:
+        self.image_size = image_size
+        self.val = val
+        self.test = test
+        self._images: Any = None
+
+    def _data(self) -> tuple[Any, Any]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+
+    def class_names(self) -> list[str]:
+        return [str(d) for d in range(10)]
+
+    def items(self) -> list[SourceItem]:
+        import numpy as np
+
+        images, targets = self._data()
+        order = np.random.default_rng(0).permutation(len(images))  # fixed: splits never move
+        split_of = {}
+        for rank, idx in enumerate(order):
+            split_of[int(idx)] = "test" if rank < self.test else "val" if rank < self.test + self.val else "train"
+        return [SourceItem(key=f"digits-{i:04d}", split=split_of[i], label=str(int(targets[i])), locator=i,
+                           origin=f"sklearn.datasets.load_digits[{i}]") for i in range(len(images))]
+
+    def read(self, item: SourceItem) -> bytes:
+        import numpy as np
+        from PIL import Image
+
+        if self._images is None:
+            self._images = self._data()[0]
+        pixels = (self._images[item.locator] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        im = Image.fromarray(pixels, mode="L").resize((self.image_size, self.image_size), Image.BILINEAR)
+        out = io.BytesIO()
+        im.convert("RGB").save(out, format="PNG", optimize=False)
+        return out.getvalue()
+
+
+class _StorageSource(Source):
+    def __init__(self, root: str, storage_settings: Any = None) -> None:
+        self.root = root
+        self.storage_settings = storage_settings
+
+    @property
+    def storage(self) -> Storage:
+        return open_storage(self.root, self.storage_settings)
+
+    def read(self, item: SourceItem) -> bytes:
+        return self.storage.read_bytes(item.locator)
+
+
+class ImageFolderSource(_StorageSource):
+    def items(self) -> list[SourceItem]:
+        objects = self.storage.list()
+        if not objects:
+            raise VitpipeError(f"{self.root}: no files found (expected CLASS/IMAGE or SPLIT/CLASS/IMAGE folders)")
+        top = {o.path.split("/", 1)[0] for o in objects if "/" in o.path}
+        by_split = bool(top) and top <= set(SPLIT_NAMES)
+        items = []
+        for obj in objects:
+            parts = obj.path.split("/")
+            if by_split:
+                split, rest = parts[0], parts[1:]
+            else:
+                split, rest = "train", parts
+            label = rest[0] if len(rest) >= 2 else None  # a file outside any class folder has no label
+            stem = posixpath.splitext(obj.path)[0]
+            items.append(SourceItem(key=sanitize_key(stem), split=split, label=label, locator=obj.path,
+                                    origin=self.storage.uri_of(obj.path), size=obj.size))
+        return items
+
+
+class ListSource(Source):
+    def __init__(self, list_uri: str, storage_settings: Any = None) -> None:
+        self.list_uri = list_uri
+        self.storage_settings = storage_settings
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        parent, _, name = self.list_uri.rstrip("/").rpartition("/")
+        text = open_storage(parent or ".", self.storage_settings).read_text(name)
+        if name.endswith(".jsonl"):
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        raise VitpipeError(f"{self.list_uri}: line {n}: not valid JSON") from None
+        elif name.endswith(".csv"):
+            reader = csv.DictReader(io.StringIO(text))
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise VitpipeError(f"{self.list_uri}: CSV needs a header with a 'path' column (and 'label')")
+            yield from reader
+        else:
+            raise VitpipeError(f"{self.list_uri}: expected a .csv or .jsonl file")
+
+    def items(self) -> list[SourceItem]:
+        parent = self.list_uri.rstrip("/").rpartition("/")[0]
+        items = []
+        for row in self._rows():
+            path = str(row.get("path") or "")
+            uri = path if (is_s3_uri(path) or path.startswith("/")) else f"{parent}/{path}" if parent else path
+            label = row.get("label")
+            label = None if label in (None, "") else str(label)
+            stem = posixpath.splitext(path.split("://", 1)[-1])[0]
+            items.append(SourceItem(key=sanitize_key(stem), split=str(row.get("split") or "train"), label=label,
+                                    locator=uri, origin=uri))
+        return items
+
+    def read(self, item: SourceItem) -> bytes:
+        parent, _, name = str(item.locator).rpartition("/")
+        return open_storage(parent or ".", self.storage_settings).read_bytes(name)
+
+
+class WebDatasetSource(_StorageSource):
+    """Existing shards under ``root`` (every ``*.tar``), in name order."""
+
+    def _shards(self) -> list[str]:
+        shards = sorted(o.path for o in self.storage.list() if o.path.endswith(".tar"))
+        if not shards:
+            raise VitpipeError(f"{self.root}: no .tar shards found")
+        return shards
+
+    def class_names(self) -> list[str] | None:
+        store = self.storage
+        if store.exists("classes.json"):
+            data = json.loads(store.read_text("classes.json"))
+            return list(data["classes"] if isinstance(data, dict) else data)
+        return None
+
+    def items(self) -> list[SourceItem]:
+        from stages.data.tarshards import BadShard, iter_tar_samples
+
+        names = self.class_names()
+        items = []
+        for shard in self._shards():
+            split = shard.split("/")[-1].split("-")[0] if shard.split("/")[-1].split("-")[0] in SPLIT_NAMES else "train"
+            try:
+                with self.storage.open_read(shard) as f:
+                    for index, (key, files) in enumerate(iter_tar_samples(f, name=shard)):
+                        label = _label_of(files, names)
+                        items.append(SourceItem(key=sanitize_key(key), split=split, label=label,
+                                                locator=(shard, index), origin=f"{self.storage.uri_of(shard)}#{key}"))
+            except BadShard as err:
+                log.warning("%s; samples after the damage are skipped", err)
+                items.append(SourceItem(key=sanitize_key(f"{shard}-damaged"), split=split, label=None,
+                                        locator=(shard, -1), origin=f"{self.storage.uri_of(shard)}: {err}"))
+        return items
+
+    def read_many(self, items: list[SourceItem]) -> Iterator[tuple[SourceItem, bytes | Exception]]:
+        # Stream each source shard once for all the items wanted from it (not once per item).
+        from stages.data.images import BadImage
+        from stages.data.tarshards import BadShard, iter_tar_samples
+
+        found: dict[tuple[str, int], bytes | Exception] = {}
+        wanted: dict[str, set[int]] = {}
+        for item in items:
+            wanted.setdefault(item.locator[0], set()).add(item.locator[1])
+        for shard, indices in wanted.items():
+            try:
+                with self.storage.open_read(shard) as f:
+                    for i, (_key, files) in enumerate(iter_tar_samples(f, name=shard)):
+                        if i in indices:
+                            image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+                            found[(shard, i)] = image if image is not None else BadImage(
+                                f"sample has no image member (has: {', '.join(sorted(files))})")
+            except BadShard as err:
+                for i in indices:
+                    found.setdefault((shard, i), BadImage(str(err)))
+        for item in items:
+            yield item, found.get(tuple(item.locator), BadImage("shard is truncated or corrupt"))
+
+
+def _label_of(files: dict[str, bytes], names: list[str] | None) -> str | None:
+    try:
+        if "cls" in files:
+            index = int(files["cls"].decode().strip())
+            return names[index] if names is not None and 0 <= index < len(names) else str(index)
+        if "txt" in files:
+            return files["txt"].decode().strip() or None
+        if "json" in files:
+            meta = json.loads(files["json"])
+            value = meta.get("label", meta.get("class")) if isinstance(meta, dict) else None
+            return None if value is None else str(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def make_source(kind: str, path: str | None, image_size: int, storage_settings: Any = None) -> Source:
+    if kind == "digits":
+        return DigitsSource(image_size=image_size)
+    if not path:
+        raise VitpipeError(f"source {kind!r} needs a path")
+    if kind == "imagefolder":
+        return ImageFolderSource(path, storage_settings)
+    if kind == "list":
+        return ListSource(path, storage_settings)
+    if kind == "webdataset":
+        return WebDatasetSource(path, storage_settings)
+    raise VitpipeError(f"unknown source {kind!r}")

@@ -1,0 +1,90 @@
+"""Reading and writing webdataset shards: plain tar files, one sample = consecutive members
+``KEY.EXT`` sharing a key.
+
+Writing is deterministic (fixed mtime, owner and mode), so the same samples always give the same
+bytes and checksum. Reading streams (no seeking), groups members by key the way ``webdataset``
+does (the key is the member path up to the first dot of its base name), and reports a truncated
+or corrupt tar as :class:`BadShard` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator, Mapping
+from typing import BinaryIO
+
+__all__ = ["BadShard", "split_key", "ShardTarWriter", "iter_tar_samples"]
+
+
+class BadShard(ValueError):
+    """A shard that cannot be read to the end (truncated, corrupt, not a tar)."""
+
+
+def split_key(path: str) -> tuple[str, str]:
+    """``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``), webdataset's convention."""
+    head, _, base = path.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{head}/{stem}" if head else stem
+    return key, ext if dot else ""
+
+
+class ShardTarWriter:
+    """Writes samples to a binary stream as a deterministic tar."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self.samples = 0
+
+    def write(self, key: str, files: Mapping[str, bytes]) -> None:
+        if "." in key.rpartition("/")[2]:
+            raise ValueError(f"sample keys may not contain '.' in their last part: {key!r}")
+        for ext in sorted(files):
+            data = files[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> ShardTarWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def iter_tar_samples(stream: BinaryIO, name: str = "shard") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) per sample, streaming. Raises BadShard on a damaged tar."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise BadShard(f"{name}: not a readable tar ({err})") from None
+    current: str | None = None
+    files: dict[str, bytes] = {}
+    try:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_key(member.name)
+            extracted = tar.extractfile(member)
+            data = extracted.read() if extracted is not None else b""
+            if len(data) != member.size:
+                raise BadShard(f"{name}: truncated in member {member.name}")
+            if key != current:
+                if current is not None:
+                    yield current, files
+                current, files = key, {}
+            files[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise BadShard(f"{name}: truncated or corrupt tar ({err})") from None
+    finally:
+        tar.close()
+    if current is not None:
+        yield current, files

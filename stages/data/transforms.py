@@ -1,0 +1,99 @@
+"""Decode + augment one image into a uint8 tensor, fast.
+
+Training uses Inception-style random-resized-crop + horizontal flip; evaluation resizes the
+shorter side and takes a center crop. For JPEGs the crop box is chosen from the header alone
+and the image is then decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still gives the
+crop at least the output resolution (PIL's draft mode) — the same crop, a fraction of the
+decode work. Randomness comes from a per-sample ``random.Random``, so a sample's augmentation
+depends only on (seed, epoch, key), never on which worker decoded it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stages.data.images import to_rgb
+
+__all__ = ["random_resized_crop_box", "center_crop_box", "decode_train", "decode_eval", "normalize",
+           "MEAN", "STD"]
+
+# Inception-style normalisation to [-1, 1], as in the ViT paper's big_vision input pipeline.
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a random crop covering ``scale`` of the area with aspect in ``ratio``
+    (torchvision's RandomResizedCrop sampling: 10 tries, then the largest centered crop)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop_box(width: int, height: int, crop_fraction: float = 1.0) -> tuple[int, int, int, int]:
+    """The centered square covering ``crop_fraction`` of the shorter side."""
+    side = max(1, int(round(min(width, height) * crop_fraction)))
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+def _decode_box(data: bytes, size: int, pick_box, flip: bool) -> np.ndarray:
+    im = Image.open(io.BytesIO(data))
+    width, height = im.size
+    orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+    upright = (height, width) if orientation in _ROTATED else (width, height)
+    left, top, w, h = pick_box(*upright)
+    if im.format == "JPEG" and min(w, h) > size:
+        # Ask for the smallest decode whose crop still has >= size pixels on each side.
+        factor = min(w, h) / size
+        want = (math.ceil(width / factor), math.ceil(height / factor))
+        im.draft("RGB", want)
+    im = to_rgb(im)  # applies EXIF orientation; dims are now upright (possibly reduced)
+    sx, sy = im.width / upright[0], im.height / upright[1]
+    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    out = im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def decode_train(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0)) -> np.ndarray:
+    """(size, size, 3) uint8: random-resized-crop and a coin-flip horizontal flip."""
+    box_seed = rng.random()
+    flip = rng.random() < 0.5
+    return _decode_box(data, size, lambda w, h: random_resized_crop_box(w, h, random.Random(box_seed), scale), flip)
+
+
+def decode_eval(data: bytes, size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """(size, size, 3) uint8: center crop of ``crop_fraction`` of the shorter side, resized."""
+    return _decode_box(data, size, lambda w, h: center_crop_box(w, h, crop_fraction), False)
+
+
+def normalize(batch_hwc: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) normalised with MEAN/STD."""
+    x = batch_hwc.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(MEAN, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=x.dtype).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)

@@ -1,0 +1,266 @@
+"""The ``ingest`` stage: images from a source -> verified webdataset shards, written in parallel.
+
+Output (under the stage folder)::
+
+    shards/train-000000.tar   KEY.png|jpg, KEY.cls (class index), KEY.json (source path, size)
+    shards/train-000000.json  the shard's stats; written after the tar, so it marks it complete
+    classes.json              {"classes": [names in index order]}
+
+Shard contents are planned before any image is read (sorted keys, fixed shard boundaries), so the
+same input and config give the same shards, byte for byte, however many workers write them. A
+re-run of an interrupted ingest keeps every shard whose stats file exists and writes only the rest.
+Bad inputs are skipped with a reason (listed in the manifest); the stage fails when more than
+``max_skip_fraction`` of the inputs are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config import StageResources
+from pipeline.errors import VitpipeError
+from pipeline.registry import register_stage
+from pipeline.stage import Stage, StageContext, StageParams
+from pipeline.storage import Storage
+from stages.data.images import EXTENSION_OF, BadImage, check_image, reencode
+from stages.data.sources import IMAGE_EXTENSIONS, SPLIT_NAMES, Source, SourceItem, make_source
+from stages.data.tarshards import ShardTarWriter
+
+__all__ = ["IngestParams", "Ingest", "ShardPlan", "ShardResult", "plan_shards", "screen_items", "write_shard"]
+
+log = logging.getLogger(__name__)
+
+
+class IngestParams(StageParams):
+    source: Literal["digits", "imagefolder", "list", "webdataset"]
+    path: str | None = Field(default=None, description="folder / list file / shard folder (local or s3://)")
+    image_size: int = Field(default=32, ge=8, le=1024, description="digits only: rendered size")
+    shard_samples: int = Field(default=1000, ge=1)
+    shard_bytes: int | None = Field(default=None, ge=1 << 16, description="also cut shards at this many bytes")
+    mode: Literal["copy", "reencode"] = "copy"
+    max_side: int = Field(default=512, ge=16, description="reencode: shorter side at most this")
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    max_skip_fraction: float = Field(default=0.01, ge=0, le=1)
+    workers: int = Field(default=2, ge=1, description="shard-writing Ray tasks in flight")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> IngestParams:
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"source {self.source!r} needs a path")
+        return self
+
+
+@dataclass
+class ShardPlan:
+    name: str  # e.g. "train-000003"
+    split: str
+    items: list[SourceItem]
+
+    @property
+    def tar_path(self) -> str:
+        return f"shards/{self.name}.tar"
+
+    @property
+    def stats_path(self) -> str:
+        return f"shards/{self.name}.json"
+
+
+@dataclass
+class ShardResult:
+    name: str
+    split: str
+    path: str
+    samples: int
+    bytes: int
+    sha256: str
+    keys: list[str] = field(default_factory=list)
+    class_counts: dict[str, int] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def _split_rank(split: str) -> tuple[int, str]:
+    return (SPLIT_NAMES.index(split) if split in SPLIT_NAMES else len(SPLIT_NAMES), split)
+
+
+def screen_items(items: Iterable[SourceItem]) -> tuple[list[SourceItem], list[dict[str, str]]]:
+    """Drop items that cannot be ingested before reading them: missing labels, non-image files,
+    duplicate keys (the first in source order is kept). Returns (kept, skipped-with-reasons)."""
+    kept, skipped, seen = [], [], {}
+    for item in items:
+        ext = posixpath.splitext(str(item.origin).split("#")[0])[1].lower()
+        if item.label is None:
+            skipped.append({"origin": item.origin, "reason": "missing label"})
+        elif ext and ext not in IMAGE_EXTENSIONS and not str(item.origin).startswith(("sklearn", "s3")) \
+                and "#" not in str(item.origin):
+            skipped.append({"origin": item.origin, "reason": f"unsupported file type {ext}"})
+        elif item.key in seen:
+            skipped.append({"origin": item.origin, "reason": f"duplicate key {item.key!r} (kept {seen[item.key]})"})
+        else:
+            seen[item.key] = item.origin
+            kept.append(item)
+    return kept, skipped
+
+
+def plan_shards(items: Iterable[SourceItem], shard_samples: int, shard_bytes: int | None = None) -> list[ShardPlan]:
+    """Fixed shard boundaries: per split (train, val, test, others), items sorted by key, a new
+    shard every ``shard_samples`` items or when known sizes would pass ``shard_bytes``."""
+    by_split: dict[str, list[SourceItem]] = {}
+    for item in items:
+        by_split.setdefault(item.split, []).append(item)
+    plans = []
+    for split in sorted(by_split, key=_split_rank):
+        groups: list[list[SourceItem]] = [[]]
+        size = 0
+        for item in sorted(by_split[split], key=lambda i: i.key):
+            current = groups[-1]
+            if current and (len(current) >= shard_samples or (shard_bytes and size + (item.size or 0) > shard_bytes)):
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += item.size or 0
+        plans.extend(ShardPlan(f"{split}-{n:06d}", split, group) for n, group in enumerate(groups) if group)
+    return plans
+
+
+def _encode(data: bytes, mode: str, max_side: int, quality: int) -> tuple[str, bytes, tuple[int, int]]:
+    width, height, fmt = check_image(data)
+    if mode == "copy":
+        return EXTENSION_OF[fmt], data, (width, height)
+    encoded, _ = reencode(data, max_side, quality)
+    return "jpg", encoded, (width, height)
+
+
+def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict[str, int], mode: str,
+                max_side: int, quality: int) -> ShardResult:
+    """Read, check and convert one shard's items and write the shard, then its stats file."""
+    skipped: list[dict[str, str]] = []
+    counts: dict[str, int] = {}
+    keys: list[str] = []
+    with out.open_write(plan.tar_path) as stream, ShardTarWriter(stream) as tar:
+        for item, data in source.read_many(plan.items):
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                ext, payload, (width, height) = _encode(data, mode, max_side, quality)
+            except BadImage as err:
+                skipped.append({"origin": item.origin, "reason": str(err)})
+                continue
+            except Exception as err:  # noqa: BLE001 - unreadable input: recorded, not fatal
+                reason = " ".join(str(err).split()) or type(err).__name__
+                skipped.append({"origin": item.origin, "reason": f"unreadable: {reason}"})
+                continue
+            meta = {"source": item.origin, "width": width, "height": height, "label": item.label}
+            tar.write(item.key, {ext: payload, "cls": str(class_index[item.label]).encode(),
+                                 "json": json.dumps(meta, sort_keys=True).encode()})
+            counts[item.label] = counts.get(item.label, 0) + 1
+            keys.append(item.key)
+    written = stream.written  # type: ignore[attr-defined]
+    result = ShardResult(plan.name, plan.split, plan.tar_path, len(keys), written.size, written.sha256,
+                         keys, counts, skipped)
+    out.write_text(plan.stats_path, json.dumps(asdict(result), sort_keys=True))
+    return result
+
+
+def _existing_result(out: Storage, plan: ShardPlan) -> ShardResult | None:
+    """A shard finished by an earlier, interrupted attempt (stats file present, tar intact)."""
+    if not out.exists(plan.stats_path):
+        return None
+    try:
+        result = ShardResult(**json.loads(out.read_text(plan.stats_path)))
+    except (ValueError, TypeError):
+        return None
+    return result if out.size(plan.tar_path) == result.bytes else None
+
+
+@register_stage("ingest")
+class Ingest(Stage):
+    Params = IngestParams
+
+    @classmethod
+    def default_resources(cls) -> StageResources:
+        # The coordinator only plans and waits; the shard tasks take the CPUs.
+        return StageResources(cpus=0)
+
+    def run(self, ctx: StageContext) -> None:
+        import ray
+
+        p: IngestParams = ctx.params  # type: ignore[assignment]
+        settings = ctx.run_storage_settings
+        source = make_source(p.source, p.path, p.image_size, settings)
+        listed = source.items()
+        kept, skipped = screen_items(listed)
+        names = source.class_names() or sorted({i.label for i in kept if i.label is not None})
+        unknown = sorted({i.label for i in kept} - set(names))
+        if unknown:
+            raise VitpipeError(f"labels {unknown[:5]} are not in the source's class list")
+        class_index = {name: i for i, name in enumerate(names)}
+        plans = plan_shards(kept, p.shard_samples, p.shard_bytes)
+        ctx.logger.info("%d inputs -> %d shards (%d skipped before reading)", len(listed), len(plans), len(skipped))
+
+        results: dict[str, ShardResult] = {}
+        todo = []
+        for plan in plans:
+            done = _existing_result(ctx.out, plan) if ctx.resumed else None
+            if done is not None:
+                results[plan.name] = done
+            else:
+                todo.append(plan)
+        if results:
+            ctx.logger.info("resuming: %d shards already written, %d to go", len(results), len(todo))
+
+        remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+        source_ref = ray.put(source)
+        pending: dict[object, ShardPlan] = {}
+        with ctx.progress(len(plans), desc=f"{ctx.name}: shards") as bar:
+            bar.update(len(results))
+            queue = list(todo)
+            while queue or pending:
+                while queue and len(pending) < p.workers:
+                    plan = queue.pop(0)
+                    ref = remote.remote(source_ref, plan, ctx.out, class_index, p.mode, p.max_side, p.jpeg_quality)
+                    pending[ref] = plan
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    plan = pending.pop(ref)
+                    results[plan.name] = ray.get(ref)
+                    bar.update()
+
+        ordered = [results[plan.name] for plan in plans]
+        for r in ordered:
+            skipped.extend(r.skipped)
+            ctx.record_output(r.path, r.bytes, r.sha256)
+            ctx.add_output(f"shards/{r.name}.json")
+        total = len(listed)
+        if total == 0:
+            raise VitpipeError(f"source {p.source!r} at {p.path} has no inputs")
+        fraction = len(skipped) / total
+        if fraction > p.max_skip_fraction:
+            first = skipped[0]
+            raise VitpipeError(
+                f"{len(skipped)} of {total} inputs skipped ({fraction:.1%}, above max_skip_fraction="
+                f"{p.max_skip_fraction:g}); first: {first['origin']}: {first['reason']}"
+            )
+        ctx.write_json("classes.json", {"classes": names})
+        splits: dict[str, dict] = {}
+        for r in ordered:
+            entry = splits.setdefault(r.split, {"samples": 0, "shards": [], "class_counts": {}})
+            entry["samples"] += r.samples
+            entry["shards"].append({"path": r.path, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256})
+            for label, n in r.class_counts.items():
+                entry["class_counts"][label] = entry["class_counts"].get(label, 0) + n
+        ctx.metrics.update({
+            "inputs": total,
+            "samples": sum(r.samples for r in ordered),
+            "classes": names,
+            "splits": splits,
+            "skipped_count": len(skipped),
+            "skipped": skipped,
+        })
+        ctx.logger.info("wrote %d samples in %d shards; skipped %d", ctx.metrics["samples"], len(ordered), len(skipped))

@@ -1,0 +1,293 @@
+"""The ingest stage on a real Ray instance: determinism, bad inputs, resume, S3, interop."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cluster.executor import RayExecutor
+from pipeline.config import parse_config
+from pipeline.engine import run_pipeline
+from pipeline.errors import StageFailedError
+from pipeline.manifest import read_manifest
+from pipeline.storage import open_storage
+from stages.data.images import BadImage, check_image, reencode, to_rgb
+from stages.data.sources import SourceItem
+from stages.data.tarshards import iter_tar_samples
+from stages.ingest import plan_shards, screen_items
+
+pytestmark = pytest.mark.usefixtures("ray_instance")
+
+
+def ingest_config(params: dict, name: str = "ing", endpoint: str | None = None) -> dict:
+    config = {"name": name, "ray": {"include_dashboard": False},
+              "stages": {"ingest": {"type": "ingest", "params": params}}}
+    if endpoint:
+        config["storage"] = {"endpoint_url": endpoint}
+    return config
+
+
+def run_ingest(uri: str, params: dict, endpoint: str | None = None):
+    config = parse_config(ingest_config(params, endpoint=endpoint))
+    run_pipeline(config, uri, RayExecutor())
+    store = open_storage(uri, config.storage).child("stages/ingest")
+    return store, read_manifest(store)
+
+
+def all_samples(store, manifest) -> dict[str, dict[str, bytes]]:
+    found: dict[str, dict[str, bytes]] = {}
+    for split in manifest.metrics["splits"].values():
+        for shard in split["shards"]:
+            with store.open_read(shard["path"]) as f:
+                for key, files in iter_tar_samples(f):
+                    assert key not in found, f"duplicate key {key}"
+                    found[key] = files
+    return found
+
+
+# -- pure planning -------------------------------------------------------------------------------
+
+def _item(key, split="train", label="a", size=None, origin=None):
+    return SourceItem(key=key, split=split, label=label, locator=key, origin=origin or f"/d/{key}.jpg", size=size)
+
+
+def test_plan_is_sorted_per_split_with_fixed_boundaries():
+    items = [_item(f"k{i:02d}", split="val" if i % 4 == 0 else "train") for i in range(20)][::-1]
+    plans = plan_shards(items, shard_samples=6)
+    assert [p.name for p in plans] == ["train-000000", "train-000001", "train-000002", "val-000000"]
+    assert [len(p.items) for p in plans] == [6, 6, 3, 5]
+    assert [i.key for i in plans[0].items] == sorted(i.key for i in plans[0].items)
+    by_bytes = plan_shards([_item(f"k{i}", size=100) for i in range(10)], shard_samples=100, shard_bytes=250)
+    assert [len(p.items) for p in by_bytes] == [2, 2, 2, 2, 2]
+
+
+def test_screening_records_missing_labels_duplicates_and_non_images():
+    kept, skipped = screen_items([_item("a"), _item("a", origin="/d/a.png"), _item("b", label=None),
+                                  _item("c", origin="/d/c.txt")])
+    assert [i.key for i in kept] == ["a"]
+    assert [s["reason"] for s in skipped] == ["duplicate key 'a' (kept /d/a.jpg)", "missing label",
+                                              "unsupported file type .txt"]
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    out = io.BytesIO()
+    im.save(out, format=fmt, **kw)
+    return out.getvalue()
+
+
+def photo(w=40, h=24, seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def odd_images() -> dict[str, bytes]:
+    rotated = photo(40, 24)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    sixteen = Image.fromarray((np.arange(24 * 40).reshape(24, 40) * 60).astype(np.uint16))
+    rgba = Image.new("RGBA", (40, 24), (255, 0, 0, 0))  # fully transparent red
+    palette = photo().convert("P", palette=Image.ADAPTIVE, colors=16)
+    return {
+        "gray.png": encode(photo().convert("L"), "PNG"),
+        "cmyk.jpg": encode(photo().convert("CMYK"), "JPEG"),
+        "palette.png": encode(palette, "PNG"),
+        "alpha.png": encode(rgba, "PNG"),
+        "sixteen.png": encode(sixteen, "PNG"),
+        "rotated.jpg": encode(rotated, "JPEG", exif=exif.tobytes()),
+    }
+
+
+def bad_images() -> dict[str, tuple[bytes, str]]:
+    good = encode(photo(64, 64), "JPEG", quality=90)
+    return {
+        "truncated.jpg": (good[: len(good) // 2], "corrupt or truncated image"),
+        "zero.jpg": (b"", "zero-byte file"),
+        "garbage.jpg": (b"\x00\x01 definitely not an image" * 10, "not an image"),
+        "vector.jpg": (encode(photo(), "PPM"), "unsupported format PPM"),
+    }
+
+
+def test_odd_but_valid_images_convert_correctly():
+    odd = odd_images()
+    for name, data in odd.items():
+        check_image(data)  # all valid
+    rgb = {name: to_rgb(Image.open(io.BytesIO(data))) for name, data in odd.items()}
+    assert all(im.mode == "RGB" for im in rgb.values())
+    assert rgb["rotated.jpg"].size == (24, 40)  # EXIF orientation applied
+    assert rgb["alpha.png"].getpixel((0, 0)) == (255, 255, 255)  # transparent -> white, not red
+    sixteen = np.asarray(rgb["sixteen.png"])[..., 0]
+    assert sixteen.min() == 0 and sixteen.max() == 255  # rescaled from 16 bits, not clipped
+    data, size = reencode(odd["rotated.jpg"], max_side=12, quality=90)
+    assert size == (12, 20) and Image.open(io.BytesIO(data)).format == "JPEG"
+
+
+@pytest.mark.parametrize("name", sorted(bad_images()))
+def test_bad_images_are_rejected_with_a_reason(name):
+    data, reason = bad_images()[name]
+    with pytest.raises(BadImage, match=reason):
+        check_image(data)
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+def test_digits_ingest_is_deterministic_and_readable_by_plain_tools(tmp_path):
+    params = {"source": "digits", "image_size": 16, "shard_samples": 250}
+    store_a, ma = run_ingest(str(tmp_path / "a"), params)
+    store_b, mb = run_ingest(str(tmp_path / "b"), {**params, "workers": 1})
+    assert [o.model_dump() for o in ma.outputs] == [o.model_dump() for o in mb.outputs]  # same bytes
+    splits = ma.metrics["splits"]
+    assert {k: v["samples"] for k, v in splits.items()} == {"train": 1297, "val": 200, "test": 300}
+    assert ma.metrics["classes"] == [str(d) for d in range(10)] and ma.metrics["skipped_count"] == 0
+    assert json.loads(store_a.read_text("classes.json")) == {"classes": [str(d) for d in range(10)]}
+    assert sum(splits["train"]["class_counts"].values()) == 1297
+
+    # plain tarfile
+    first = splits["train"]["shards"][0]
+    with tarfile.open(store_a.local_path(first["path"])) as tar:
+        names = tar.getnames()
+    assert names[:3] == ["digits-0000.cls", "digits-0000.json", "digits-0000.png"] or names[0].endswith(".cls")
+    assert len(names) == 3 * first["samples"]
+    # plain webdataset
+    import webdataset as wds
+
+    urls = [str(store_a.local_path(s["path"])) for s in splits["test"]["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == 300 and samples[0]["png"].size == (16, 16) and isinstance(samples[0]["cls"], int)
+    assert samples[0]["json"]["source"].startswith("sklearn.datasets.load_digits[")
+    # Ray Data
+    import ray.data
+
+    ds = ray.data.read_webdataset(urls, override_num_blocks=1)
+    assert ds.count() == 300
+
+
+def make_folder(root: Path) -> int:
+    """An ImageFolder with train/val splits, odd images, bad inputs; returns the number of inputs."""
+    n = 0
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(6):
+                (d / f"img{i}.jpg").write_bytes(encode(photo(seed=i + 10 * len(cls)), "JPEG"))
+                n += 1
+    for name, data in odd_images().items():
+        (root / "train" / "cat" / name).write_bytes(data)
+        n += 1
+    for name, (data, _) in bad_images().items():
+        (root / "train" / "dog" / name).write_bytes(data)
+        n += 1
+    (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    (root / "train" / "orphan.jpg").write_bytes(encode(photo(), "JPEG"))  # no class folder: no label
+    (root / "train" / "cat" / "img0.png").write_bytes(encode(photo(), "PNG"))  # duplicate key of img0.jpg
+    return n + 3
+
+
+def test_imagefolder_with_bad_inputs_skips_with_reasons_and_fails_over_the_limit(tmp_path):
+    total = make_folder(tmp_path / "src")
+    params = {"source": "imagefolder", "path": str(tmp_path / "src"), "shard_samples": 8, "mode": "reencode",
+              "max_side": 16, "max_skip_fraction": 0.5}
+    store, manifest = run_ingest(str(tmp_path / "run"), params)
+    reasons = {s["origin"].rsplit("/", 1)[-1]: s["reason"] for s in manifest.metrics["skipped"]}
+    assert set(reasons) == {"truncated.jpg", "zero.jpg", "garbage.jpg", "vector.jpg", "notes.txt", "orphan.jpg",
+                            "img0.png"}
+    assert reasons["zero.jpg"] == "zero-byte file" and reasons["orphan.jpg"] == "missing label"
+    assert reasons["notes.txt"] == "unsupported file type .txt" and "duplicate key" in reasons["img0.png"]
+    assert manifest.metrics["inputs"] == total and manifest.metrics["samples"] == total - 7
+    samples = all_samples(store, manifest)
+    assert set(manifest.metrics["splits"]) == {"train", "val"}
+    rotated = Image.open(io.BytesIO(samples["train/cat/rotated"]["jpg"]))
+    assert rotated.size == (16, 27)  # upright (24x40 -> 16x26.7), shorter side 16
+    assert all("jpg" in f and f["cls"] in (b"0", b"1") for f in samples.values())
+
+    with pytest.raises(StageFailedError, match=r"7 of \d+ inputs skipped .* above max_skip_fraction=0.01"):
+        run_ingest(str(tmp_path / "strict"), {**params, "max_skip_fraction": 0.01})
+
+
+def test_interrupted_ingest_rewrites_only_missing_shards(tmp_path):
+    params = {"source": "digits", "image_size": 16, "shard_samples": 200}
+    uri = str(tmp_path / "run")
+    store, manifest = run_ingest(uri, params)
+    shards = [s["path"] for sp in manifest.metrics["splits"].values() for s in sp["shards"]]
+    # What a SIGKILL mid-ingest leaves: some shards committed (tar + stats), the rest absent, a
+    # stray temp file, no manifest, and the stage recorded as running.
+    lost = shards[1:4]
+    for path in lost:
+        store.delete(path)
+        store.delete(path.replace(".tar", ".json"))
+    (store.local_path("shards") / ".train-000009.tar.tmp-deadbeef").write_bytes(b"partial")
+    store.delete("manifest.json")
+    state_path = Path(uri) / "state.json"
+    state = json.loads(state_path.read_text())
+    state["stages"]["ingest"]["status"] = "running"
+    state_path.write_text(json.dumps(state))
+    kept_mtimes = {p: store.local_path(p).stat().st_mtime_ns for p in shards if p not in lost}
+
+    store2, manifest2 = run_ingest(uri, params)
+    assert {p: store2.local_path(p).stat().st_mtime_ns for p in kept_mtimes} == kept_mtimes  # untouched
+    assert [o.model_dump() for o in manifest2.outputs] == [o.model_dump() for o in manifest.outputs]
+    keys = all_samples(store2, manifest2)
+    assert len(keys) == 1797 and set(keys) == {f"digits-{i:04d}" for i in range(1797)}
+
+
+def test_list_sources_and_resharding_other_tools_shards(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rows = []
+    for i in range(6):
+        (src / f"p{i}.png").write_bytes(encode(photo(seed=i), "PNG"))
+        rows.append({"path": f"imgs/p{i}.png", "label": "even" if i % 2 == 0 else "odd",
+                     "split": "val" if i == 5 else "train"})
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for name in ("list.csv", "list.jsonl"):
+        _, m = run_ingest(str(tmp_path / f"run-{name}"), {"source": "list", "path": str(tmp_path / name)})
+        assert m.metrics["samples"] == 6 and m.metrics["classes"] == ["even", "odd"]
+        assert {k: v["samples"] for k, v in m.metrics["splits"].items()} == {"train": 5, "val": 1}
+
+    # img2dataset-style shards written with plain tarfile: KEY.jpg + KEY.txt / KEY.json labels.
+    wds_dir = tmp_path / "foreign"
+    wds_dir.mkdir()
+    with tarfile.open(wds_dir / "00000.tar", "w") as tar:
+        for i in range(5):
+            members = {f"{i:09d}.jpg": encode(photo(seed=i), "JPEG"),
+                       (f"{i:09d}.txt" if i % 2 else f"{i:09d}.json"):
+                           (b"zebra" if i % 2 else json.dumps({"label": "horse"}).encode())}
+            for member, data in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    store, m = run_ingest(str(tmp_path / "reshard"), {"source": "webdataset", "path": str(wds_dir),
+                                                       "shard_samples": 2})
+    assert m.metrics["samples"] == 5 and m.metrics["classes"] == ["horse", "zebra"]
+    assert len(m.metrics["splits"]["train"]["shards"]) == 3
+
+
+def test_ingest_to_and_from_s3(s3_endpoint, s3_bucket, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for cls in ("a", "b"):
+        for i in range(4):
+            s3.put_object(Bucket=s3_bucket, Key=f"src/{cls}/{i}.jpg", Body=encode(photo(seed=i), "JPEG"))
+    uri = f"s3://{s3_bucket}/runs/ing"
+    store, m = run_ingest(uri, {"source": "imagefolder", "path": f"s3://{s3_bucket}/src", "shard_samples": 3},
+                          endpoint=s3_endpoint)
+    assert m.metrics["samples"] == 8 and len(m.metrics["splits"]["train"]["shards"]) == 3
+    assert len(all_samples(store, m)) == 8
+    from stages.data.loader import ShardLoader, shards_from_manifest
+
+    loader = ShardLoader(store, shards_from_manifest(m.metrics, "train"), batch_size=2, image_size=8,
+                         num_workers=1)
+    assert sum(len(b["key"]) for b in loader) == len(loader) * 2
