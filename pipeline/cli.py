@@ -204,7 +204,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    print(f"{args.config}: ok ({len(config.stages)} stages: {', '.join(config.stages)})")
+    n = len(config.stages)
+    print(f"{args.config}: ok ({n} stage{'s' if n != 1 else ''}: {', '.join(config.stages)})")
     return 0
 
 

@@ -117,7 +117,7 @@ def bad_images() -> dict[str, tuple[bytes, str]]:
 
 def test_odd_but_valid_images_convert_correctly():
     odd = odd_images()
-    for name, data in odd.items():
+    for data in odd.values():
         check_image(data)  # all valid
     rgb = {name: to_rgb(Image.open(io.BytesIO(data))) for name, data in odd.items()}
     assert all(im.mode == "RGB" for im in rgb.values())

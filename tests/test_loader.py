@@ -115,9 +115,9 @@ def test_even_split_across_ranks_with_uneven_shards(store, world):
     shards = make_shards(store, UNEVEN)
     loaders = [_loader(store, shards, rank=r, world_size=world, num_workers=2 if world < 3 else 1)
                for r in range(world)]
-    lengths = {len(l) for l in loaders}
+    lengths = {len(loader) for loader in loaders}
     assert len(lengths) == 1 and lengths.pop() > 0
-    per_rank = [_keys(l) for l in loaders]
+    per_rank = [_keys(loader) for loader in loaders]
     assert all(len(k) == len(per_rank[0]) for k in per_rank)
     everything = list(itertools.chain.from_iterable(per_rank))
     assert len(everything) == len(set(everything)), "ranks overlapped"

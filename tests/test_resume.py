@@ -126,3 +126,45 @@ def test_second_driver_on_the_same_run_is_refused(tmp_path):
     # The dead driver's lock does not outlive it: a new driver takes over and finishes.
     resumed = run_cli("resume", str(run_dir), "--no-dashboard", "transform.work_s=0")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_sigkill_during_ingest_then_resume_writes_only_missing_shards(tmp_path):
+    config = {"name": "ing", "ray": {"include_dashboard": False, "num_cpus": 2},
+              "stages": {"ingest": {"type": "ingest", "params": {
+                  "source": "digits", "image_size": 160, "shard_samples": 25, "workers": 1}}}}
+    path = write_config(tmp_path / "ingest.yaml", config)
+    run_dir = tmp_path / "run"
+    shards_dir = run_dir / "stages/ingest/shards"
+    proc = start_cli("run", str(path), "--run-dir", str(run_dir), log=tmp_path / "killed.log")
+    try:
+        wait_for(lambda: len(list(shards_dir.glob("*.json"))) >= 4 if shards_dir.exists() else False,
+                 timeout=180, what="a few committed shards")
+    finally:
+        _kill_group(proc)
+    assert not (run_dir / "stages/ingest/manifest.json").exists(), "ingest finished before the kill"
+    committed = {p.name: p.stat().st_mtime_ns for p in shards_dir.glob("*.tar")
+                 if (shards_dir / p.name.replace(".tar", ".json")).exists()}
+    assert committed
+
+    resumed = run_cli("resume", str(run_dir), "--no-dashboard")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "already written" in resumed.stderr
+    after = {name: (shards_dir / name).stat().st_mtime_ns for name in committed}
+    assert after == committed, "a shard committed before the kill was rewritten"
+
+    import json as _json
+
+    from stages.data.tarshards import iter_tar_samples
+
+    manifest = _json.loads((run_dir / "stages/ingest/manifest.json").read_text())
+    keys = []
+    for split in manifest["metrics"]["splits"].values():
+        for shard in split["shards"]:
+            with open(run_dir / "stages/ingest" / shard["path"], "rb") as f:
+                keys.extend(k for k, _ in iter_tar_samples(f))
+    assert len(keys) == len(set(keys)) == 1797
+    assert set(keys) == {f"digits-{i:04d}" for i in range(1797)}
+    # A half-written shard the kill may have left is never part of the committed outputs.
+    assert not [o for o in manifest["outputs"] if ".tmp-" in o["path"]]
+    assert len([o for o in manifest["outputs"] if o["path"].endswith(".tar")]) == sum(
+        len(s["shards"]) for s in manifest["metrics"]["splits"].values())
