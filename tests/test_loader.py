@@ -198,3 +198,41 @@ def test_streams_from_s3(s3_endpoint, s3_bucket):
     shards = make_shards(store, [6, 6, 6, 6])
     keys = _keys(_loader(store, shards, num_workers=2, batch_size=3))
     assert len(keys) == 24 and len(set(keys)) == 24
+
+
+def test_reads_img2dataset_style_shards_made_with_plain_tarfile(store, tmp_path):
+    import json
+    import tarfile
+
+    from stages.data.loader import scan_shards
+
+    root = tmp_path / "data"
+    (root / "foreign").mkdir(parents=True)
+    for s in range(2):
+        with tarfile.open(root / f"foreign/{s:05d}.tar", "w") as tar:
+            for i in range(6):
+                key = f"{s:04d}{i:05d}"
+                label = ("cat" if i % 2 else "dog")
+                members = {f"{key}.jpg": Image.open(io.BytesIO(png(i))).convert("RGB"),
+                           f"{key}.{'txt' if s else 'json'}": label}
+                for name, value in members.items():
+                    if isinstance(value, Image.Image):
+                        out = io.BytesIO()
+                        value.save(out, format="JPEG")
+                        data = out.getvalue()
+                    else:
+                        data = value.encode() if name.endswith(".txt") else json.dumps({"label": value}).encode()
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    shards = scan_shards(store, ["foreign/00000.tar", "foreign/00001.tar"])
+    assert [s.samples for s in shards] == [6, 6]
+    loader = _loader(store, shards, batch_size=3, class_names=["cat", "dog"])
+    labels = {}
+    for batch in loader:
+        labels.update(zip(batch["key"], batch["label"].tolist()))
+    assert len(labels) == 12 and loader.stats["skipped"] == 0
+    assert labels["000000001"] == 0 and labels["000100000"] == 1  # cat = 0, dog = 1
+    unnamed = _loader(store, shards, batch_size=3)
+    with pytest.raises(VitpipeError, match="pass class_names"):
+        _keys(unnamed)

@@ -41,10 +41,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import VitpipeError
 from pipeline.storage import Storage
+from stages.data.sources import label_name
 from stages.data.tarshards import BadShard, iter_tar_samples
 from stages.data.transforms import decode_eval, decode_train, normalize
 
-__all__ = ["ShardInfo", "EpochPlan", "plan_epoch", "ShardLoader", "shards_from_manifest", "sample_seed"]
+__all__ = ["ShardInfo", "EpochPlan", "plan_epoch", "ShardLoader", "shards_from_manifest", "scan_shards",
+           "sample_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,15 @@ def plan_epoch(shards: Sequence[ShardInfo], seed: int, epoch: int, world_size: i
             f"({world_size} rank(s) x {num_workers} worker(s) over {n} shards)"
         )
     return EpochPlan(assignment, per_worker)
+
+
+def scan_shards(storage: Storage, paths: Sequence[str]) -> list[ShardInfo]:
+    """Count the samples of shards that have no ingest manifest (e.g. made by other tools)."""
+    infos = []
+    for path in paths:
+        with storage.open_read(path) as f:
+            infos.append(ShardInfo(path, sum(1 for _ in iter_tar_samples(f, name=path))))
+    return infos
 
 
 def shards_from_manifest(metrics: dict[str, Any], split: str) -> list[ShardInfo]:
@@ -168,6 +179,7 @@ class ShardLoader:
         crop_scale: tuple[float, float] = (0.08, 1.0),
         eval_crop_fraction: float = 1.0,
         prefetch_factor: int = 2,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
@@ -185,6 +197,8 @@ class ShardLoader:
         self.crop_scale = crop_scale
         self.eval_crop_fraction = eval_crop_fraction
         self.prefetch_factor = prefetch_factor
+        # Shards from other tools label samples by name (KEY.txt / KEY.json); map names to indices.
+        self.class_index = {name: i for i, name in enumerate(class_names)} if class_names else None
         self._cursor = _EpochCursor(epoch=0, batches=0)
         self.stats = {"skipped": 0, "samples": 0}
         self.skipped_examples: list[dict[str, str]] = []
@@ -304,13 +318,23 @@ class ShardLoader:
             if not any(self.shards[i].samples for i in shard_indices):
                 return
 
+    def _label(self, files: dict[str, bytes]) -> int:
+        if "cls" in files:
+            return int(files["cls"].decode().strip())
+        name = label_name(files, None)
+        if name is None:
+            raise ValueError(f"no label (.cls, .txt or .json) among {', '.join(sorted(files))}")
+        if self.class_index is None:
+            raise ValueError("sample is labelled by name; pass class_names to the loader")
+        if name not in self.class_index:
+            raise ValueError(f"label {name!r} is not among the loader's class_names")
+        return self.class_index[name]
+
     def _decode(self, epoch: int, key: str, files: dict[str, bytes]) -> tuple[np.ndarray, int]:
         image = next((files[e] for e in IMAGE_EXTS if e in files), None)
         if image is None:
             raise ValueError(f"no image member (has: {', '.join(sorted(files))})")
-        if "cls" not in files:
-            raise ValueError("no .cls label")
-        label = int(files["cls"].decode().strip())
+        label = self._label(files)
         try:
             if self.train:
                 rng = random.Random(sample_seed(self.seed, epoch, key))

@@ -31,7 +31,7 @@ from pipeline.errors import VitpipeError
 from pipeline.storage import Storage, is_s3_uri, open_storage
 
 __all__ = ["SourceItem", "Source", "DigitsSource", "ImageFolderSource", "ListSource", "WebDatasetSource",
-           "make_source", "SPLIT_NAMES", "IMAGE_EXTENSIONS", "sanitize_key"]
+           "make_source", "label_name", "SPLIT_NAMES", "IMAGE_EXTENSIONS", "sanitize_key"]
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class WebDatasetSource(_StorageSource):
             try:
                 with self.storage.open_read(shard) as f:
                     for index, (key, files) in enumerate(iter_tar_samples(f, name=shard)):
-                        label = _label_of(files, names)
+                        label = label_name(files, names)
                         items.append(SourceItem(key=sanitize_key(key), split=split, label=label,
                                                 locator=(shard, index), origin=f"{self.storage.uri_of(shard)}#{key}"))
             except BadShard as err:
@@ -253,7 +253,8 @@ class WebDatasetSource(_StorageSource):
             yield item, found.get(tuple(item.locator), BadImage("shard is truncated or corrupt"))
 
 
-def _label_of(files: dict[str, bytes], names: list[str] | None) -> str | None:
+def label_name(files: dict[str, bytes], names: list[str] | None) -> str | None:
+    """A sample's class name from ``KEY.cls`` (index into ``names``), ``KEY.txt`` or ``KEY.json``."""
     try:
         if "cls" in files:
             index = int(files["cls"].decode().strip())
