@@ -94,11 +94,10 @@ def screen_items(items: Iterable[SourceItem]) -> tuple[list[SourceItem], list[di
     duplicate keys (the first in source order is kept). Returns (kept, skipped-with-reasons)."""
     kept, skipped, seen = [], [], {}
     for item in items:
-        ext = posixpath.splitext(str(item.origin).split("#")[0])[1].lower()
+        ext = posixpath.splitext(item.filename)[1].lower() if item.filename else ""
         if item.label is None:
             skipped.append({"origin": item.origin, "reason": "missing label"})
-        elif ext and ext not in IMAGE_EXTENSIONS and not str(item.origin).startswith(("sklearn", "s3")) \
-                and "#" not in str(item.origin):
+        elif ext and ext not in IMAGE_EXTENSIONS:
             skipped.append({"origin": item.origin, "reason": f"unsupported file type {ext}"})
         elif item.key in seen:
             skipped.append({"origin": item.origin, "reason": f"duplicate key {item.key!r} (kept {seen[item.key]})"})

@@ -55,7 +55,9 @@ def all_samples(store, manifest) -> dict[str, dict[str, bytes]]:
 # -- pure planning -------------------------------------------------------------------------------
 
 def _item(key, split="train", label="a", size=None, origin=None):
-    return SourceItem(key=key, split=split, label=label, locator=key, origin=origin or f"/d/{key}.jpg", size=size)
+    origin = origin or f"/d/{key}.jpg"
+    return SourceItem(key=key, split=split, label=label, locator=key, origin=origin, size=size,
+                      filename=origin.rsplit("/", 1)[-1])
 
 
 def test_plan_is_sorted_per_split_with_fixed_boundaries():
@@ -246,14 +248,17 @@ def test_list_sources_and_resharding_other_tools_shards(tmp_path):
         (src / f"p{i}.png").write_bytes(encode(photo(seed=i), "PNG"))
         rows.append({"path": f"imgs/p{i}.png", "label": "even" if i % 2 == 0 else "odd",
                      "split": "val" if i == 5 else "train"})
+    rows.append({"path": "imgs/missing.png", "label": "odd", "split": "train"})  # listed, not on disk
     with open(tmp_path / "list.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
         writer.writeheader()
         writer.writerows(rows)
     (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     for name in ("list.csv", "list.jsonl"):
-        _, m = run_ingest(str(tmp_path / f"run-{name}"), {"source": "list", "path": str(tmp_path / name)})
+        _, m = run_ingest(str(tmp_path / f"run-{name}"), {"source": "list", "path": str(tmp_path / name),
+                                                           "max_skip_fraction": 0.2})
         assert m.metrics["samples"] == 6 and m.metrics["classes"] == ["even", "odd"]
+        assert [s["reason"] for s in m.metrics["skipped"]] == [f"unreadable: {src}/missing.png: no such file"]
         assert {k: v["samples"] for k, v in m.metrics["splits"].items()} == {"train": 5, "val": 1}
 
     # img2dataset-style shards written with plain tarfile: KEY.jpg + KEY.txt / KEY.json labels.

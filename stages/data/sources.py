@@ -53,6 +53,7 @@ class SourceItem:
     locator: Any  # what read() needs: a path relative to the source's storage, an index, ...
     origin: str  # human-readable source path, recorded in KEY.json and in skip reasons
     size: int | None = None  # bytes, when known without reading (plans shards by bytes)
+    filename: str | None = None  # for file-based sources: the file's name (its extension is screened)
 
 
 class Source:
@@ -123,10 +124,16 @@ class _StorageSource(Source):
     def __init__(self, root: str, storage_settings: Any = None) -> None:
         self.root = root
         self.storage_settings = storage_settings
+        self._storage: Storage | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_storage": None}  # made again (with its own client) per process
 
     @property
     def storage(self) -> Storage:
-        return open_storage(self.root, self.storage_settings)
+        if self._storage is None:
+            self._storage = open_storage(self.root, self.storage_settings)
+        return self._storage
 
     def read(self, item: SourceItem) -> bytes:
         return self.storage.read_bytes(item.locator)
@@ -149,7 +156,7 @@ class ImageFolderSource(_StorageSource):
             label = rest[0] if len(rest) >= 2 else None  # a file outside any class folder has no label
             stem = posixpath.splitext(obj.path)[0]
             items.append(SourceItem(key=sanitize_key(stem), split=split, label=label, locator=obj.path,
-                                    origin=self.storage.uri_of(obj.path), size=obj.size))
+                                    origin=self.storage.uri_of(obj.path), size=obj.size, filename=parts[-1]))
         return items
 
 
@@ -157,10 +164,19 @@ class ListSource(Source):
     def __init__(self, list_uri: str, storage_settings: Any = None) -> None:
         self.list_uri = list_uri
         self.storage_settings = storage_settings
+        self._stores: dict[str, Storage] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_stores": {}}
+
+    def _store(self, parent: str) -> Storage:
+        if parent not in self._stores:
+            self._stores[parent] = open_storage(parent or ".", self.storage_settings)
+        return self._stores[parent]
 
     def _rows(self) -> Iterator[dict[str, Any]]:
         parent, _, name = self.list_uri.rstrip("/").rpartition("/")
-        text = open_storage(parent or ".", self.storage_settings).read_text(name)
+        text = self._store(parent).read_text(name)
         if name.endswith(".jsonl"):
             for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
@@ -186,12 +202,12 @@ class ListSource(Source):
             label = None if label in (None, "") else str(label)
             stem = posixpath.splitext(path.split("://", 1)[-1])[0]
             items.append(SourceItem(key=sanitize_key(stem), split=str(row.get("split") or "train"), label=label,
-                                    locator=uri, origin=uri))
+                                    locator=uri, origin=uri, filename=uri.rsplit("/", 1)[-1]))
         return items
 
     def read(self, item: SourceItem) -> bytes:
         parent, _, name = str(item.locator).rpartition("/")
-        return open_storage(parent or ".", self.storage_settings).read_bytes(name)
+        return self._store(parent).read_bytes(name)
 
 
 class WebDatasetSource(_StorageSource):

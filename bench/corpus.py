@@ -1,0 +1,177 @@
+"""The benchmarks' shared input: a deterministic corpus of photographic JPEGs, plus small helpers.
+
+Images are random crops of scikit-image's bundled colour photographs (only those shipped inside
+the package, so nothing is downloaded), scaled to ImageNet-like sizes (about 500x375, some portrait
+or square) and saved as JPEG at quality 90. The tree is an ImageFolder (``ROOT/classNN/imgKKKKKK.jpg``,
+nothing else under ``ROOT``). Image ``k`` depends only on (seed, k), and a corpus is cached under
+``$VITPIPE_BENCH_CACHE`` (default ``~/.cache/vitpipe-bench``) by its parameters, so repeated runs
+reuse it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stages.data.sources import ImageFolderSource, SourceItem
+from stages.ingest import ShardPlan, plan_shards, screen_items
+
+__all__ = ["Corpus", "ShardSetup", "build_corpus", "plan_corpus_shards", "warm_page_cache",
+           "load_at_start", "machine_info", "emit_result", "log"]
+
+CORPUS_VERSION = 1  # bump when the generation below changes, so stale caches are not reused
+
+# (width, height) and weight: the common ImageNet train-image shapes.
+_SHAPES = (((500, 375), 0.45), ((500, 333), 0.20), ((375, 500), 0.20), ((500, 500), 0.15))
+
+
+def _photos() -> list[np.ndarray]:
+    """Colour photographs bundled with scikit-image (the ones that need a pooch download are left out)."""
+    from skimage import data
+
+    left, right, _disparity = data.stereo_motorcycle()
+    loaders: list[Callable[[], np.ndarray]] = [
+        data.astronaut, data.coffee, data.chelsea, data.rocket, data.hubble_deep_field, data.retina,
+        data.immunohistochemistry,
+    ]
+    return [load() for load in loaders] + [left, right]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    root: Path
+    images: int
+    classes: int
+    seed: int
+    quality: int
+    bytes: int
+
+    def describe(self) -> dict[str, object]:
+        info = asdict(self)
+        info["root"] = str(self.root)
+        info["mean_kb"] = round(self.bytes / max(1, self.images) / 1024, 1)
+        return info
+
+
+def _make_jpeg(photos: list[np.ndarray], rng: np.random.Generator, quality: int) -> bytes:
+    """One image: a random crop (50-100% of the largest crop with the target aspect), maybe mirrored,
+    resized to a sampled ImageNet-like shape."""
+    photo = photos[rng.integers(len(photos))]
+    shapes, weights = zip(*_SHAPES)
+    width, height = shapes[rng.choice(len(shapes), p=weights)]
+    src_h, src_w = photo.shape[:2]
+    aspect = width / height
+    crop_w = min(src_w, src_h * aspect) * rng.uniform(0.5, 1.0)
+    crop_h = crop_w / aspect
+    left, top = rng.uniform(0, src_w - crop_w), rng.uniform(0, src_h - crop_h)
+    im = Image.fromarray(photo).resize((width, height), Image.BICUBIC,
+                                       box=(left, top, left + crop_w, top + crop_h))
+    if rng.random() < 0.5:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("VITPIPE_BENCH_CACHE", Path.home() / ".cache" / "vitpipe-bench"))
+
+
+def build_corpus(images: int, classes: int = 10, seed: int = 0, quality: int = 90) -> Corpus:
+    """The corpus for these parameters, generated on first use (atomically: into a temporary folder
+    that is renamed when complete) and reused afterwards."""
+    params = {"version": CORPUS_VERSION, "images": images, "classes": classes, "seed": seed, "quality": quality}
+    home = _cache_root() / f"corpus-v{CORPUS_VERSION}-n{images}-c{classes}-s{seed}-q{quality}"
+    marker = home / "corpus.json"
+    if not marker.exists():
+        home.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        photos = _photos()
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=home.parent))
+        try:
+            total = 0
+            for k in range(images):
+                folder = tmp / "images" / f"class{k % classes:02d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                data = _make_jpeg(photos, np.random.default_rng([seed, k]), quality)
+                (folder / f"img{k:06d}.jpg").write_bytes(data)
+                total += len(data)
+            (tmp / "corpus.json").write_text(json.dumps({**params, "bytes": total}))
+            shutil.rmtree(home, ignore_errors=True)  # an incomplete earlier attempt (no marker)
+            tmp.rename(home)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"built corpus {home} ({images} images) in {time.perf_counter() - started:.1f} s")
+    total = json.loads(marker.read_text())["bytes"]
+    return Corpus(home / "images", images, classes, seed, quality, total)
+
+
+@dataclass(frozen=True)
+class ShardSetup:
+    """What our ingest functions need to shard a corpus: the source, its plans and class indices."""
+
+    source: ImageFolderSource
+    plans: list[ShardPlan]
+    class_index: dict[str, int]
+
+    @property
+    def items(self) -> list[SourceItem]:
+        return [item for plan in self.plans for item in plan.items]
+
+
+def plan_corpus_shards(corpus: Corpus, shard_samples: int) -> ShardSetup:
+    """Screen and plan the corpus exactly as the ingest stage does (sorted keys, fixed boundaries)."""
+    source = ImageFolderSource(str(corpus.root))
+    kept, skipped = screen_items(source.items())
+    if skipped or len(kept) != corpus.images:
+        raise RuntimeError(f"corpus {corpus.root}: {len(kept)} usable images of {corpus.images}; skipped {skipped[:3]}")
+    names = sorted({item.label for item in kept if item.label is not None})
+    return ShardSetup(source, plan_shards(kept, shard_samples), {name: i for i, name in enumerate(names)})
+
+
+def warm_page_cache(paths: list[Path]) -> None:
+    """Read every file once so that timings measure CPU work, not the disk."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
+def load_at_start() -> float:
+    """The 1-minute load average before the benchmark starts; warns when other work is running,
+    since on a small machine that skews every number (the multi-worker ones most)."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        log(f"warning: load average is {load:.2f} before starting: other processes compete for the CPUs")
+    return load
+
+
+def machine_info(load: float) -> dict[str, object]:
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_avg_1min_at_start": round(load, 2)}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def emit_result(result: dict[str, object]) -> None:
+    """Write the result to ``bench/out/<name>.json`` and print it as the one JSON line on stdout."""
+    out_dir = Path(__file__).resolve().parent / "out"
+    out_dir.mkdir(exist_ok=True)
+    line = json.dumps(result, sort_keys=False)
+    (out_dir / f"{result['name']}.json").write_text(line + "\n")
+    print(line, flush=True)
