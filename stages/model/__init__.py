@@ -1,0 +1,1 @@
+"""Model code (single-device): the ViT family, position-embedding resampling, timm interop."""
