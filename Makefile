@@ -7,6 +7,7 @@ CONFIG ?= configs/tiny.yaml
 ADDRESS ?=
 ARGS   ?=
 PYTEST_ARGS ?=
+BENCHES ?= bench/ingest.py bench/loader.py
 
 .PHONY: install pretrain test bench submit lint clean help
 
@@ -34,7 +35,7 @@ test: install
 
 bench: install
 	@mkdir -p bench/out
-	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+	@set -e; for b in $(BENCHES); do echo "== $$b"; $(BIN)/python $$b; done
 
 submit: install
 	@set -e; addr="$(ADDRESS)"; \

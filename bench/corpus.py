@@ -1,4 +1,5 @@
-"""The benchmarks' shared input: a deterministic corpus of photographic JPEGs, plus small helpers.
+"""The benchmarks' shared input, a deterministic corpus of photographic JPEGs, and shared helpers
+(page-cache warming, round-robin timing, machine details, the result line).
 
 Images are random crops of scikit-image's bundled colour photographs (only those shipped inside
 the package, so nothing is downloaded), scaled to ImageNet-like sizes (about 500x375, some portrait
@@ -15,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +31,7 @@ from stages.data.sources import ImageFolderSource, SourceItem
 from stages.ingest import ShardPlan, plan_shards, screen_items
 
 __all__ = ["Corpus", "ShardSetup", "build_corpus", "plan_corpus_shards", "warm_page_cache",
-           "load_at_start", "machine_info", "emit_result", "log"]
+           "cpu_busy_before_start", "run_rounds", "summarize", "machine_info", "emit_result", "log"]
 
 CORPUS_VERSION = 1  # bump when the generation below changes, so stale caches are not reused
 
@@ -149,19 +151,47 @@ def warm_page_cache(paths: list[Path]) -> None:
                 pass
 
 
-def load_at_start() -> float:
-    """The 1-minute load average before the benchmark starts; warns when other work is running,
-    since on a small machine that skews every number (the multi-worker ones most)."""
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        log(f"warning: load average is {load:.2f} before starting: other processes compete for the CPUs")
-    return load
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of all cores since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    total = user + nice + system + idle + iowait + irq + softirq + steal
+    return total - idle - iowait, total
 
 
-def machine_info(load: float) -> dict[str, object]:
+def cpu_busy_before_start(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy over ``seconds`` before the benchmark starts (None off Linux). Warns
+    when other work is running: on a small machine it skews every number, the 2-worker ones most."""
+    if not os.path.exists("/proc/stat"):
+        return None
+    busy0, total0 = _cpu_jiffies()
+    time.sleep(seconds)
+    busy1, total1 = _cpu_jiffies()
+    busy = (busy1 - busy0) / max(1, total1 - total0)
+    if busy > 0.1:
+        log(f"warning: {busy:.0%} of the CPUs were busy before starting: other processes compete with the benchmark")
+    return busy
+
+
+def run_rounds(phases: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Call each phase (one timed measurement returning images/s) ``repeats`` times, round-robin,
+    so slow drifts in machine speed hit every phase alike. Returns each phase's rates."""
+    rates: dict[str, list[float]] = {name: [] for name in phases}
+    for _ in range(repeats):
+        for name, phase in phases.items():
+            rates[name].append(phase())
+    return rates
+
+
+def summarize(rates: dict[str, list[float]]) -> dict[str, float]:
+    """The median rate of each phase."""
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def machine_info(cpu_busy: float | None) -> dict[str, object]:
     return {"platform": platform.platform(), "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "load_avg_1min_at_start": round(load, 2)}
+            "cpu_busy_before_start": None if cpu_busy is None else round(cpu_busy, 3)}
 
 
 def log(message: str) -> None:

@@ -5,11 +5,17 @@ Measured, in one run, on the same JPEG corpus (page cache warmed first, so the d
 - baseline: one process reads each file's bytes and writes ``KEY.jpg`` + ``KEY.cls`` with
   ``webdataset.ShardWriter``. It does not look inside the images.
 - ours, 1 worker: ``write_shard`` over ``plan_shards(...)`` in this process. Besides copying the
-  bytes it fully decodes every image to validate it (``check_image``), writes a deterministic tar
-  with ``KEY.json`` metadata, hashes it (sha256), fsyncs it and writes a stats file.
-- ours as Ray tasks (as ``Ingest.run`` schedules them) with 1 and then 2 tasks in flight, for the
-  speed-up from 1 to 2 workers. Ray start-up and worker start-up are excluded (warm-up tasks first).
+  bytes it decodes every image to validate it (``check_image``; JPEGs at 1/8 scale, which still
+  reads all their entropy-coded data), writes a deterministic tar with ``KEY.json`` metadata,
+  hashes it (sha256), fsyncs it and writes a stats file.
+- ours with ``validate_images: false`` (trusted input): the same, with a header check instead of
+  the decode.
+- ours as Ray tasks (scheduled like ``Ingest.run`` does) with 1 and then 2 tasks in flight, for the
+  speed-up from 1 to 2 workers. Ray and its worker processes are started (and warmed up) untimed.
+- ``check_image`` alone on in-memory bytes, to show how much of our time the validation takes.
 
+Each measurement is repeated (round-robin) and the median reported. Written data is flushed to disk
+between measurements (untimed) so that none pays for another's writeback.
 Main ratio: ours (1 worker, in-process) / baseline, images/s per core. Goals from the issue:
 >= 1.0x the ShardWriter loop per core; >= 1.7x from 1 to 2 workers.
 """
@@ -18,23 +24,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import webdataset as wds
 from corpus import (
     ShardSetup,
     build_corpus,
+    cpu_busy_before_start,
     emit_result,
-    load_at_start,
     log,
     machine_info,
     plan_corpus_shards,
+    run_rounds,
+    summarize,
     warm_page_cache,
 )
 
@@ -46,50 +55,65 @@ MODE = "copy"
 MAX_SIDE, QUALITY = 512, 90  # unused in copy mode; write_shard takes them
 GOAL_PER_CORE, GOAL_SPEEDUP = 1.0, 1.7
 
-T = TypeVar("T")
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=3200, help="corpus size (default: %(default)s)")
     parser.add_argument("--shard-samples", type=int, default=200, help="images per shard (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (200 images, 25 per shard)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (200 images, 25 per shard, 1 repeat)")
     args = parser.parse_args()
     if args.quick:
-        args.images, args.shard_samples = 200, 25
+        args.images, args.shard_samples, args.repeats = 200, 25, 1
     return args
 
 
-def timed(label: str, images: int, work: Callable[[], T]) -> tuple[float, T]:
-    """Run ``work`` once; return (images/s, its result)."""
+def time_once(label: str, images: int, scratch: Path, write: Callable[[Path], int]) -> float:
+    """images/s of one ``write`` into a fresh folder; checks that it wrote every image."""
+    os.sync()  # earlier measurements' data goes to disk now, untimed
+    out = Path(tempfile.mkdtemp(dir=scratch))
     started = time.perf_counter()
-    result = work()
+    written = write(out)
     seconds = time.perf_counter() - started
+    shutil.rmtree(out)
+    if written != images:
+        raise RuntimeError(f"{label}: wrote {written} of {images} images")
     rate = images / seconds
-    log(f"  {label:<34} {images} images in {seconds:6.2f} s = {rate:8.1f} images/s")
-    return rate, result
+    log(f"  {label:<30} {images} images in {seconds:6.2f} s = {rate:8.1f} images/s")
+    return rate
 
 
-def shardwriter_loop(setup: ShardSetup, out: Path, shard_samples: int) -> None:
-    """The baseline: read bytes, write KEY.jpg + KEY.cls, no validation."""
-    out.mkdir(parents=True)
-    pattern = str(out / "train-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=shard_samples, verbose=0) as sink:
+def shardwriter_loop(setup: ShardSetup, shard_samples: int, out: Path) -> int:
+    """The baseline: read bytes, write KEY.jpg + KEY.cls, no validation. Returns images written."""
+    with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=shard_samples, verbose=0) as sink:
         for item in setup.items:
             data = (Path(setup.source.root) / item.locator).read_bytes()
             sink.write({"__key__": item.key, "jpg": data, "cls": setup.class_index[item.label]})
+        return sink.total
 
 
-def ours_in_process(setup: ShardSetup, out: Path) -> list[ShardResult]:
-    """Our shard writing, one shard after another, in this process (one core)."""
+def written_images(results: list[ShardResult]) -> int:
+    """Images in our shards; none may have been skipped (the corpus has no bad images)."""
+    skipped = [s for r in results for s in r.skipped]
+    if skipped:
+        raise RuntimeError(f"our ingest skipped {len(skipped)} images, e.g. {skipped[0]}")
+    return sum(r.samples for r in results)
+
+
+def ours_in_process(setup: ShardSetup, out: Path, validate: bool = True) -> int:
+    """Our shard writing, one shard after another, in this process (one core).
+
+    ``validate=False`` is the ``validate_images: false`` path for trusted inputs: header check
+    only, no decode.
+    """
     storage = LocalStorage(out)
-    return [write_shard(setup.source, plan, storage, setup.class_index, MODE, MAX_SIDE, QUALITY)
-            for plan in setup.plans]
+    return written_images([write_shard(setup.source, plan, storage, setup.class_index, MODE, MAX_SIDE, QUALITY,
+                                       validate) for plan in setup.plans])
 
 
-def ours_ray(remote: Any, source_ref: Any, setup: ShardSetup, plans: list[ShardPlan], out: Path,
-             workers: int) -> list[ShardResult]:
+def ours_ray(remote: Any, source_ref: Any, setup: ShardSetup, plans: list[ShardPlan], workers: int,
+             out: Path) -> int:
     """Our shard writing as Ray tasks with at most ``workers`` in flight (the loop of ``Ingest.run``)."""
     import ray
 
@@ -103,114 +127,116 @@ def ours_ray(remote: Any, source_ref: Any, setup: ShardSetup, plans: list[ShardP
         for ref in ready:
             pending.pop(ref)
             results.append(ray.get(ref))
-    return results
+    return written_images(results)
 
 
-def check_complete(results: list[ShardResult], images: int) -> None:
-    written = sum(r.samples for r in results)
-    skipped = sum(len(r.skipped) for r in results)
-    if written != images or skipped:
-        raise RuntimeError(f"our ingest wrote {written} of {images} images ({skipped} skipped)")
-
-
-def validation_rate(setup: ShardSetup, limit: int) -> float:
-    """images/s of ``check_image`` alone (bytes already in memory): the cost of full-decode validation."""
-    blobs = [setup.source.read(item) for item in setup.items[:limit]]
-    rate, _ = timed("check_image alone (in memory)", len(blobs), lambda: [check_image(b) for b in blobs])
-    return rate
-
-
-def explain(ours: float, baseline: float, validate: float) -> dict[str, object]:
-    """How much of the per-core gap the full-decode validation accounts for (an estimate: our
-    per-image time minus ``check_image``'s, measured separately on in-memory bytes)."""
-    ms_ours, ms_validate = 1000 / ours, 1000 / validate
-    without = 1000 / max(ms_ours - ms_validate, 1e-6)
-    note = (f"ours fully decodes every image to validate it ({ms_validate:.2f} of its {ms_ours:.2f} ms/image), "
-            "also writes KEY.json, sha256-hashes and fsyncs each shard; the baseline only copies bytes. ")
-    if ours >= GOAL_PER_CORE * baseline:
-        note += "Ours meets the per-core goal despite validating."
-    elif without >= GOAL_PER_CORE * baseline:
-        note += (f"Ours is slower per core because of the full-decode validation: without it, an estimated "
-                 f"{without:.0f} images/s ({without / baseline:.2f}x the baseline).")
-    else:
-        note += (f"The validation explains only part of the gap: without it, an estimated {without:.0f} "
-                 f"images/s ({without / baseline:.2f}x the baseline).")
-    return {"ours_without_validation_estimate": round(without, 1), "note": note}
-
-
-def measure_ray(setup: ShardSetup, scratch: Path, images: int) -> dict[str, float]:
+def measure_ray(setup: ShardSetup, scratch: Path, repeats: int) -> dict[str, list[float]]:
     """images/s of our Ray tasks with 1 and with 2 in flight, after Ray and its workers are up."""
     import ray
 
+    images = len(setup.items)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=1)(write_shard)
         source_ref = ray.put(setup.source)
         warmup = [ShardPlan(f"warmup-{w}", "train", setup.items[w * 16:(w + 1) * 16]) for w in range(2)]
-        ours_ray(remote, source_ref, setup, warmup, scratch / "warmup", workers=2)
-        rates = {}
-        for name, workers in (("ray_1_worker", 1), ("ray_2_workers", 2)):
-            out = scratch / name
-            rates[name], results = timed(f"ours: Ray tasks, {workers} in flight", images,
-                                         partial(ours_ray, remote, source_ref, setup, setup.plans, out, workers))
-            check_complete(results, images)
-            shutil.rmtree(out)
-        return rates
+        ours_ray(remote, source_ref, setup, warmup, 2, Path(tempfile.mkdtemp(dir=scratch)))
+        return run_rounds({
+            f"ray_{workers}_worker{'s' if workers > 1 else ''}": partial(
+                time_once, f"ours: Ray tasks, {workers} in flight", images, scratch,
+                partial(ours_ray, remote, source_ref, setup, setup.plans, workers))
+            for workers in (1, 2)
+        }, repeats)
     finally:
         ray.shutdown()
 
 
+def validation_rate(blobs: list[bytes]) -> float:
+    """images/s of ``check_image`` alone on bytes already in memory: the cost of our validation."""
+    started = time.perf_counter()
+    for blob in blobs:
+        check_image(blob)
+    seconds = time.perf_counter() - started
+    rate = len(blobs) / seconds
+    log(f"  {'check_image alone, in memory':<30} {len(blobs)} images in {seconds:6.2f} s = {rate:8.1f} images/s")
+    return rate
+
+
+def explain(ours: float, baseline: float, validate: float) -> str:
+    """What the per-core comparison means, given how long the validation decode takes."""
+    ms_ours, ms_base, ms_validate = 1000 / ours, 1000 / baseline, 1000 / validate
+    note = (f"ours decodes every image to validate it (check_image: {ms_validate:.2f} ms of our "
+            f"{ms_ours:.2f} ms/image) and also writes KEY.json, sha256-hashes and fsyncs each shard; the "
+            f"baseline only copies bytes ({ms_base:.2f} ms/image). ")
+    if ours >= baseline:
+        return note + "Ours is at least as fast per core despite validating."
+    share = ms_validate / (ms_ours - ms_base)
+    cause = "mainly" if share >= 0.5 else "only partly"
+    return note + (f"Ours is slower per core {cause} because of the validation: about {share:.0%} of the "
+                   "per-image gap (from separately timed medians, so only approximate).")
+
+
 def main() -> None:
     args = parse_args()
-    load = load_at_start()
+    cpu_busy = cpu_busy_before_start()
     corpus = build_corpus(args.images, seed=args.seed)
     setup = plan_corpus_shards(corpus, args.shard_samples)
     images = len(setup.items)
     warm_page_cache([Path(setup.source.root) / item.locator for item in setup.items])
     log(f"ingest benchmark: {images} JPEGs ({corpus.describe()['mean_kb']} KiB mean), "
-        f"{len(setup.plans)} shards of <= {args.shard_samples}")
+        f"{len(setup.plans)} shards of <= {args.shard_samples}, {args.repeats} repeat(s)")
 
     with tempfile.TemporaryDirectory(prefix="vitpipe-bench-ingest-") as tmp:
         scratch = Path(tmp)
-        baseline, _ = timed("baseline: ShardWriter loop", images,
-                            lambda: shardwriter_loop(setup, scratch / "baseline", args.shard_samples))
-        ours, results = timed("ours: write_shard, 1 worker", images,
-                              lambda: ours_in_process(setup, scratch / "ours"))
-        check_complete(results, images)
-        validate = validation_rate(setup, min(images, 500))
-        ray_rates = measure_ray(setup, scratch, images)
+        samples = run_rounds({
+            "baseline": partial(time_once, "baseline: ShardWriter loop", images, scratch,
+                                partial(shardwriter_loop, setup, args.shard_samples)),
+            "ours": partial(time_once, "ours: write_shard, in-process", images, scratch,
+                            partial(ours_in_process, setup)),
+            "ours_trusted": partial(time_once, "ours: validate_images=false", images, scratch,
+                                    partial(ours_in_process, setup, validate=False)),
+            "check_image": partial(validation_rate, [setup.source.read(item) for item in setup.items]),
+        }, args.repeats)
+        samples.update(measure_ray(setup, scratch, args.repeats))
 
-    ratio = ours / baseline
-    speedup = ray_rates["ray_2_workers"] / ray_rates["ray_1_worker"]
-    explained = explain(ours, baseline, validate)
-    log(f"  {explained['note']}")
+    rates = summarize(samples)
+    ratio = rates["ours"] / rates["baseline"]
+    speedup = rates["ray_2_workers"] / rates["ray_1_worker"]
+    note = explain(rates["ours"], rates["baseline"], rates["check_image"])
+    log(f"  medians: {', '.join(f'{k} {v:.1f}' for k, v in rates.items())} images/s")
+    log(f"  {note}")
     log(f"  ratio ours/baseline = {ratio:.3f} (goal >= {GOAL_PER_CORE}); "
         f"speed-up 1 -> 2 workers = {speedup:.2f}x (goal >= {GOAL_SPEEDUP})")
     emit_result({
         "name": "ingest",
-        "ours": round(ours, 1),
-        "baseline": round(baseline, 1),
+        "ours": round(rates["ours"], 1),
+        "baseline": round(rates["baseline"], 1),
         "unit": "images/s per core",
         "ratio": round(ratio, 4),
         "extra": {
             "speedup_1_to_2_workers": round(speedup, 3),
-            **{k: round(v, 1) for k, v in ray_rates.items()},
-            "check_image_alone": round(validate, 1),
+            "ray_1_worker": round(rates["ray_1_worker"], 1),
+            "ray_2_workers": round(rates["ray_2_workers"], 1),
+            "check_image_alone": round(rates["check_image"], 1),
+            "ours_trusted_no_decode": round(rates["ours_trusted"], 1),
+            "ratio_trusted_vs_baseline": round(rates["ours_trusted"] / rates["baseline"], 4),
             "goal_per_core": GOAL_PER_CORE,
             "goal_per_core_met": ratio >= GOAL_PER_CORE,
             "goal_speedup": GOAL_SPEEDUP,
             "goal_speedup_met": speedup >= GOAL_SPEEDUP,
             "ours_validates_images": True,
             "baseline_validates_images": False,
-            **explained,
+            "note": note,
+            "samples": {k: [round(v, 1) for v in vs] for k, vs in samples.items()},
+            "statistic": f"median of {args.repeats}",
             "mode": MODE,
             "images": images,
             "shards": len(setup.plans),
             "shard_samples": args.shard_samples,
             "corpus": corpus.describe(),
         },
-        "machine": machine_info(load),
+        "machine": machine_info(cpu_busy),
     })
 
 

@@ -29,7 +29,7 @@ from pipeline.errors import VitpipeError
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageParams
 from pipeline.storage import Storage
-from stages.data.images import EXTENSION_OF, BadImage, check_image, reencode
+from stages.data.images import EXTENSION_OF, BadImage, check_image, open_image, reencode
 from stages.data.sources import IMAGE_EXTENSIONS, SPLIT_NAMES, Source, SourceItem, make_source
 from stages.data.tarshards import ShardTarWriter
 
@@ -47,6 +47,7 @@ class IngestParams(StageParams):
     mode: Literal["copy", "reencode"] = "copy"
     max_side: int = Field(default=512, ge=16, description="reencode: shorter side at most this")
     jpeg_quality: int = Field(default=90, ge=1, le=100)
+    validate_images: bool = Field(default=True, description="decode every image to catch corrupt ones (copy mode)")
     max_skip_fraction: float = Field(default=0.01, ge=0, le=1)
     workers: int = Field(default=2, ge=1, description="shard-writing Ray tasks in flight")
 
@@ -128,7 +129,14 @@ def plan_shards(items: Iterable[SourceItem], shard_samples: int, shard_bytes: in
     return plans
 
 
-def _encode(data: bytes, mode: str, max_side: int, quality: int) -> tuple[str, bytes, tuple[int, int]]:
+def _encode(data: bytes, mode: str, max_side: int, quality: int,
+            validate: bool = True) -> tuple[str, bytes, tuple[int, int]]:
+    if mode == "copy" and not validate:
+        # Trusted input (e.g. re-sharding validated shards): read the header only.
+        with open_image(data) as im:
+            if im.format not in EXTENSION_OF:
+                raise BadImage(f"unsupported format {im.format}")
+            return EXTENSION_OF[im.format], data, im.size
     width, height, fmt = check_image(data)
     if mode == "copy":
         return EXTENSION_OF[fmt], data, (width, height)
@@ -137,7 +145,7 @@ def _encode(data: bytes, mode: str, max_side: int, quality: int) -> tuple[str, b
 
 
 def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict[str, int], mode: str,
-                max_side: int, quality: int) -> ShardResult:
+                max_side: int, quality: int, validate: bool = True) -> ShardResult:
     """Read, check and convert one shard's items and write the shard, then its stats file."""
     skipped: list[dict[str, str]] = []
     counts: dict[str, int] = {}
@@ -147,7 +155,9 @@ def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict
             try:
                 if isinstance(data, Exception):
                     raise data
-                ext, payload, (width, height) = _encode(data, mode, max_side, quality)
+                if not data:
+                    raise BadImage("zero-byte file")
+                ext, payload, (width, height) = _encode(data, mode, max_side, quality, validate)
             except BadImage as err:
                 skipped.append({"origin": item.origin, "reason": str(err)})
                 continue
@@ -223,7 +233,8 @@ class Ingest(Stage):
             while queue or pending:
                 while queue and len(pending) < p.workers:
                     plan = queue.pop(0)
-                    ref = remote.remote(source_ref, plan, ctx.out, class_index, p.mode, p.max_side, p.jpeg_quality)
+                    ref = remote.remote(source_ref, plan, ctx.out, class_index, p.mode, p.max_side, p.jpeg_quality,
+                                        p.validate_images)
                     pending[ref] = plan
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:

@@ -92,8 +92,12 @@ def decode_eval(data: bytes, size: int, crop_fraction: float = 1.0) -> np.ndarra
 
 
 def normalize(batch_hwc: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) normalised with MEAN/STD."""
-    x = batch_hwc.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(MEAN, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    """uint8 (B, H, W, 3) -> contiguous float32 (B, 3, H, W) normalised with MEAN/STD.
+
+    One fused multiply-subtract per element, (x/255 - m)/s = x * (1/(255 s)) - m/s, after the
+    layout change on uint8 (4x less memory to move than on float).
+    """
+    x = batch_hwc.permute(0, 3, 1, 2).contiguous().float()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in STD]).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(MEAN, STD)]).view(1, 3, 1, 1)
+    return x.mul_(scale).sub_(shift)

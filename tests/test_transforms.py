@@ -1,0 +1,73 @@
+"""Decode + augment: crop geometry, draft-mode JPEG decoding, normalisation."""
+
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stages.data.transforms import (
+    center_crop_box,
+    decode_eval,
+    decode_train,
+    normalize,
+    random_resized_crop_box,
+)
+
+
+def test_random_resized_crop_box_stays_inside_and_respects_scale():
+    rng = random.Random(0)
+    for _ in range(500):
+        left, top, w, h = random_resized_crop_box(500, 375, rng)
+        assert 0 <= left and left + w <= 500 and 0 <= top and top + h <= 375
+        assert 0.08 * 500 * 375 * 0.9 <= w * h <= 500 * 375
+        assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05 or w == 500 or h == 375
+    a = [random_resized_crop_box(64, 64, random.Random(7)) for _ in range(2)]
+    assert a[0] == a[1]
+    assert center_crop_box(500, 375) == (62, 0, 375, 375)
+    assert center_crop_box(100, 100, 0.875) == (6, 6, 88, 88)
+
+
+def _smooth_jpeg(w=480, h=360) -> bytes:
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def test_draft_decode_gives_the_same_crop_as_a_full_decode():
+    data = _smooth_jpeg()
+    fast = decode_train(data, 32, random.Random(3))
+    # The same crop from a full-resolution decode (the box and flip come from the same rng draws).
+    rng = random.Random(3)
+    box_rng, flip = random.Random(rng.random()), rng.random() < 0.5
+    left, top, w, h = random_resized_crop_box(480, 360, box_rng)
+    full = Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.BILINEAR, box=(left, top, left + w, top + h))
+    if flip:
+        full = full.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    diff = np.abs(fast.astype(int) - np.asarray(full).astype(int))
+    assert fast.shape == (32, 32, 3) and diff.mean() < 4, diff.mean()
+
+
+def test_eval_decode_is_deterministic_and_exif_aware():
+    data = _smooth_jpeg()
+    assert np.array_equal(decode_eval(data, 24), decode_eval(data, 24))
+    im = Image.open(io.BytesIO(data))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=95, exif=exif.tobytes())
+    rotated = decode_eval(out.getvalue(), 24)
+    upright = Image.open(io.BytesIO(data)).convert("RGB").transpose(Image.Transpose.ROTATE_270)  # 360 x 480
+    assert upright.size == (360, 480)
+    expected = np.asarray(upright.resize((24, 24), Image.BILINEAR, box=(0, 60, 360, 420)))
+    assert np.abs(rotated.astype(int) - expected.astype(int)).mean() < 4
+
+
+def test_normalize_matches_the_definition():
+    x = torch.randint(0, 256, (2, 5, 5, 3), dtype=torch.uint8)
+    ref = (x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    y = normalize(x)
+    assert y.shape == (2, 3, 5, 5) and y.is_contiguous() and torch.allclose(y, ref, atol=1e-6)
