@@ -1,3 +1,3 @@
 """Stage types. Importing this package registers every built-in stage with the engine."""
 
-from stages import ingest, smoke  # noqa: F401  (each module registers its stage types)
+from stages import ingest, pretrain, smoke  # noqa: F401  (each module registers its stage types)

@@ -1,0 +1,123 @@
+"""Training checkpoints that count only once every rank's files are complete.
+
+Layout under the stage folder::
+
+    checkpoints/step-00000100/<DeepSpeed files of every rank>, loader-rank0.json, rng-rank0.pt, ...
+    checkpoints/step-00000100/COMPLETE.json   written last, by rank 0, after a barrier:
+                                              every file of the checkpoint with its size and sha256
+
+A checkpoint directory without ``COMPLETE.json`` (a kill mid-write) is ignored; one whose files
+do not match ``COMPLETE.json`` is rejected with an error naming the file. DeepSpeed writes to a
+filesystem path: on local storage that is the stage folder itself; on S3 ranks write to a local
+staging directory and rank 0 uploads before committing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from pipeline.errors import VitpipeError
+from pipeline.storage import Storage, sha256_stream
+
+__all__ = ["CheckpointStore", "COMPLETE", "step_name"]
+
+log = logging.getLogger(__name__)
+
+ROOT = "checkpoints"
+COMPLETE = "COMPLETE.json"
+_STEP = re.compile(r"^step-(\d{8})$")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class CheckpointStore:
+    def __init__(self, storage: Storage, staging: Path) -> None:
+        self.storage = storage  # the stage folder
+        self.staging = staging  # local scratch, used when storage is remote
+
+    @property
+    def remote(self) -> bool:
+        return self.storage.local_path() is None
+
+    def local_dir(self, step: int) -> Path:
+        """Where ranks write (and DeepSpeed reads) the checkpoint of ``step``."""
+        base = self.storage.local_path(ROOT) if not self.remote else self.staging / ROOT
+        assert base is not None
+        return base / step_name(step)
+
+    def commit(self, step: int) -> None:
+        """Rank 0, after every rank finished writing: upload (if remote), then write COMPLETE last."""
+        local = self.local_dir(step)
+        files = {}
+        for path in sorted(p for p in local.rglob("*") if p.is_file() and p.name != COMPLETE):
+            rel = path.relative_to(local).as_posix()
+            with open(path, "rb") as f:
+                digest, size = sha256_stream(f)
+            files[rel] = {"size": size, "sha256": digest}
+            if self.remote:
+                self.storage.upload_file(path, f"{ROOT}/{step_name(step)}/{rel}")
+        record = json.dumps({"step": step, "files": files}, indent=1, sort_keys=True)
+        self.storage.write_text(f"{ROOT}/{step_name(step)}/{COMPLETE}", record)
+
+    def steps(self) -> list[int]:
+        """Committed checkpoint steps, ascending."""
+        found = []
+        for obj in self.storage.list(ROOT):
+            parts = obj.path.split("/")
+            if len(parts) == 3 and parts[2] == COMPLETE and (m := _STEP.match(parts[1])):
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def verify(self, step: int) -> None:
+        """Raise a one-line error if a committed checkpoint's files are missing or damaged."""
+        prefix = f"{ROOT}/{step_name(step)}"
+        record = json.loads(self.storage.read_text(f"{prefix}/{COMPLETE}"))
+        present = {o.path[len(prefix) + 1:]: o.size for o in self.storage.list(prefix)}
+        for rel, meta in sorted(record["files"].items()):
+            where = self.storage.uri_of(f"{prefix}/{rel}")
+            if rel not in present:
+                raise VitpipeError(f"checkpoint {where}: file is missing; delete {prefix} to fall back to an "
+                                   "earlier checkpoint")
+            if present[rel] != meta["size"] or self.storage.sha256(f"{prefix}/{rel}") != meta["sha256"]:
+                raise VitpipeError(f"checkpoint {where}: file is corrupt (size or sha256 differs from "
+                                   f"{COMPLETE}); delete {prefix} to fall back to an earlier checkpoint")
+
+    def latest(self) -> int | None:
+        steps = self.steps()
+        if not steps:
+            return None
+        self.verify(steps[-1])
+        return steps[-1]
+
+    def fetch(self, step: int) -> Path:
+        """A local directory holding the checkpoint (downloaded first when remote)."""
+        local = self.local_dir(step)
+        if self.remote:
+            prefix = f"{ROOT}/{step_name(step)}"
+            for obj in self.storage.list(prefix):
+                self.storage.download_file(obj.path, local / obj.path[len(prefix) + 1:])
+        return local
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` committed checkpoints, and older uncommitted ones."""
+        steps = self.steps()
+        if not steps:
+            return
+        keep_steps = set(steps[-keep:])
+        newest = steps[-1]
+        names = {o.path.split("/")[1] for o in self.storage.list(ROOT) if o.path.count("/") >= 2}
+        for name in names:
+            m = _STEP.match(name)
+            if not m:
+                continue
+            step = int(m.group(1))
+            if step not in keep_steps and step < newest:
+                self.storage.delete_prefix(f"{ROOT}/{name}")
+                if self.remote:
+                    shutil.rmtree(self.staging / ROOT / name, ignore_errors=True)

@@ -1,0 +1,180 @@
+"""The training loop each Ray Train worker runs: DeepSpeed ZeRO around the single-device ViT.
+
+Resume is exact: a checkpoint holds DeepSpeed's model/optimizer state for every rank, each rank's
+loader position and RNG state, and (optionally) the ledger of sample keys consumed so far. After
+a worker fault Ray Train restarts the worker group, and this loop continues from the newest
+complete checkpoint; `vitpipe resume` after a driver fault does the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["train_loop"]
+
+log = logging.getLogger("vitpipe.train")
+
+
+def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    # Weight decay on matrices and filters only; biases, norms, position embeddings and the
+    # class token stay undecayed (as in big_vision and timm).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "pos_embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    return {"python": random.getstate()[1], "torch": torch.get_rng_state().tolist()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate((3, tuple(state["python"]), None))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from pipeline.config import StorageSettings
+    from pipeline.errors import VitpipeError
+    from pipeline.storage import open_storage
+    from stages.data.loader import ShardInfo, ShardLoader
+    from stages.model.vit import ViT, ViTConfig, flops_per_image
+    from stages.train.checkpoint import CheckpointStore
+    from stages.train.schedule import lr_at
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    settings = StorageSettings(**config["storage"])
+    out = open_storage(config["out_uri"], settings)
+    store = CheckpointStore(out, Path(config["staging"]) / f"rank{rank}")
+
+    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    random.seed(config["seed"] + rank)
+    model_cfg = ViTConfig(**config["model"])
+    model = ViT(model_cfg)
+    optimizer = torch.optim.AdamW(_param_groups(model, config["weight_decay"]), lr=config["lr"],
+                                  betas=tuple(config["betas"]), eps=1e-8)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config["deepspeed"])
+    bf16 = config["deepspeed"]["bf16"]["enabled"]
+
+    loader = ShardLoader(open_storage(config["data_uri"], settings), [ShardInfo(**s) for s in config["shards"]],
+                         batch_size=config["micro_batch"], image_size=model_cfg.image_size, train=True,
+                         seed=config["seed"], rank=rank, world_size=world, num_workers=config["loader_workers"],
+                         crop_scale=tuple(config["crop_scale"]))
+    step, ledger, history = 0, [], []
+    latest = store.latest()
+    if latest is not None:
+        ckpt = store.fetch(latest)
+        engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=True)
+        loader.load_state_dict(json.loads((ckpt / f"loader-rank{rank}.json").read_text()))
+        extra = json.loads((ckpt / f"state-rank{rank}.json").read_text())
+        _set_rng_state(extra["rng"])
+        ledger = extra.get("ledger", [])
+        history = [m for m in extra.get("history", []) if m["step"] <= latest]
+        step = latest
+        log.info("rank %d: resumed from checkpoint step %d", rank, step)
+
+    total, accum = config["steps"], config["deepspeed"]["gradient_accumulation_steps"]
+    flops = flops_per_image(model_cfg, training=True)
+    batches = iter(loader)
+
+    def next_batch() -> dict[str, Any]:
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:  # epoch boundary
+            batches = iter(loader)
+            return next(batches)
+
+    def save(at: int) -> None:
+        ckpt = store.local_dir(at)
+        engine.save_checkpoint(str(ckpt.parent), tag=ckpt.name, save_latest=False)
+        (ckpt / f"loader-rank{rank}.json").write_text(json.dumps(loader.state_dict()))
+        state = {"rng": _rng_state(), "history": history if rank == 0 else []}
+        if config["ledger"]:
+            state["ledger"] = ledger
+        (ckpt / f"state-rank{rank}.json").write_text(json.dumps(state))
+        dist.barrier()  # every rank's files are on disk
+        if rank == 0:
+            store.commit(at)
+            store.prune(config["keep_checkpoints"])
+            out.write_text("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        dist.barrier()
+
+    while step < total:
+        lr = lr_at(step, config["lr"], total, config["warmup_steps"], config["decay"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started, waited, loss_sum = time.perf_counter(), 0.0, 0.0
+        for _ in range(accum):
+            t = time.perf_counter()
+            batch = next_batch()
+            waited += time.perf_counter() - t
+            if config["ledger"]:
+                ledger.extend(batch["key"])
+            images = batch["image"].to(engine.device)
+            images = images.to(torch.bfloat16) if bf16 else images
+            loss = F.cross_entropy(engine(images).float(), batch["label"].to(engine.device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        step += 1
+        mean_loss = torch.tensor([loss_sum / accum])
+        dist.all_reduce(mean_loss)
+        mean_loss = float(mean_loss) / world
+        if not math.isfinite(mean_loss):
+            raise VitpipeError(f"non-finite loss ({mean_loss}) at step {step}")
+        seconds = time.perf_counter() - started
+        images_per_s = config["global_batch"] / seconds
+        grad_norm = engine.get_global_grad_norm()
+        record = {"step": step, "loss": round(mean_loss, 6), "lr": lr,
+                  "grad_norm": None if grad_norm is None else float(grad_norm),
+                  "images_per_s": round(images_per_s, 2), "step_time_s": round(seconds, 4),
+                  "data_wait_fraction": round(waited / seconds, 4),
+                  "mfu": round(images_per_s * flops / config["peak_flops"], 6) if config["peak_flops"] else None,
+                  "max_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
+                  else None, "epoch": loader.epoch}
+        if rank == 0:
+            history.append(record)
+            if step % config["log_every"] == 0 or step == total:
+                log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", step, total, mean_loss, lr, images_per_s)
+        if step % config["checkpoint_every"] == 0 or step == total:
+            save(step)
+
+    # Handoff: full fp32 weights, gathered from the ZeRO shards (a collective on every rank).
+    state = {name: safe_get_full_fp32_param(p).detach().cpu().contiguous() for name, p in
+             engine.module.named_parameters()}
+    if config["ledger"]:
+        out.write_text(f"ledger/rank{rank}.json", json.dumps(ledger))
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.safetensors"
+            save_file(state, str(path), metadata={"format": "pt", "step": str(step)})
+            out.upload_file(path, "model.safetensors")
+        out.write_text("model_config.json", json.dumps(model_cfg.to_dict(), indent=2, sort_keys=True))
+    dist.barrier()

@@ -1,0 +1,54 @@
+"""Checkpoint commit protocol: only complete checkpoints count; damaged ones are rejected."""
+
+import pytest
+
+from pipeline.errors import VitpipeError
+from pipeline.storage import LocalStorage, S3Storage
+from stages.train.checkpoint import COMPLETE, CheckpointStore
+
+
+def _write_step(store: CheckpointStore, step: int, commit: bool = True) -> None:
+    d = store.local_dir(step)
+    d.mkdir(parents=True, exist_ok=True)
+    for rank in range(2):
+        (d / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(bytes([rank, step]) * 100)
+    (d / "loader-rank0.json").write_text('{"epoch": 0}')
+    if commit:
+        store.commit(step)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return CheckpointStore(LocalStorage(tmp_path / "stage"), tmp_path / "staging")
+    endpoint, bucket = request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")
+    return CheckpointStore(S3Storage(f"s3://{bucket}/stage", endpoint_url=endpoint), tmp_path / "staging")
+
+
+def test_only_committed_checkpoints_count(store):
+    assert store.latest() is None
+    _write_step(store, 2)
+    _write_step(store, 4)
+    _write_step(store, 6, commit=False)  # killed mid-write: no COMPLETE marker
+    assert store.steps() == [2, 4] and store.latest() == 4
+    fetched = store.fetch(4)
+    assert (fetched / "zero_pp_rank_1_optim_states.pt").read_bytes() == bytes([1, 4]) * 100
+
+
+def test_missing_or_corrupt_rank_file_is_rejected(store, tmp_path):
+    _write_step(store, 2)
+    store.storage.write_bytes("checkpoints/step-00000002/zero_pp_rank_1_optim_states.pt", b"\x00" * 200)
+    with pytest.raises(VitpipeError, match="zero_pp_rank_1_optim_states.pt: file is corrupt"):
+        store.latest()
+    store.storage.delete("checkpoints/step-00000002/zero_pp_rank_1_optim_states.pt")
+    with pytest.raises(VitpipeError, match="zero_pp_rank_1_optim_states.pt: file is missing; delete"):
+        store.latest()
+
+
+def test_prune_keeps_the_newest(store):
+    for step in (1, 2, 3, 4):
+        _write_step(store, step)
+    store.prune(keep=2)
+    assert store.steps() == [3, 4]
+    assert store.storage.exists(f"checkpoints/step-00000004/{COMPLETE}")
+    assert not store.storage.list("checkpoints/step-00000001")

@@ -1,0 +1,122 @@
+"""The pretrain stage for real: DeepSpeed ZeRO-2 on 2 Ray Train CPU workers (gloo), tiny ViT."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from cluster.executor import RayExecutor
+from pipeline.config import parse_config
+from pipeline.engine import run_pipeline
+from pipeline.errors import ConfigError
+from tests.conftest import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_instance")]
+
+INGEST = {"type": "ingest", "params": {"source": "digits", "image_size": 16, "shard_samples": 100}}
+TINY = {"model": "Ti/4", "width": 64, "depth": 2, "heads": 2, "mlp_dim": 128, "image_size": 16,
+        "global_batch": 32, "micro_batch": 8, "lr": 0.003, "warmup_steps": 3, "workers": 2, "zero_stage": 2,
+        "weight_decay": 0.0, "crop_scale_min": 0.6, "log_every": 1}
+
+
+def config(**params) -> dict:
+    return {"name": "pt", "seed": 5, "ray": {"include_dashboard": False},
+            "stages": {"ingest": INGEST, "pretrain": {"type": "pretrain", "inputs": {"data": "ingest"},
+                                                      "params": {**TINY, **params}}}}
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory) -> Path:
+    """A run directory whose ingest stage is done (copied by each test, so ingest runs once)."""
+    base = tmp_path_factory.mktemp("ingested") / "run"
+    raw = config()
+    raw["stages"].pop("pretrain")
+    run_pipeline(parse_config(raw), str(base), RayExecutor())
+    return base
+
+
+def fresh_run(ingested: Path, tmp_path: Path, name: str) -> str:
+    target = tmp_path / name
+    shutil.copytree(ingested, target)
+    return str(target)
+
+
+def weights(run: str) -> dict:
+    return load_file(str(Path(run) / "stages/pretrain/model.safetensors"))
+
+
+def ledgers(run: str) -> list[list[str]]:
+    return [json.loads((Path(run) / f"stages/pretrain/ledger/rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_pretrain_learns_and_hands_off_weights(ingested, tmp_path):
+    run = fresh_run(ingested, tmp_path, "learn")
+    summary = run_pipeline(parse_config(config(steps=40, checkpoint_every=20, ledger=True)), run, RayExecutor())
+    assert summary.ran == ["pretrain"] and summary.skipped == ["ingest"]
+    out = Path(run) / "stages/pretrain"
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, 41))
+    first, last = sum(h["loss"] for h in history[:5]) / 5, sum(h["loss"] for h in history[-5:]) / 5
+    assert last < first - 0.1, (first, last)
+    assert {"lr", "grad_norm", "images_per_s", "step_time_s", "data_wait_fraction", "mfu"} <= set(history[0])
+    cfg = json.loads((out / "model_config.json").read_text())
+    assert cfg["width"] == 64 and cfg["num_classes"] == 10
+    state = weights(run)
+    assert state["pos_embed"].shape == (1, 17, 64)
+    # The two ranks saw disjoint samples in each step.
+    rank0, rank1 = ledgers(run)
+    assert len(rank0) == len(rank1) == 40 * 16
+    assert not set(rank0[:16 * 10]) & set(rank1[:16 * 10])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {o["path"] for o in manifest["outputs"]} == {"model.safetensors", "model_config.json", "metrics.jsonl"}
+    assert manifest["metrics"]["final_loss"] == history[-1]["loss"]
+
+
+def _kill_one_worker_after(run: str, step: int, done: threading.Event, killed: list[int]) -> None:
+    marker = Path(run) / f"stages/pretrain/checkpoints/step-{step:08d}/COMPLETE.json"
+    wait_for(lambda: marker.exists() or done.is_set(), timeout=600, interval=0.1, what="a checkpoint")
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    final = Path(run) / "stages/pretrain/checkpoints" / "step-00000012"
+    if workers and not final.exists():
+        workers[-1].kill()  # SIGKILL
+        killed.append(workers[-1].pid)
+
+
+def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
+    params = dict(steps=12, checkpoint_every=4, ledger=True, max_failures=2)
+    clean = fresh_run(ingested, tmp_path, "clean")
+    run_pipeline(parse_config(config(**params)), clean, RayExecutor())
+
+    faulty = fresh_run(ingested, tmp_path, "faulty")
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_one_worker_after, args=(faulty, 4, done, killed), daemon=True)
+    killer.start()
+    try:
+        run_pipeline(parse_config(config(**params)), faulty, RayExecutor())
+    finally:
+        done.set()
+        killer.join(timeout=10)
+    assert killed, "no training worker was killed mid-run"
+    a, b = weights(clean), weights(faulty)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] == b[name]).all(), f"{name} differs after the restart"
+    assert ledgers(clean) == ledgers(faulty)  # every sample consumed exactly as often, in the same order
+    steps = sorted(p.name for p in (Path(faulty) / "stages/pretrain/checkpoints").iterdir() if p.name.startswith("step"))
+    assert steps == ["step-00000008", "step-00000012"]  # keep_checkpoints=2
+
+
+def test_bad_training_configs_are_rejected_at_load():
+    with pytest.raises(ConfigError, match=r"global_batch 30 is not divisible by workers x micro_batch \(2 x 8\)"):
+        parse_config(config(global_batch=30), source="x.yaml")
+    with pytest.raises(ConfigError, match="image_size 18 is not divisible by patch_size 4"):
+        parse_config(config(image_size=18), source="x.yaml")
+    with pytest.raises(ConfigError, match="unknown ViT variant"):
+        parse_config(config(model="Z/16"), source="x.yaml")
