@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -146,9 +147,11 @@ def submit_pipeline(address: str, config: RunConfig, run_dir: str | None = None,
     run_uri = _resolve_run_dir(address, config, run_dir)
     client = job_client(address)
     with tempfile.TemporaryDirectory(prefix="vitpipe-job-") as staging:
-        Path(staging, CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+        staged = config.to_dict()
+        staged["ray"]["address"] = None  # the job's driver joins the cluster it runs on (RAY_ADDRESS)
+        Path(staging, CONFIG_NAME).write_text(json.dumps(staged, indent=2))
         runtime_env = build_runtime_env(staging, extra_env or [])
-        entrypoint = f"{python} -m pipeline.cli run {CONFIG_NAME} --run-dir {run_uri}"
+        entrypoint = f"{python} -m pipeline.cli run {CONFIG_NAME} --run-dir {shlex.quote(run_uri)}"
         metadata = {METADATA_KEY: config.name, "vitpipe_run_dir": run_uri, "vitpipe_version": __version__}
         job_id = _submit_with_retry(client, address, entrypoint=entrypoint, runtime_env=runtime_env,
                                     metadata=metadata)

@@ -294,7 +294,7 @@ class _Driver:
         st = self.state.stage(p.name)
         resumable = (
             st.fingerprint == p.fingerprint
-            and st.status in ("running", "interrupted", "failed", "pending")
+            and st.status in ("running", "interrupted", "failed", "pending", "blocked")
             and p.reason != "forced by --from"
         )
         if not resumable:

@@ -131,14 +131,22 @@ class RunLock:
         self._thread.start()
 
     def _read_remote(self) -> dict[str, Any]:
+        """The lock's content; {} when there is no lock. Storage errors propagate: an unreadable
+        lock must never be mistaken for a free one."""
+        if not self.storage.exists(S3_LOCK_FILE):
+            return {}
         try:
             return json.loads(self.storage.read_text(S3_LOCK_FILE))
-        except Exception:  # noqa: BLE001 - vanished or unreadable lock: treat as no holder
+        except ValueError:  # a torn or foreign object: no valid holder
             return {}
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_every):
-            current = self._read_remote()
+            try:
+                current = self._read_remote()
+            except Exception:  # noqa: BLE001 - transient storage error: try again next beat
+                log.warning("%s: could not read the run lock; retrying", self.storage.uri, exc_info=True)
+                continue
             if current.get("owner") != self.owner:
                 log.error("%s: the run lock was taken by %s", self.storage.uri, _describe(current))
                 return
@@ -158,8 +166,8 @@ class RunLock:
             self._stop.set()
             self._thread.join(timeout=5)
             self._thread = None
-            if self._read_remote().get("owner") == self.owner:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                if self._read_remote().get("owner") == self.owner:
                     self.storage.delete(S3_LOCK_FILE)
 
     @property

@@ -519,7 +519,11 @@ class S3Storage(Storage):
         with _s3_errors(self.uri_of(prefix)):
             for start in range(0, len(objects), 1000):
                 batch = [{"Key": self._key(o.path)} for o in objects[start:start + 1000]]
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                response = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                if response.get("Errors"):
+                    first = response["Errors"][0]
+                    raise StorageError(f"{self.uri_of(prefix)}: could not delete {len(response['Errors'])} object(s), "
+                                       f"e.g. {first.get('Key')}: {first.get('Code')}")
         return len(objects)
 
     def put_if_absent(self, rel: str, data: bytes) -> bool:

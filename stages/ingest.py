@@ -84,6 +84,7 @@ class ShardResult:
     keys: list[str] = field(default_factory=list)
     class_counts: dict[str, int] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    plan_digest: str = ""
 
 
 def _split_rank(split: str) -> tuple[int, str]:
@@ -106,6 +107,14 @@ def screen_items(items: Iterable[SourceItem]) -> tuple[list[SourceItem], list[di
             seen[item.key] = item.origin
             kept.append(item)
     return kept, skipped
+
+
+def sort_labels(labels: Iterable[str]) -> list[str]:
+    """Class order: numeric when every label is an integer ("2" before "10"), else lexicographic."""
+    labels = list(labels)
+    if labels and all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
 
 
 def plan_shards(items: Iterable[SourceItem], shard_samples: int, shard_bytes: int | None = None) -> list[ShardPlan]:
@@ -145,7 +154,7 @@ def _encode(data: bytes, mode: str, max_side: int, quality: int,
 
 
 def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict[str, int], mode: str,
-                max_side: int, quality: int, validate: bool = True) -> ShardResult:
+                max_side: int, quality: int, validate: bool = True, digest: str = "") -> ShardResult:
     """Read, check and convert one shard's items and write the shard, then its stats file."""
     skipped: list[dict[str, str]] = []
     counts: dict[str, int] = {}
@@ -172,12 +181,20 @@ def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict
             keys.append(item.key)
     written = stream.written  # type: ignore[attr-defined]
     result = ShardResult(plan.name, plan.split, plan.tar_path, len(keys), written.size, written.sha256,
-                         keys, counts, skipped)
+                         keys, counts, skipped, digest)
     out.write_text(plan.stats_path, json.dumps(asdict(result), sort_keys=True))
     return result
 
 
-def _existing_result(out: Storage, plan: ShardPlan) -> ShardResult | None:
+def plan_digest(plan: ShardPlan, class_index: dict[str, int], settings: tuple) -> str:
+    """What a shard's bytes depend on besides the source files: its items, labels and encoding."""
+    import hashlib
+
+    text = json.dumps([[i.key, i.origin, class_index.get(i.label or "", -1)] for i in plan.items] + [list(settings)])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _existing_result(out: Storage, plan: ShardPlan, digest: str) -> ShardResult | None:
     """A shard finished by an earlier, interrupted attempt (stats file present, tar intact)."""
     if not out.exists(plan.stats_path):
         return None
@@ -185,6 +202,8 @@ def _existing_result(out: Storage, plan: ShardPlan) -> ShardResult | None:
         result = ShardResult(**json.loads(out.read_text(plan.stats_path)))
     except (ValueError, TypeError):
         return None
+    if result.plan_digest != digest:
+        return None  # planned from a different listing or class list: rewrite it
     return result if out.size(plan.tar_path) == result.bytes else None
 
 
@@ -205,7 +224,7 @@ class Ingest(Stage):
         source = make_source(p.source, p.path, p.image_size, settings)
         listed = source.items()
         kept, skipped = screen_items(listed)
-        names = source.class_names() or sorted({i.label for i in kept if i.label is not None})
+        names = source.class_names() or sort_labels({i.label for i in kept if i.label is not None})
         unknown = sorted({i.label for i in kept} - set(names))
         if unknown:
             raise VitpipeError(f"labels {unknown[:5]} are not in the source's class list")
@@ -213,10 +232,12 @@ class Ingest(Stage):
         plans = plan_shards(kept, p.shard_samples, p.shard_bytes)
         ctx.logger.info("%d inputs -> %d shards (%d skipped before reading)", len(listed), len(plans), len(skipped))
 
+        encoding = (p.mode, p.max_side, p.jpeg_quality, p.validate_images)
+        digests = {plan.name: plan_digest(plan, class_index, encoding) for plan in plans}
         results: dict[str, ShardResult] = {}
         todo = []
         for plan in plans:
-            done = _existing_result(ctx.out, plan) if ctx.resumed else None
+            done = _existing_result(ctx.out, plan, digests[plan.name]) if ctx.resumed else None
             if done is not None:
                 results[plan.name] = done
             else:
@@ -234,7 +255,7 @@ class Ingest(Stage):
                 while queue and len(pending) < p.workers:
                     plan = queue.pop(0)
                     ref = remote.remote(source_ref, plan, ctx.out, class_index, p.mode, p.max_side, p.jpeg_quality,
-                                        p.validate_images)
+                                        p.validate_images, digests[plan.name])
                     pending[ref] = plan
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:

@@ -52,3 +52,25 @@ def test_prune_keeps_the_newest(store):
     assert store.steps() == [3, 4]
     assert store.storage.exists(f"checkpoints/step-00000004/{COMPLETE}")
     assert not store.storage.list("checkpoints/step-00000001")
+
+
+def test_each_rank_publishes_its_own_files_from_separate_staging(s3_endpoint, s3_bucket, tmp_path):
+    # Multi-node on S3: every rank writes to its own local staging directory.
+    storage = S3Storage(f"s3://{s3_bucket}/stage", endpoint_url=s3_endpoint)
+    ranks = [CheckpointStore(storage, tmp_path / f"rank{r}") for r in range(2)]
+    for r, store in enumerate(ranks):
+        d = store.local_dir(5)
+        d.mkdir(parents=True)
+        if r == 0:
+            (d / "mp_rank_00_model_states.pt").write_bytes(b"model")
+        (d / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(bytes([r]) * 10)
+        (d / f"loader-rank{r}.json").write_text("{}")
+    listings = [store.publish(5, r) for r, store in enumerate(ranks)]
+    assert set(listings[1]) == {"zero_pp_rank_1_mp_rank_00_optim_states.pt", "loader-rank1.json"}
+    ranks[0].commit(5, {k: v for listing in listings for k, v in listing.items()})
+    fresh = CheckpointStore(storage, tmp_path / "elsewhere")
+    assert fresh.latest() == 5
+    fetched = fresh.fetch(5)
+    assert sorted(p.name for p in fetched.iterdir()) == [
+        "COMPLETE.json", "loader-rank0.json", "loader-rank1.json", "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]

@@ -21,7 +21,7 @@ from pipeline.storage import open_storage
 from stages.data.images import BadImage, check_image, reencode, to_rgb
 from stages.data.sources import SourceItem
 from stages.data.tarshards import iter_tar_samples
-from stages.ingest import plan_shards, screen_items
+from stages.ingest import plan_shards, screen_items, sort_labels
 
 pytestmark = pytest.mark.usefixtures("ray_instance")
 
@@ -68,6 +68,11 @@ def test_plan_is_sorted_per_split_with_fixed_boundaries():
     assert [i.key for i in plans[0].items] == sorted(i.key for i in plans[0].items)
     by_bytes = plan_shards([_item(f"k{i}", size=100) for i in range(10)], shard_samples=100, shard_bytes=250)
     assert [len(p.items) for p in by_bytes] == [2, 2, 2, 2, 2]
+
+
+def test_numeric_labels_keep_numeric_order():
+    assert sort_labels({"10", "2", "1"}) == ["1", "2", "10"]
+    assert sort_labels({"cat", "10", "2"}) == ["10", "2", "cat"]
 
 
 def test_screening_records_missing_labels_duplicates_and_non_images():

@@ -279,10 +279,10 @@ class ShardLoader:
             with self.storage.open_read(info.path) as f:
                 for sample in iter_tar_samples(f, name=info.path):
                     samples.append(sample)
-        except BadShard as err:
+        except BadShard as err:  # damaged data: its remaining samples are skipped and reported
             problem = str(err)
-        except Exception as err:  # noqa: BLE001 - unreadable shard: its samples are skipped, reported
-            problem = f"{info.path}: {' '.join(str(err).split())}"
+        # Storage errors (after boto3's retries) propagate: skipping them would silently change
+        # the sample stream and break exact resume.
         if problem is None and len(samples) < info.samples:
             problem = f"{info.path}: {len(samples)} samples, {info.samples} expected (truncated)"
         return samples, problem

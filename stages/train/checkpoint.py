@@ -36,6 +36,22 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+_RANK_IN_NAME = re.compile(r"(?:rank_|rank)(\d+)")
+
+
+def _owner_rank(name: str) -> int | None:
+    """The rank a checkpoint file belongs to, from its name (None: written by rank 0 for all)."""
+    if name.startswith("mp_rank_") and "zero_pp" not in name:
+        return None  # DeepSpeed's model-states file (model-parallel rank, not data-parallel)
+    m = _RANK_IN_NAME.search(name.replace("mp_rank_", ""))
+    return int(m.group(1)) if m else None
+
+
+def _max_rank(local: Path) -> int:
+    ranks = [r for p in local.rglob("*") if p.is_file() and (r := _owner_rank(p.name)) is not None]
+    return max(ranks, default=0)
+
+
 class CheckpointStore:
     def __init__(self, storage: Storage, staging: Path) -> None:
         self.storage = storage  # the stage folder
@@ -51,17 +67,34 @@ class CheckpointStore:
         assert base is not None
         return base / step_name(step)
 
-    def commit(self, step: int) -> None:
-        """Rank 0, after every rank finished writing: upload (if remote), then write COMPLETE last."""
+    def publish(self, step: int, rank: int) -> dict[str, dict[str, object]]:
+        """Every rank: hash (and, on remote storage, upload) the files of ``step`` in its own
+        local directory; returns them as {relative path: {size, sha256}}.
+
+        On a shared local directory each rank reports the files whose names carry its rank
+        (DeepSpeed's ``*rank_R*`` shards, our ``*-rankR.json``) and rank 0 also the rank-less
+        ones, so no file is claimed twice.
+        """
         local = self.local_dir(step)
-        files = {}
+        files: dict[str, dict[str, object]] = {}
         for path in sorted(p for p in local.rglob("*") if p.is_file() and p.name != COMPLETE):
+            owner = _owner_rank(path.name)
+            if owner != rank and not (owner is None and rank == 0):
+                continue
             rel = path.relative_to(local).as_posix()
             with open(path, "rb") as f:
                 digest, size = sha256_stream(f)
             files[rel] = {"size": size, "sha256": digest}
             if self.remote:
                 self.storage.upload_file(path, f"{ROOT}/{step_name(step)}/{rel}")
+        return files
+
+    def commit(self, step: int, files: dict[str, dict[str, object]] | None = None) -> None:
+        """Rank 0, after every rank published: write COMPLETE.json, the commit point, last."""
+        if files is None:  # single process: everything in the local directory is ours
+            files = self.publish(step, 0) | {
+                rel: meta for r in range(1, 1 + _max_rank(self.local_dir(step))) for rel, meta in
+                self.publish(step, r).items()}
         record = json.dumps({"step": step, "files": files}, indent=1, sort_keys=True)
         self.storage.write_text(f"{ROOT}/{step_name(step)}/{COMPLETE}", record)
 

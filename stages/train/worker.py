@@ -35,7 +35,10 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
 def _rng_state() -> dict[str, Any]:
     import torch
 
-    return {"python": random.getstate()[1], "torch": torch.get_rng_state().tolist()}
+    state = {"python": random.getstate()[1], "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -43,6 +46,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
     random.setstate((3, tuple(state["python"]), None))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -75,6 +80,7 @@ def train_loop(config: dict[str, Any]) -> None:
     random.seed(config["seed"] + rank)
     model_cfg = ViTConfig(**config["model"])
     model = ViT(model_cfg)
+    torch.manual_seed(config["seed"] * 1000 + rank + 1)  # per-rank dropout / drop-path masks
     optimizer = torch.optim.AdamW(_param_groups(model, config["weight_decay"]), lr=config["lr"],
                                   betas=tuple(config["betas"]), eps=1e-8)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config["deepspeed"])
@@ -117,9 +123,12 @@ def train_loop(config: dict[str, Any]) -> None:
         if config["ledger"]:
             state["ledger"] = ledger
         (ckpt / f"state-rank{rank}.json").write_text(json.dumps(state))
-        dist.barrier()  # every rank's files are on disk
+        dist.barrier()  # every rank's files are on disk (DeepSpeed writes some after its own barrier)
+        mine = store.publish(at, rank)
+        listings: list[Any] = [None] * world
+        dist.all_gather_object(listings, mine)
         if rank == 0:
-            store.commit(at)
+            store.commit(at, {rel: meta for listing in listings for rel, meta in listing.items()})
             store.prune(config["keep_checkpoints"])
             out.write_text("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
         dist.barrier()
@@ -165,8 +174,10 @@ def train_loop(config: dict[str, Any]) -> None:
             save(step)
 
     # Handoff: full fp32 weights, gathered from the ZeRO shards (a collective on every rank).
-    state = {name: safe_get_full_fp32_param(p).detach().cpu().contiguous() for name, p in
-             engine.module.named_parameters()}
+    state = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # None when there is no ZeRO fp32 master (ZeRO-0, fp32)
+        state[name] = (full if full is not None else p).detach().float().cpu().contiguous()
     if config["ledger"]:
         out.write_text(f"ledger/rank{rank}.json", json.dumps(ledger))
     if rank == 0:
