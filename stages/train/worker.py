@@ -129,6 +129,10 @@ def train_loop(config: dict[str, Any]) -> None:
         dist.all_gather_object(listings, mine)
         if rank == 0:
             store.commit(at, {rel: meta for listing in listings for rel, meta in listing.items()})
+            # DeepSpeed drops its recovery scripts (which unpickle checkpoints) beside every save;
+            # the handoff is safetensors, so they are not kept among the stage's outputs.
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                (ckpt.parent / script).unlink(missing_ok=True)
             store.prune(config["keep_checkpoints"])
             out.write_text("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
         dist.barrier()
