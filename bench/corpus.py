@@ -11,6 +11,7 @@ reuse it.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -192,6 +193,21 @@ def machine_info(cpu_busy: float | None) -> dict[str, object]:
     return {"platform": platform.platform(), "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "cpu_busy_before_start": None if cpu_busy is None else round(cpu_busy, 3)}
+
+
+def bench_args(doc: str | None, images: int, quick_shard_samples: int) -> argparse.Namespace:
+    """The arguments every benchmark takes; ``--quick`` is a 200-image smoke run with 1 repeat."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=images, help="corpus size (default: %(default)s)")
+    parser.add_argument("--shard-samples", type=int, default=200, help="images per shard (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of each measurement (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="corpus seed")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny smoke run (200 images, {quick_shard_samples} per shard, 1 repeat)")
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.shard_samples, args.repeats = 200, quick_shard_samples, 1
+    return args
 
 
 def log(message: str) -> None:

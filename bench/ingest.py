@@ -36,6 +36,7 @@ from typing import Any
 import webdataset as wds
 from corpus import (
     ShardSetup,
+    bench_args,
     build_corpus,
     cpu_busy_before_start,
     emit_result,
@@ -57,16 +58,7 @@ GOAL_PER_CORE, GOAL_SPEEDUP = 1.0, 1.7
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=3200, help="corpus size (default: %(default)s)")
-    parser.add_argument("--shard-samples", type=int, default=200, help="images per shard (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="corpus seed")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (200 images, 25 per shard, 1 repeat)")
-    args = parser.parse_args()
-    if args.quick:
-        args.images, args.shard_samples, args.repeats = 200, 25, 1
-    return args
+    return bench_args(__doc__, images=3200, quick_shard_samples=25)
 
 
 def time_once(label: str, images: int, scratch: Path, write: Callable[[Path], int]) -> float:

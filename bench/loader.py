@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 from corpus import (
+    bench_args,
     build_corpus,
     cpu_busy_before_start,
     emit_result,
@@ -60,16 +61,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1600, help="corpus size (default: %(default)s)")
-    parser.add_argument("--shard-samples", type=int, default=200, help="images per shard (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each pipeline (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="corpus seed")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (200 images, 50 per shard, 1 repeat)")
-    args = parser.parse_args()
-    if args.quick:
-        args.images, args.shard_samples, args.repeats = 200, 50, 1
-    return args
+    return bench_args(__doc__, images=1600, quick_shard_samples=50)
 
 
 def write_shards(images: int, seed: int, shard_samples: int, out: Path) -> tuple[list[ShardInfo], dict[str, object]]:
