@@ -26,7 +26,12 @@ class RayExecutor:
         self._names: dict[Any, str] = {}
 
     def submit(self, task: StageTask, resources: StageResources) -> Any:
-        ref = _run_stage.options(**ray_task_options(resources, task.name)).remote(task)
+        # Ray Train's helper actors (started from a stage task) look the cluster up through
+        # RAY_ADDRESS, else through the newest cluster *any* process on this machine started;
+        # pin it so they never chase another (or a dead) instance. env_vars merge with the job's.
+        options = {**ray_task_options(resources, task.name),
+                   "runtime_env": {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}}
+        ref = _run_stage.options(**options).remote(task)
         self._names[ref] = task.name
         return ref
 

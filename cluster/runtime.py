@@ -14,9 +14,14 @@ from collections.abc import Iterator
 from pipeline.config import RaySettings
 from pipeline.errors import VitpipeError
 
-__all__ = ["ray_runtime", "resolve_address"]
+__all__ = ["ray_runtime", "resolve_address", "quiet_train_cleaner"]
 
 log = logging.getLogger(__name__)
+
+
+def quiet_train_cleaner() -> None:
+    """Worker setup hook (embedded Ray without a dashboard): silence the cleaner's state-API polling."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def resolve_address(settings: RaySettings, override: str | None = None) -> str | None:
@@ -41,6 +46,12 @@ def ray_runtime(settings: RaySettings, address: str | None = None) -> Iterator[s
         else:
             # address="local" always starts a fresh instance; a bare ray.init() would silently
             # join any cluster `ray start` left running on this machine.
+            extra = {}
+            if not settings.include_dashboard:
+                # Ray Train's PlacementGroupCleaner polls the state API, which lives in the
+                # dashboard: without one it warns every second. Placement groups are still
+                # removed when the trainer ends (and with the whole instance at shutdown).
+                extra["runtime_env"] = {"worker_process_setup_hook": "cluster.runtime.quiet_train_cleaner"}
             ray.init(
                 address="local",
                 num_cpus=settings.num_cpus,
@@ -48,6 +59,7 @@ def ray_runtime(settings: RaySettings, address: str | None = None) -> Iterator[s
                 include_dashboard=settings.include_dashboard,
                 dashboard_host="127.0.0.1",
                 dashboard_port=settings.dashboard_port,
+                **extra,
                 **kwargs,
             )
             where = "embedded local Ray instance"

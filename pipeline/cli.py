@@ -20,6 +20,7 @@ from pipeline import __version__
 from pipeline.config import RunConfig, StorageSettings, load_config, parse_config
 from pipeline.errors import VitpipeError
 from pipeline.overrides import apply_overrides
+from pipeline.registry import PlanOptions
 from pipeline.storage import open_storage
 
 __all__ = ["main", "build_parser"]
@@ -36,6 +37,20 @@ examples:
   vitpipe resume runs/tiny                           finish an interrupted run
   vitpipe run configs/tiny.yaml --from finetune      re-run finetune and everything after it
   vitpipe submit configs/tiny.yaml --address http://HEAD:8265   run it as a Ray job
+  vitpipe plan configs/tiny.yaml --nodes 4 --gpus-per-node 8     memory per ZeRO stage, throughput, data plane
+"""
+
+PLAN_DESCRIPTION = """\
+Estimate, without running anything, what each stage that has a capacity model (pretrain) needs
+on NODES x GPUS_PER_NODE GPUs (the data-parallel world N): parameters, FLOPs per image, ZeRO
+model states per GPU for stages 0-3, activations per micro-batch with and without activation
+checkpointing, whether it fits in GPU memory (and what would), step time and images/s at an
+assumed MFU, the decode cores the data plane needs, and checkpoint sizes.
+
+examples:
+  vitpipe plan configs/tiny.yaml
+  vitpipe plan configs/tiny.yaml pretrain.model=H/14 pretrain.image_size=224 --nodes 4 --gpus-per-node 8
+  vitpipe plan configs/tiny.yaml pretrain.zero_stage=3 --gpu a100 --mfu 0.35 --json
 """
 
 
@@ -93,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
+    p = sub.add_parser("plan", help="capacity plan: memory per ZeRO stage, throughput, data plane (runs nothing)",
+                       description=PLAN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. pretrain.model=L/16")
+    p.add_argument("--nodes", type=int, default=1, help="nodes in the cluster (default: 1)")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node (default: 1); N = nodes x GPUs")
+    p.add_argument("--gpu", metavar="{h100,a100,h200}", help="GPU model (default: each stage's `gpu` param)")
+    p.add_argument("--mfu", type=float, default=PlanOptions.mfu,
+                   help=f"assumed model-FLOPs utilisation of the dense bf16 peak (default: {PlanOptions.mfu})")
+    p.add_argument("--decode-rate", type=float, metavar="IMAGES_PER_S",
+                   help="images/s one CPU core decodes and augments (default: the loader's measured rate, "
+                        "printed in the plan)")
+    p.add_argument("--num-classes", type=int, help="classes of the pretraining head (default: from the ingest "
+                                                   "source where known, else 1000)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("submit", help="submit a pipeline as a Ray job; prints the job id")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -147,7 +178,7 @@ def _execute(config: RunConfig, run_uri: str, args: argparse.Namespace) -> int:
     from cluster.runtime import ray_runtime
     from pipeline.engine import run_pipeline
     from pipeline.lock import acquire_run_lock
-    from pipeline.status import collect_status, format_table
+    from pipeline.status import collect_headlines, collect_status, format_table
 
     _interrupt_on_sigterm()
     show_progress = sys.stderr.isatty() and not args.quiet
@@ -165,6 +196,11 @@ def _execute(config: RunConfig, run_uri: str, args: argparse.Namespace) -> int:
                 except VitpipeError:
                     pass
     log.info("run %s finished: %d ran, %d up to date", config.name, len(summary.ran), len(summary.skipped))
+    if not args.quiet:
+        for stage, report, lines in collect_headlines(open_storage(run_uri, config.storage)):
+            print(f"\n{stage}: {report}" if report else f"\n{stage}:")
+            for line in lines:
+                print(f"  {line}")
     return 0
 
 
@@ -206,6 +242,41 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     n = len(config.stages)
     print(f"{args.config}: ok ({n} stage{'s' if n != 1 else ''}: {', '.join(config.stages)})")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline import registry
+
+    checks = (("--nodes", args.nodes, args.nodes >= 1, "at least 1"),
+              ("--gpus-per-node", args.gpus_per_node, args.gpus_per_node >= 1, "at least 1"),
+              ("--mfu", args.mfu, 0 < args.mfu <= 1, "in (0, 1]"),
+              ("--decode-rate", args.decode_rate, args.decode_rate is None or args.decode_rate > 0, "positive"),
+              ("--num-classes", args.num_classes, args.num_classes is None or args.num_classes >= 1, "at least 1"))
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise VitpipeError(f"{flag} must be {expected}, got {value}")
+    config = load_config(args.config, args.overrides)
+    registry.load_plugins(config.plugins, source=args.config)  # planners live in the stage modules
+    options = registry.PlanOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu, mfu=args.mfu,
+                                   decode_rate=args.decode_rate, num_classes=args.num_classes)
+    planned: dict[str, tuple[registry.Planner, dict[str, Any]]] = {}
+    for name, spec in config.stages.items():
+        planner = registry.find_planner(spec.type)
+        if planner is not None:
+            planned[name] = (planner, planner.plan(config, name, options))
+    skipped = [name for name in config.stages if name not in planned]
+    if not planned:
+        raise VitpipeError(f"{args.config}: no stage has a capacity model (stage types with one: "
+                           f"{', '.join(registry.planner_types()) or 'none'})")
+    if args.json:
+        print(json.dumps({"config": args.config, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+                          "stages": {name: plan for name, (_, plan) in planned.items()}, "not_planned": skipped},
+                         indent=2))
+    else:
+        print("\n\n".join(planner.render(plan) for planner, plan in planned.values()))
+        if skipped:
+            print(f"\nnot planned (no capacity model): {', '.join(skipped)}")
     return 0
 
 
@@ -257,6 +328,7 @@ COMMANDS = {
     "resume": _cmd_resume,
     "status": _cmd_status,
     "validate": _cmd_validate,
+    "plan": _cmd_plan,
     "submit": _cmd_submit,
     "jobs": _cmd_jobs,
     "logs": _cmd_logs,

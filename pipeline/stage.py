@@ -22,7 +22,7 @@ from pipeline.config import StageResources, StorageSettings, StrictModel
 from pipeline.manifest import MANIFEST_NAME, Manifest, OutputEntry
 from pipeline.storage import Storage, WrittenObject, sha256_stream
 
-__all__ = ["StageParams", "Stage", "StageInput", "StageContext"]
+__all__ = ["StageParams", "Stage", "StageInput", "StageContext", "Progress"]
 
 
 class StageParams(StrictModel):
@@ -58,7 +58,7 @@ class StageInput:
         return self.storage.uri_of(rel)
 
 
-class _Progress:
+class Progress:
     """A progress bar that draws only when the driver has a terminal, else logs at coarse steps."""
 
     def __init__(self, total: int | None, desc: str, enabled: bool, logger: logging.Logger) -> None:
@@ -97,7 +97,7 @@ class _Progress:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -169,5 +169,5 @@ class StageContext:
         except KeyError:
             raise KeyError(f"stage {self.name!r} has no input role {role!r} (has: {', '.join(self.inputs)})") from None
 
-    def progress(self, total: int | None, desc: str | None = None) -> _Progress:
-        return _Progress(total, desc or self.name, self.show_progress, self.logger)
+    def progress(self, total: int | None, desc: str | None = None) -> Progress:
+        return Progress(total, desc or self.name, self.show_progress, self.logger)

@@ -14,7 +14,7 @@ from pipeline.state import load_state
 from pipeline.storage import Storage
 from pipeline.tables import text_table
 
-__all__ = ["StatusRow", "collect_status", "format_table", "format_bytes"]
+__all__ = ["StatusRow", "collect_status", "collect_headlines", "format_table", "format_bytes"]
 
 
 @dataclass
@@ -66,6 +66,17 @@ def collect_status(storage: Storage) -> tuple[str, list[StatusRow]]:
             error=(st.error or "") if st and status in ("failed", "interrupted", "blocked") else "",
         ))
     return config.name, rows
+
+
+def collect_headlines(storage: Storage) -> list[tuple[str, str | None, list[str]]]:
+    """``(stage, report location, lines)`` for every finished stage that records a headline."""
+    config = read_run_config(storage)
+    found = []
+    for name in config.stages:
+        manifest = read_manifest(storage.child(stage_folder(name)))
+        if manifest is not None and manifest.metrics.get("headline"):
+            found.append((name, manifest.metrics.get("report"), list(manifest.metrics["headline"])))
+    return found
 
 
 def format_bytes(n: int) -> str:

@@ -1,3 +1,11 @@
-"""Stage types. Importing this package registers every built-in stage with the engine."""
+"""Stage types. Importing this package registers every built-in stage (and planner) with the engine."""
 
-from stages import ingest, pretrain, smoke  # noqa: F401  (each module registers its stage types)
+from stages import (  # noqa: F401  (each registers stage types or planners)
+    fewshot,
+    finetune,
+    ingest,
+    planner,
+    pretrain,
+    report,
+    smoke,
+)

@@ -74,8 +74,20 @@ def test_pretrain_learns_and_hands_off_weights(ingested, tmp_path):
     assert len(rank0) == len(rank1) == 40 * 16
     assert not set(rank0[:16 * 10]) & set(rank1[:16 * 10])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {o["path"] for o in manifest["outputs"]} == {"model.safetensors", "model_config.json", "metrics.jsonl"}
+    paths = {o["path"] for o in manifest["outputs"]}
+    assert {"model.safetensors", "model_config.json", "metrics.jsonl", "workers.json"} <= paths
+    assert {p.split("/")[0] for p in paths} == {"model.safetensors", "model_config.json", "metrics.jsonl",
+                                                "workers.json", "tensorboard"}
     assert manifest["metrics"]["final_loss"] == history[-1]["loss"]
+    assert [w["rank"] for w in json.loads((out / "workers.json").read_text())] == [0, 1]
+    # TensorBoard holds the same loss curve as the JSONL log.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("pretrain/loss")
+    assert [e.step for e in losses] == list(range(1, 41))
+    assert abs(losses[-1].value - history[-1]["loss"]) < 1e-5
 
 
 def _kill_one_worker_after(run: str, step: int, done: threading.Event, killed: list[int]) -> None:
@@ -120,3 +132,14 @@ def test_bad_training_configs_are_rejected_at_load():
         parse_config(config(image_size=18), source="x.yaml")
     with pytest.raises(ConfigError, match="unknown ViT variant"):
         parse_config(config(model="Z/16"), source="x.yaml")
+
+
+def test_a_non_finite_loss_stops_the_stage_naming_the_step(ingested, tmp_path):
+    run = fresh_run(ingested, tmp_path, "nan")
+    # lr 1e30: Adam moves every weight by ~1e30 in the first step, so the second forward overflows.
+    summary = run_pipeline(parse_config(config(steps=6, lr=1e30, warmup_steps=0, max_failures=0)), run,
+                           RayExecutor())
+    error = summary.failed["pretrain"]
+    assert "non-finite loss" in error and "at step 2" in error, error
+    assert len(error.splitlines()) == 1
+    assert not (Path(run) / "stages/pretrain/manifest.json").exists()

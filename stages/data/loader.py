@@ -45,7 +45,7 @@ from stages.data.sources import label_name
 from stages.data.tarshards import BadShard, iter_tar_samples
 from stages.data.transforms import decode_eval, decode_train, normalize
 
-__all__ = ["ShardInfo", "EpochPlan", "plan_epoch", "ShardLoader", "shards_from_manifest", "scan_shards",
+__all__ = ["label_of", "ShardInfo", "EpochPlan", "plan_epoch", "ShardLoader", "shards_from_manifest", "scan_shards",
            "sample_seed"]
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,20 @@ def shards_from_manifest(metrics: dict[str, Any], split: str) -> list[ShardInfo]
     if split not in splits:
         raise VitpipeError(f"the ingest output has no split {split!r} (has: {', '.join(splits) or 'none'})")
     return [ShardInfo(s["path"], int(s["samples"])) for s in splits[split]["shards"]]
+
+
+def label_of(files: dict[str, bytes], class_index: dict[str, int] | None = None) -> int:
+    """A sample's class id: ``KEY.cls``, else a name (``.txt``/``.json``) looked up in ``class_index``."""
+    if "cls" in files:
+        return int(files["cls"].decode().strip())
+    name = label_name(files, None)
+    if name is None:
+        raise ValueError(f"no label (.cls, .txt or .json) among {', '.join(sorted(files))}")
+    if class_index is None:
+        raise ValueError("sample is labelled by name; pass class_names to the loader")
+    if name not in class_index:
+        raise ValueError(f"label {name!r} is not among the loader's class_names")
+    return class_index[name]
 
 
 @dataclass
@@ -319,16 +333,7 @@ class ShardLoader:
                 return
 
     def _label(self, files: dict[str, bytes]) -> int:
-        if "cls" in files:
-            return int(files["cls"].decode().strip())
-        name = label_name(files, None)
-        if name is None:
-            raise ValueError(f"no label (.cls, .txt or .json) among {', '.join(sorted(files))}")
-        if self.class_index is None:
-            raise ValueError("sample is labelled by name; pass class_names to the loader")
-        if name not in self.class_index:
-            raise ValueError(f"label {name!r} is not among the loader's class_names")
-        return self.class_index[name]
+        return label_of(files, self.class_index)
 
     def _decode(self, epoch: int, key: str, files: dict[str, bytes]) -> tuple[np.ndarray, int]:
         image = next((files[e] for e in IMAGE_EXTS if e in files), None)
