@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from PIL import Image
 
-from stages.report import Doc, QualityBar, check_quality, collect_metrics, headline_lines, render_html, render_markdown
+from stages.report import (
+    Doc,
+    QualityBar,
+    check_quality,
+    collect_metrics,
+    headline_lines,
+    render_html,
+    render_markdown,
+)
 
 MANIFESTS = {
     "pretrain": {"type": "pretrain", "metrics": {"first_loss": 2.3, "final_loss": 0.5, "steps": 600}},
