@@ -504,3 +504,39 @@ def plan_pretrain_stage(config: RunConfig, name: str, options: PlanOptions) -> d
         raise VitpipeError(f"stages.{name}: {err}") from None
     log.debug("planned stage %s: %d params, fits=%s", name, plan["params"], plan["fits"])
     return {"stage": name, "type": config.stages[name].type, "classes_from": classes_from, **plan}
+
+
+@register_planner("finetune", render=render_pretrain_plan)
+def plan_finetune_stage(config: RunConfig, name: str, options: PlanOptions) -> dict[str, Any]:
+    """A fine-tune stage: the backbone of its ``model`` input at the fine-tuning resolution and batch.
+
+    The architecture comes from the upstream pretrain stage's params (a finetune of a finetune is
+    followed upstream); the resolution, batch geometry, ZeRO stage and precision are the
+    fine-tune's own. The head is the downstream one, with no pre-logits layer.
+    """
+    from stages.finetune import FinetuneParams
+
+    spec = config.stages[name]
+    ft = FinetuneParams.model_validate(spec.params)
+    source = spec.inputs.get("model")
+    seen = {name}
+    while source in config.stages and config.stages[source].type == "finetune" and source not in seen:
+        seen.add(source)
+        source = config.stages[source].inputs.get("model")
+    if source not in config.stages or config.stages[source].type != "pretrain":
+        raise VitpipeError(f"stages.{name}: its model input is not a pretrain stage of this config; cannot plan it")
+    pre = PretrainParams.model_validate(config.stages[source].params)
+    shared = ("image_size", "micro_batch", "global_batch", "workers", "zero_stage", "precision", "offload_optimizer",
+              "checkpoint_activations", "gpu", "use_gpu", "steps", "warmup_steps", "dropout", "drop_path",
+              "loader_workers", "cpus_per_worker")
+    params = pre.model_copy(update={**{k: getattr(ft, k) for k in shared}, "representation_size": None})
+    num_classes, classes_from = _num_classes(config, name, options)
+    try:
+        plan = plan_pretrain(params, nodes=options.nodes, gpus_per_node=options.gpus_per_node, gpu=options.gpu,
+                             mfu=options.mfu, decode_rate=options.decode_rate or DEFAULT_DECODE_RATE,
+                             num_classes=num_classes)
+    except ValueError as err:
+        raise VitpipeError(f"stages.{name}: {err}") from None
+    plan["notes"].append("fine-tuning uses SGD with momentum: 8 bytes of optimizer state per parameter instead of "
+                         "Adam's 12, so the model-state figures are an upper bound")
+    return {"stage": name, "type": spec.type, "classes_from": classes_from, "model_from": source, **plan}

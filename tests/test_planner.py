@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 from pipeline import registry
+from stages.model.transfer import transfer_config
 from stages.model.vit import ViT, ViTConfig, count_params, decode_variant, flops_per_image
 from stages.planner import (
     DEFAULT_DECODE_RATE,
@@ -306,6 +307,12 @@ def test_cli_plan_json_on_tiny():
     assert plan["data_plane"]["decode_rate"] == DEFAULT_DECODE_RATE
     assert plan["fits"] and "ingest" in out["not_planned"]
     assert any("workers=2" in n for n in plan["notes"])
+    # The fine-tune stage is planned with the pretrained backbone at its own resolution and head.
+    ft = out["stages"]["finetune"]
+    target = transfer_config(cfg, 48, 10)
+    assert ft["model_from"] == "pretrain" and ft["params"] == count_params(target)
+    assert ft["flops_per_image"] == flops_per_image(target) and ft["tokens"] == 145
+    assert any("SGD" in n for n in ft["notes"])
 
 
 def test_cli_plan_text_warns_when_it_does_not_fit():

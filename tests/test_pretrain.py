@@ -124,6 +124,23 @@ def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
     steps = sorted(p.name for p in (Path(faulty) / "stages/pretrain/checkpoints").iterdir() if p.name.startswith("step"))
     assert steps == ["step-00000008", "step-00000012"]  # keep_checkpoints=2
 
+    # A kill during the step-12 checkpoint write leaves its files without COMPLETE.json (and some
+    # half-written): the next run must ignore it, resume from step 8 and still end identical.
+    out = Path(faulty) / "stages/pretrain"
+    (out / "manifest.json").unlink()
+    (out / "checkpoints/step-00000012/COMPLETE.json").unlink()
+    half = max((p for p in (out / "checkpoints/step-00000012").rglob("*.pt")), key=lambda p: p.stat().st_size)
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
+    (out / "model.safetensors").unlink()
+    summary = run_pipeline(parse_config(config(**params)), faulty, RayExecutor())
+    assert summary.ran == ["pretrain"], summary
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, 13))
+    c = weights(faulty)
+    for name in a:
+        assert (a[name] == c[name]).all(), f"{name} differs after resuming past a half-written checkpoint"
+    assert ledgers(clean) == ledgers(faulty)
+
 
 def test_bad_training_configs_are_rejected_at_load():
     with pytest.raises(ConfigError, match=r"global_batch 30 is not divisible by workers x micro_batch \(2 x 8\)"):
