@@ -71,3 +71,17 @@ def test_normalize_matches_the_definition():
     ref = (x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
     y = normalize(x)
     assert y.shape == (2, 3, 5, 5) and y.is_contiguous() and torch.allclose(y, ref, atol=1e-6)
+
+
+def test_hflip_off_never_flips_and_keeps_the_same_crops():
+    pixels = np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    flips = 0
+    for seed in range(20):
+        on = decode_train(buf.getvalue(), 16, random.Random(seed), (0.5, 1.0), hflip=True)
+        off = decode_train(buf.getvalue(), 16, random.Random(seed), (0.5, 1.0), hflip=False)
+        if not np.array_equal(on, off):
+            flips += 1
+            assert np.array_equal(on, off[:, ::-1])  # the same crop, mirrored
+    assert 0 < flips < 20  # with hflip on, about half the draws flip

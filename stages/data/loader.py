@@ -191,6 +191,7 @@ class ShardLoader:
         num_workers: int = 0,
         resampled: bool = False,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: bool = True,
         eval_crop_fraction: float = 1.0,
         prefetch_factor: int = 2,
         class_names: Sequence[str] | None = None,
@@ -209,6 +210,7 @@ class ShardLoader:
         self.workers = max(1, num_workers)
         self.resampled = resampled
         self.crop_scale = crop_scale
+        self.hflip = hflip
         self.eval_crop_fraction = eval_crop_fraction
         self.prefetch_factor = prefetch_factor
         # Shards from other tools label samples by name (KEY.txt / KEY.json); map names to indices.
@@ -343,7 +345,7 @@ class ShardLoader:
         try:
             if self.train:
                 rng = random.Random(sample_seed(self.seed, epoch, key))
-                pixels = decode_train(image, self.image_size, rng, self.crop_scale)
+                pixels = decode_train(image, self.image_size, rng, self.crop_scale, self.hflip)
             else:
                 pixels = decode_eval(image, self.image_size, self.eval_crop_fraction)
         except UnidentifiedImageError:

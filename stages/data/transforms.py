@@ -79,10 +79,11 @@ def _decode_box(data: bytes, size: int, pick_box, flip: bool) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def decode_train(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0)) -> np.ndarray:
-    """(size, size, 3) uint8: random-resized-crop and a coin-flip horizontal flip."""
+def decode_train(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
+                 hflip: bool = True) -> np.ndarray:
+    """(size, size, 3) uint8: random-resized-crop and (with ``hflip``) a coin-flip horizontal flip."""
     box_seed = rng.random()
-    flip = rng.random() < 0.5
+    flip = rng.random() < 0.5 and hflip  # draw regardless, so hflip never shifts the other draws
     return _decode_box(data, size, lambda w, h: random_resized_crop_box(w, h, random.Random(box_seed), scale), flip)
 
 

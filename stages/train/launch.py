@@ -36,6 +36,7 @@ def base_worker_config(ctx: StageContext, p: TrainParams, data_uri: str, shards:
         "checkpoint_every": p.checkpoint_every, "keep_checkpoints": p.keep_checkpoints, "log_every": p.log_every,
         "ledger": p.ledger, "tensorboard": p.tensorboard, "show_progress": ctx.show_progress,
         "peak_flops": PEAK_FLOPS[p.gpu] if p.use_gpu else 0.0, "crop_scale": [p.crop_scale_min, 1.0],
+        "hflip": p.hflip,
         "eval_shards": [], "eval_split": None, "init": None,
     }
 

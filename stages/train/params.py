@@ -21,6 +21,7 @@ class TrainParams(StageParams):
     drop_path: float = Field(default=0.0, ge=0, lt=1)
     checkpoint_activations: bool = False
     crop_scale_min: float = Field(default=0.08, gt=0, le=1, description="Inception crop: smallest area fraction")
+    hflip: bool = Field(default=True, description="random horizontal flips (off for digits, text, ...)")
 
     steps: int = Field(default=1000, ge=1)
     global_batch: int = Field(default=4096, ge=1)

@@ -163,7 +163,7 @@ def train_loop(config: dict[str, Any]) -> None:
     loader = ShardLoader(open_storage(config["data_uri"], settings), [ShardInfo(**s) for s in config["shards"]],
                          batch_size=config["micro_batch"], image_size=model_cfg.image_size, train=True,
                          seed=config["seed"], rank=rank, world_size=world, num_workers=config["loader_workers"],
-                         crop_scale=tuple(config["crop_scale"]))
+                         crop_scale=tuple(config["crop_scale"]), hflip=config.get("hflip", True))
     step, ledger, history = 0, [], []
     latest = store.latest()
     if latest is not None:
