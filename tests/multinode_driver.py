@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
@@ -26,7 +27,9 @@ def main(run_dir: str, config_json: str) -> int:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
         summary = run_pipeline(parse_config(json.loads(config_json)), run_dir, RayExecutor())
-        print(json.dumps({"ok": summary.ok, "failed": summary.failed, "nodes": len(ray.nodes())}))
+        # stdout carries Ray's worker logs too, so the result goes to a file beside the run.
+        result = {"ok": summary.ok, "failed": summary.failed, "nodes": len(ray.nodes())}
+        Path(run_dir + ".result.json").write_text(json.dumps(result))
         return 0 if summary.ok else 1
     finally:
         ray.shutdown()
