@@ -79,8 +79,13 @@ def test_sigkill_during_finetune_then_resume_matches_the_clean_run(clean_run, tm
     assert "resumed from checkpoint step" in resumed.stderr  # finetune continued, it did not restart
     events = read_events_file(run / "events.jsonl")
     last = events[max(i for i, e in enumerate(events) if e["event"] == "run_started"):]
-    assert {e["stage"] for e in last if e["event"] == "stage_skipped"} == {"ingest", "pretrain"}
-    assert {e["stage"] for e in last if e["event"] == "stage_finished"} == {"finetune", "fewshot", "report"}
+    skipped = {e["stage"] for e in last if e["event"] == "stage_skipped"}
+    finished = {e["stage"] for e in last if e["event"] == "stage_finished"}
+    assert {"ingest", "pretrain"} <= skipped and {"finetune", "report"} <= finished
+    assert skipped | finished == {"ingest", "pretrain", "finetune", "fewshot", "report"}
+    # fewshot does not depend on finetune: it may have finished before the kill, but never runs twice.
+    ours = events[next(i for i, e in enumerate(events) if e["event"] == "run_started" and "killed" in e["uri"]):]
+    assert sum(e["event"] == "stage_finished" and e["stage"] == "fewshot" for e in ours) == 1
 
     assert json.loads((run / "metrics.json").read_text()) == json.loads((clean / "metrics.json").read_text())
     a = load_file(str(clean / "stages/finetune/model.safetensors"))
