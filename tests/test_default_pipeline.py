@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, read_events_file, run_cli, start_cli, wait_for
 from tests.test_resume import _kill_group
 
-pytestmark = pytest.mark.slow
+# The clean run (a module fixture, ~6 min on 2 idle cores) counts toward the first test's timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 
