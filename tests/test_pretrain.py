@@ -55,38 +55,32 @@ def ledgers(run: str) -> list[list[str]]:
     return [json.loads((Path(run) / f"stages/pretrain/ledger/rank{r}.json").read_text()) for r in range(2)]
 
 
-def test_pretrain_learns_and_hands_off_weights(ingested, tmp_path):
-    run = fresh_run(ingested, tmp_path, "learn")
-    summary = run_pipeline(parse_config(config(steps=40, checkpoint_every=20, ledger=True)), run, RayExecutor())
-    assert summary.ran == ["pretrain"] and summary.skipped == ["ingest"]
+def _check_outputs(run: str, steps: int, batch_per_rank: int) -> None:
+    """What a pretrain stage hands off and records (learning itself: test_multinode, the default pipeline)."""
     out = Path(run) / "stages/pretrain"
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == list(range(1, 41))
-    first, last = sum(h["loss"] for h in history[:5]) / 5, sum(h["loss"] for h in history[-5:]) / 5
-    assert last < first - 0.1, (first, last)
+    assert [h["step"] for h in history] == list(range(1, steps + 1))
     assert {"lr", "grad_norm", "images_per_s", "step_time_s", "data_wait_fraction", "mfu"} <= set(history[0])
     cfg = json.loads((out / "model_config.json").read_text())
     assert cfg["width"] == 64 and cfg["num_classes"] == 10
-    state = weights(run)
-    assert state["pos_embed"].shape == (1, 17, 64)
+    assert weights(run)["pos_embed"].shape == (1, 17, 64)
     # The two ranks saw disjoint samples in each step.
     rank0, rank1 = ledgers(run)
-    assert len(rank0) == len(rank1) == 40 * 16
-    assert not set(rank0[:16 * 10]) & set(rank1[:16 * 10])
+    assert len(rank0) == len(rank1) == steps * batch_per_rank
+    assert not set(rank0) & set(rank1)
     manifest = json.loads((out / "manifest.json").read_text())
     paths = {o["path"] for o in manifest["outputs"]}
-    assert {"model.safetensors", "model_config.json", "metrics.jsonl", "workers.json"} <= paths
     assert {p.split("/")[0] for p in paths} == {"model.safetensors", "model_config.json", "metrics.jsonl",
                                                 "workers.json", "tensorboard"}
     assert manifest["metrics"]["final_loss"] == history[-1]["loss"]
     assert [w["rank"] for w in json.loads((out / "workers.json").read_text())] == [0, 1]
-    # TensorBoard holds the same loss curve as the JSONL log.
+    # TensorBoard holds the same curve as the JSONL log.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     losses = events.Scalars("pretrain/loss")
-    assert [e.step for e in losses] == list(range(1, 41))
+    assert [e.step for e in losses] == list(range(1, steps + 1))
     assert abs(losses[-1].value - history[-1]["loss"]) < 1e-5
 
 
@@ -104,7 +98,9 @@ def _kill_one_worker_after(run: str, step: int, done: threading.Event, killed: l
 def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
     params = dict(steps=12, checkpoint_every=4, ledger=True, max_failures=2)
     clean = fresh_run(ingested, tmp_path, "clean")
-    run_pipeline(parse_config(config(**params)), clean, RayExecutor())
+    summary = run_pipeline(parse_config(config(**params)), clean, RayExecutor())
+    assert summary.ran == ["pretrain"] and summary.skipped == ["ingest"]
+    _check_outputs(clean, 12, 16)
 
     faulty = fresh_run(ingested, tmp_path, "faulty")
     done, killed = threading.Event(), []
