@@ -261,20 +261,28 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     options = registry.PlanOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu, mfu=args.mfu,
                                    decode_rate=args.decode_rate, num_classes=args.num_classes)
     planned: dict[str, tuple[registry.Planner, dict[str, Any]]] = {}
+    errors: dict[str, str] = {}  # a stage that cannot be planned (e.g. a bad override) does not hide the others
     for name, spec in config.stages.items():
         planner = registry.find_planner(spec.type)
         if planner is not None:
-            planned[name] = (planner, planner.plan(config, name, options))
-    skipped = [name for name in config.stages if name not in planned]
+            try:
+                planned[name] = (planner, planner.plan(config, name, options))
+            except VitpipeError as err:
+                errors[name] = str(err)
+    skipped = [name for name in config.stages if name not in planned and name not in errors]
     if not planned:
+        if errors:
+            raise VitpipeError(next(iter(errors.values())))
         raise VitpipeError(f"{args.config}: no stage has a capacity model (stage types with one: "
                            f"{', '.join(registry.planner_types()) or 'none'})")
     if args.json:
         print(json.dumps({"config": args.config, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
-                          "stages": {name: plan for name, (_, plan) in planned.items()}, "not_planned": skipped},
-                         indent=2))
+                          "stages": {name: plan for name, (_, plan) in planned.items()}, "not_planned": skipped,
+                          "errors": errors}, indent=2))
     else:
         print("\n\n".join(planner.render(plan) for planner, plan in planned.values()))
+        for name, error in errors.items():
+            print(f"\n{name}: cannot plan: {error}")
         if skipped:
             print(f"\nnot planned (no capacity model): {', '.join(skipped)}")
     return 0

@@ -324,6 +324,8 @@ def test_cli_plan_text_warns_when_it_does_not_fit():
     warnings = [line for line in lines if line.strip().startswith("warning: does not fit: ZeRO-0")]
     assert len(warnings) == 1 and "checkpoint_activations=true" in warnings[0]
     assert re.search(r"^\s+0 \*\s", result.stdout, re.M)  # the configured ZeRO stage is marked
+    # The override breaks the fine-tune (48 px is not a multiple of 14): said, without hiding the rest.
+    assert "finetune: cannot plan: stages.finetune: image_size 48 is not divisible by patch_size 14" in result.stdout
 
 
 @pytest.mark.parametrize("args,error", [

@@ -12,3 +12,4 @@ def test_format_duration():
     assert format_duration(65) == "1m05s"
     assert format_duration(9.4) == "9s"
     assert format_duration(None) == "?"
+

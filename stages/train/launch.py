@@ -8,6 +8,7 @@ a worker's error into one line. Model code never sees Ray or DeepSpeed: the work
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -17,7 +18,26 @@ from pipeline.stage import StageContext
 from stages.train.ds_config import build_deepspeed_config
 from stages.train.params import PEAK_FLOPS, TrainParams
 
-__all__ = ["base_worker_config", "run_training"]
+__all__ = ["base_worker_config", "run_training", "worker_error_line"]
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)): (.*)$")
+
+
+def worker_error_line(text: str, limit: int = 400) -> str:
+    """One line for a worker failure Ray reports as a whole traceback: the last exception raised.
+
+    Our own errors (``VitpipeError``) are shown bare; others keep their type, e.g.
+    ``RuntimeError: value cannot be converted to type float without overflow``.
+    """
+    found = None
+    for line in text.splitlines():
+        m = _EXCEPTION_LINE.match(line.strip())
+        if m and not m.group(1).startswith(("WorkerGroupError", "TrainingFailedError")):
+            found = m
+    if found is None:
+        return " ".join(text.split())[:limit]
+    kind, message = found.group(1), " ".join(found.group(2).split())
+    return (message if kind == "VitpipeError" else f"{kind}: {message}")[:limit]
 
 
 def base_worker_config(ctx: StageContext, p: TrainParams, data_uri: str, shards: list[Any]) -> dict[str, Any]:
@@ -61,10 +81,8 @@ def run_training(ctx: StageContext, p: TrainParams, config: dict[str, Any]) -> l
     )
     try:
         trainer.fit()
-    except Exception as err:  # noqa: BLE001 - Ray wraps the worker's error; keep its first line
-        text = " ".join(str(err).split())
-        cause = text.split("VitpipeError: ", 1)[-1] if "VitpipeError: " in text else text
-        raise VitpipeError(f"training failed: {cause[:400]}") from None
+    except Exception as err:  # noqa: BLE001 - Ray wraps the worker's traceback; keep the cause's line
+        raise VitpipeError(f"training failed: {worker_error_line(str(err))}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for rel in ("model.safetensors", "model_config.json", "metrics.jsonl", "workers.json"):

@@ -252,6 +252,10 @@ def train_loop(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         images_per_s = config["global_batch"] / seconds
         grad_norm = engine.get_global_grad_norm()
+        # Without fp16 loss scaling an inf/nan gradient is divergence, not a scale to back off from;
+        # DeepSpeed would silently skip every such step, so stop instead.
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise VitpipeError(f"non-finite gradient norm ({float(grad_norm)}) at step {step} (loss {mean_loss:.4g})")
         record = {"step": step, "loss": round(mean_loss, 6), "lr": lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm),
                   "images_per_s": round(images_per_s, 2), "step_time_s": round(seconds, 4),
