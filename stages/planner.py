@@ -494,7 +494,10 @@ def _num_classes(config: RunConfig, name: str, options: PlanOptions) -> tuple[in
 @register_planner("pretrain", render=render_pretrain_plan)
 def plan_pretrain_stage(config: RunConfig, name: str, options: PlanOptions) -> dict[str, Any]:
     """The registry's entry point: the plan of stage ``name`` of ``config`` (already validated)."""
-    params = PretrainParams.model_validate(config.stages[name].params)
+    return _plan_stage(PretrainParams.model_validate(config.stages[name].params), config, name, options)
+
+
+def _plan_stage(params: PretrainParams, config: RunConfig, name: str, options: PlanOptions) -> dict[str, Any]:
     num_classes, classes_from = _num_classes(config, name, options)
     try:
         plan = plan_pretrain(params, nodes=options.nodes, gpus_per_node=options.gpus_per_node, gpu=options.gpu,
@@ -530,13 +533,7 @@ def plan_finetune_stage(config: RunConfig, name: str, options: PlanOptions) -> d
               "checkpoint_activations", "gpu", "use_gpu", "steps", "warmup_steps", "dropout", "drop_path",
               "loader_workers", "cpus_per_worker")
     params = pre.model_copy(update={**{k: getattr(ft, k) for k in shared}, "representation_size": None})
-    num_classes, classes_from = _num_classes(config, name, options)
-    try:
-        plan = plan_pretrain(params, nodes=options.nodes, gpus_per_node=options.gpus_per_node, gpu=options.gpu,
-                             mfu=options.mfu, decode_rate=options.decode_rate or DEFAULT_DECODE_RATE,
-                             num_classes=num_classes)
-    except ValueError as err:
-        raise VitpipeError(f"stages.{name}: {err}") from None
+    plan = _plan_stage(params, config, name, options)
     plan["notes"].append("fine-tuning uses SGD with momentum: 8 bytes of optimizer state per parameter instead of "
                          "Adam's 12, so the model-state figures are an upper bound")
-    return {"stage": name, "type": spec.type, "classes_from": classes_from, "model_from": source, **plan}
+    return {**plan, "model_from": source}
