@@ -230,3 +230,16 @@ def test_hybrid_activation_checkpointing_gives_the_same_gradients():
     grads = {name: dict(m.named_parameters())[stem].grad for name, m in (("plain", plain), ("ckpt", ckpt))}
     assert grads["plain"].abs().sum() > 0
     torch.testing.assert_close(grads["ckpt"], grads["plain"])
+
+
+def test_weight_decay_skips_biases_norms_position_embeddings_and_the_class_token():
+    from stages.train.worker import _param_groups
+
+    model = ViT(decode_variant("Ti/4", image_size=16, num_classes=10, width=32, depth=1, heads=2, mlp_dim=64))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = _param_groups(model, 0.1)
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "pos_embed", "norm.weight", "head.bias"} <= skipped
+    assert {names[id(p)] for p in decay["params"]} == {"patch_embed.weight", "blocks.0.attn.qkv.weight",
+                                                        "blocks.0.attn.proj.weight", "blocks.0.fc1.weight",
+                                                        "blocks.0.fc2.weight", "head.weight"}

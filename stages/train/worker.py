@@ -33,7 +33,8 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     # class token stay undecayed (as in big_vision and timm).
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "pos_embed" not in name else no_decay).append(p)
+        undecayed = p.ndim < 2 or name.endswith(("pos_embed", "cls_token"))  # cls_token is (1, 1, D)
+        (no_decay if undecayed else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
