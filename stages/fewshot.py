@@ -64,7 +64,7 @@ def extract_features(model_uri: str | None, model_config: dict[str, Any], image_
         torch.set_num_threads(1)  # one task per CPU: threads would only contend
     store = StorageSettings(**settings)
     if model_uri is None:
-        source = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()})
+        source = ViTConfig(**model_config)
         torch.manual_seed(seed)
         state = ViT(source).state_dict()
     else:

@@ -50,7 +50,7 @@ def source_model_config(ctx: StageContext) -> ViTConfig:
     if not raw or "model.safetensors" not in {o.path for o in model.manifest.outputs}:
         raise VitpipeError(f"input {model.stage!r} hands off no model (model.safetensors + model_config); "
                            "is it a pretrain or finetune stage?")
-    return ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    return ViTConfig(**raw)  # hybrid_layers: JSON lists become tuples in ViTConfig
 
 
 @register_stage("finetune")

@@ -51,7 +51,7 @@ def load_handoff(directory: str | Path) -> tuple[ViTConfig, dict[str, torch.Tens
 
     directory = Path(directory)
     raw = json.loads((directory / "model_config.json").read_text())
-    cfg = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    cfg = ViTConfig(**raw)  # hybrid_layers: JSON lists become tuples in ViTConfig
     return cfg, load_file(str(directory / "model.safetensors"))
 
 

@@ -145,7 +145,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     random.seed(config["seed"] + rank)
-    model_cfg = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()})
+    model_cfg = ViTConfig(**config["model"])
     model = ViT(model_cfg)
     if config.get("init"):
         _load_initial_weights(model, config["init"], settings)
