@@ -13,13 +13,13 @@ Why this step: it is standard bf16 mixed-precision pretraining -- fp32 master we
 states, bf16 matmuls and attention (SDPA) under autocast, gradient clipping at 1.0 as in our
 recipe. Casting the parameters themselves to bf16 would be faster but is not a fair pretraining
 step (AdamW updates lost to bf16 rounding). The optimizer is ``torch.optim.AdamW`` (fused on CUDA)
-over ``_param_groups`` (decay on matrices only) for both models. DeepSpeed is not in the loop:
+over the same decay split for both models (``stages.train.engine.param_groups``: matrices only). DeepSpeed is not in the loop:
 this measures the model's own efficiency; ``bench/train_step.py`` measures DeepSpeed's overhead.
 
 MFU = images/s x ``flops_per_image(cfg, training=True)`` (model FLOPs: 3x the forward's matmuls;
 recomputation under ``--checkpoint-activations`` is not counted) / the card's dense bf16 peak from
-``stages.pretrain.PEAK_FLOPS`` (the card is recognised from ``torch.cuda.get_device_name()``;
-``--peak-tflops`` overrides it). Note: PEAK_FLOPS holds the SXM figure for H100.
+``stages.train.hardware.ACCELERATORS`` (the card is recognised from ``torch.cuda.get_device_name()``;
+``--peak-tflops`` overrides it). Note: the table holds the SXM figure for H100.
 
 Each model's two variants are warmed up (untimed; this is where ``--compile`` compiles), then
 ``--repeats`` rounds alternate them (ours first in even rounds, timm first in odd ones), each
@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.model.vit import ViT, ViTConfig, count_params, decode_variant, flops_per_image
-from stages.train.worker import _param_groups
+from stages.train.engine import param_groups
+from stages.train.hardware import ACCELERATORS
 
 # Our variant -> timm's model of the same architecture (class token, no pre-logits layer).
 TIMM_NAMES = {
@@ -69,8 +70,9 @@ Step = Callable[[], None]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="B/16,L/16,H/14",
-                        help=f"comma-separated variants, of {', '.join(TIMM_NAMES)} (default: %(default)s)")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated variants, of {', '.join(TIMM_NAMES)} (default: B/16,L/16,H/14 on GPU, "
+                             "Ti/16 on CPU)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cuda (the benchmark) or cpu (a tiny smoke run of the same code) (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=None,
@@ -91,7 +93,7 @@ def parse_args() -> argparse.Namespace:
                              "timm: set_grad_checkpointing)")
     parser.add_argument("--no-timm", action="store_true", help="skip the timm baseline")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="dense bf16 peak of the card, TFLOP/s (default: from PEAK_FLOPS by the card's name)")
+                        help="dense bf16 peak of the card, TFLOP/s (default: from the accelerator table by the card's name)")
     parser.add_argument("--seed", type=int, default=0, help="init and batch seed (default: %(default)s)")
     args = parser.parse_args()
     gpu = args.device == "cuda"
@@ -99,7 +101,7 @@ def parse_args() -> argparse.Namespace:
     args.repeats = args.repeats or (3 if gpu else 1)
     args.image_size = args.image_size or (224 if gpu else 64)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.models = [m.strip() for m in (args.models or ("B/16,L/16,H/14" if gpu else "Ti/16")).split(",") if m.strip()]
     for name in args.models:
         if name not in TIMM_NAMES:
             parser.error(f"unknown model {name!r}: choose from {', '.join(TIMM_NAMES)}")
@@ -114,15 +116,13 @@ def parse_args() -> argparse.Namespace:
 
 def card_peak(override_tflops: float | None) -> tuple[str, float | None]:
     """The CUDA card's name and dense bf16 peak FLOP/s (None when unknown)."""
-    from stages.pretrain import PEAK_FLOPS
-
     name = torch.cuda.get_device_name()
     if override_tflops:
         return name, override_tflops * 1e12
     lowered = name.lower()
     for key in ("h200", "h100", "a100"):
         if key in lowered:
-            return name, PEAK_FLOPS[key] or None
+            return name, ACCELERATORS[key].peak_flops
     return name, None
 
 
@@ -143,7 +143,10 @@ def make_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, comp
     """One bf16 mixed-precision training step of ``model`` on the fixed batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = images.device.type == "cuda"  # one kernel for the whole update instead of a per-tensor loop
-    optimizer = torch.optim.AdamW(_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=1e-8, fused=fused)
+    if not isinstance(model, ViT):  # timm names only its special tensors; exempt its 1-D ones as ours does
+        exempt = model.no_weight_decay() | {n for n, p in model.named_parameters() if p.ndim < 2}
+        model.no_weight_decay = lambda: exempt  # type: ignore[method-assign]
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=1e-8, fused=fused)
     forward = torch.compile(model) if compile_model else model
 
     def step() -> None:
@@ -263,7 +266,7 @@ def main() -> None:
     if device.type == "cuda" and peak is None:
         log(f"warning: unknown card {card!r}: no MFU (pass --peak-tflops)")
     if device.type == "cuda" and any(k in card.lower() for k in ("pcie", "nvl")):
-        log(f"note: {card} has a lower peak than the SXM figure in PEAK_FLOPS; its MFU reads low")
+        log(f"note: {card} has a lower peak than the SXM figure in ACCELERATORS table; its MFU reads low")
     log(f"gpu_mfu benchmark on {card}: models {', '.join(args.models)}, {args.warmup} warm-up + "
         f"{args.repeats} round(s) x {args.steps} step(s) per variant")
 

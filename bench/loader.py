@@ -6,7 +6,9 @@ Inception-style random-resized-crop to 224x224, flip half of them horizontally, 
 stack batches of 64 float32 tensors (with int64 labels).
 
 - ours: ``ShardLoader(..., train=True, num_workers=0)`` over one epoch. It picks the crop from the
-  JPEG header and decodes at a reduced DCT scale (PIL draft mode) when the crop allows it.
+  JPEG header and decodes at a reduced DCT scale (PIL draft mode) when the crop allows it. Its
+  batches are uint8; ``to_model_input`` normalises them as the trainer does on its device (here
+  the CPU, so the same work as the baselines' ``Normalize`` is counted).
 - bare loop: ``tarfile`` + ``Image.open(...).convert("RGB")`` + torchvision ``RandomResizedCrop``,
   ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``, ``torch.stack``.
 - webdataset: ``WebDataset(urls).decode("pil").to_tuple("jpg", "cls").map_tuple(transform, identity)
@@ -50,7 +52,7 @@ from torchvision import transforms
 from pipeline.storage import LocalStorage
 from stages.data.loader import ShardInfo, ShardLoader
 from stages.data.tarshards import split_key
-from stages.data.transforms import MEAN, STD
+from stages.data.transforms import MEAN, STD, to_model_input
 from stages.ingest import write_shard
 
 BATCH_SIZE = 64
@@ -89,7 +91,7 @@ def ours(root: Path, shards: list[ShardInfo]) -> Iterator[Batch]:
     loader = ShardLoader(LocalStorage(root), shards, batch_size=BATCH_SIZE, image_size=IMAGE_SIZE, train=True,
                          num_workers=0)
     for batch in loader:
-        yield batch["image"], batch["label"]
+        yield to_model_input(batch["image"]), batch["label"]
 
 
 def tar_samples(path: Path) -> Iterator[dict[str, bytes]]:

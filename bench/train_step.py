@@ -4,13 +4,13 @@ Both train the same ViT (default ViT-Ti/16 at 224 px, 1000 classes), built from 
 the same fixed batch of random images and labels (the data path is ``bench/loader.py``'s subject;
 here only forward + backward + optimizer step is timed), with the same torch thread count:
 
-- ours: what ``stages/train/worker.py`` runs on each Ray Train worker: ``ViT`` wrapped by
-  ``deepspeed.initialize`` with our ``torch.optim.AdamW`` over ``_param_groups`` (decay on
-  matrices only) and the config from ``build_deepspeed_config`` (ZeRO-2, fp32, gradient clipping
-  1.0, no accumulation), on a single-rank gloo process group as Ray Train sets up on CPU. A step is
-  the worker's: set the LR on every group, ``engine(images)``, cross-entropy,
-  ``engine.backward(loss)``, ``engine.step()``, ``loss.item()`` (the worker's per-step metrics and
-  checkpointing are left out).
+- ours: the trainer's own pieces, called as the training loop calls them: the engine from
+  ``stages.train.engine.build_engine`` (``ViT`` wrapped by ``deepspeed.initialize`` with AdamW over
+  ``param_groups``, the model's decay split, and the DeepSpeed config the workers build: ZeRO-2,
+  fp32, clipping at 1.0, no accumulation), on a single-rank gloo process group as Ray Train sets
+  up on CPU; a step is ``set_lr`` + ``stages.train.step.train_step`` (forward, cross-entropy,
+  ``engine.backward``, ``engine.step``, the loss kept on the device), then ``loss.item()`` to end
+  the step (the loop reads it only at log steps; here every step, like the baseline).
 - baseline: the same model and ``torch.optim.AdamW`` over the same groups in a hand-written loop:
   set the LR, ``zero_grad``, forward, cross-entropy, ``backward``, ``clip_grad_norm_(1.0)``,
   ``step``, ``loss.item()``.
@@ -44,8 +44,20 @@ import torch.nn.functional as F
 from corpus import _cpu_jiffies, cpu_busy_before_start, emit_result, log, machine_info
 
 from stages.model.vit import ViT, ViTConfig, count_params, decode_variant, flops_per_image
-from stages.train.ds_config import build_deepspeed_config
-from stages.train.worker import _param_groups
+from stages.train.context import current_worker
+from stages.train.engine import build_engine, param_groups, set_lr
+from stages.train.geometry import BatchGeometry
+from stages.train.job import (
+    CheckpointPolicy,
+    DataSpec,
+    DistributedSpec,
+    OptimizerSpec,
+    OutputSpec,
+    ScheduleSpec,
+    TelemetrySpec,
+    TrainJob,
+)
+from stages.train.step import Batch, train_step
 
 GOAL = 1.05  # ours / baseline step time
 # The pretrain stage's defaults (PretrainParams): AdamW betas, weight decay, peak LR, clipping.
@@ -102,34 +114,32 @@ def init_single_rank() -> None:
 
 
 def build_model(cfg: ViTConfig, seed: int) -> ViT:
-    torch.manual_seed(seed)  # the worker seeds right before building the model too
+    torch.manual_seed(seed)  # build_engine seeds right before building the model too
     return ViT(cfg).train()
 
 
 def deepspeed_step(cfg: ViTConfig, seed: int, images: torch.Tensor, labels: torch.Tensor) -> Step:
-    """Our step, built as the worker builds it."""
+    """Our step: the trainer's engine builder and step function, on a job like the pretrain stage's."""
     batch = images.shape[0]
-    model = build_model(cfg, seed)
-    optimizer = torch.optim.AdamW(_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=1e-8)
-    ds_config = build_deepspeed_config(global_batch=batch, micro_batch=batch, world_size=1, zero_stage=2,
-                                       precision="fp32", grad_clip=GRAD_CLIP)
+    job = TrainJob(label="bench", seed=seed, model=cfg,
+                   optimizer=OptimizerSpec("adamw", LR, weight_decay=WEIGHT_DECAY, betas=BETAS, grad_clip=GRAD_CLIP),
+                   schedule=ScheduleSpec(10**6, 0, "linear"), batch=BatchGeometry(batch, batch),
+                   data=DataSpec("unused", (), (0.08, 1.0), True, 0), distributed=DistributedSpec(2, "fp32"),
+                   checkpoints=CheckpointPolicy(10**6, 1), output=OutputSpec("unused"), telemetry=TelemetrySpec(10**6))
     # DeepSpeed prints its set-up on stdout (its logger, and a bare print when it loads the
     # shared-memory comm op it JIT-builds on CPU); stdout is for the result line only.
     with contextlib.redirect_stdout(sys.stderr):
         import deepspeed
 
         deepspeed.utils.logger.setLevel(logging.WARNING)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        engine, geometry = build_engine(job, current_worker(torch.device("cpu")))
     if engine.device.type != "cpu":
         raise RuntimeError(f"DeepSpeed chose {engine.device}; this benchmark compares CPU loops")
+    fixed = Batch(images, labels)  # the data path is bench/loader.py's subject
 
     def step() -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = LR  # the worker sets lr_at(step) here every step
-        loss = F.cross_entropy(engine(images).float(), labels)
-        engine.backward(loss)
-        engine.step()
-        return loss.item()
+        set_lr(engine.optimizer, LR)  # the loop sets the schedule's LR here every step
+        return train_step(engine, lambda: fixed, geometry.accumulation).item()
 
     return step
 
@@ -138,7 +148,7 @@ def plain_step(cfg: ViTConfig, seed: int, images: torch.Tensor, labels: torch.Te
     """The baseline: a hand-written fp32 loop with the same optimizer, groups and clipping."""
     model = build_model(cfg, seed)
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW(_param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=1e-8)
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=1e-8)
 
     def step() -> float:
         for group in optimizer.param_groups:
@@ -252,7 +262,7 @@ def main() -> None:
         f"per-round ratios {', '.join(f'{x:.3f}' for x in per_round)}")
     extra: dict[str, Any] = {
         "baseline_name": "plain PyTorch loop: torch.optim.AdamW + clip_grad_norm_(1.0), fp32",
-        "ours_name": "DeepSpeed ZeRO-2 engine as built by stages/train/worker.py, 1 rank, gloo, fp32",
+        "ours_name": "the trainer's build_engine + train_step (DeepSpeed ZeRO-2), 1 rank, gloo, fp32",
         "ours_images_per_s": round(rate["ours"], 2),
         "baseline_images_per_s": round(rate["baseline"], 2),
         "goal": GOAL,

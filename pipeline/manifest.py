@@ -59,6 +59,9 @@ class Manifest(BaseModel):
     inputs: dict[str, InputRecord] = Field(default_factory=dict)
     outputs: list[OutputEntry] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # The stage's typed result record (its type is the stage's business: see stages/records.py);
+    # what downstream stages read. ``metrics`` is for people (status, logs).
+    result: dict[str, Any] | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     timings: dict[str, Any] = Field(default_factory=dict)
 

@@ -125,6 +125,7 @@ def execute_stage(task: StageTask) -> StageResult:
             },
             outputs=ctx.outputs,
             metrics=ctx.metrics,
+            result=None if ctx.result is None else ctx.result.model_dump(mode="json"),
             versions=package_versions(),
             timings={"started": started_wall, "finished": _now(), "duration_s": round(duration, 3),
                      "host": socket.gethostname(), "pid": os.getpid(), "attempt": task.attempt},

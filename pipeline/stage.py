@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, ClassVar
 
+from pydantic import BaseModel
+
 from pipeline.config import StageResources, StorageSettings, StrictModel
 from pipeline.manifest import MANIFEST_NAME, Manifest, OutputEntry
 from pipeline.storage import Storage, WrittenObject, sha256_stream
@@ -121,6 +123,8 @@ class StageContext:
     resumed: bool = False
     show_progress: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The typed result record downstream stages read (a pydantic model; stored in the manifest).
+    result: BaseModel | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("vitpipe.stage"))
     _outputs: dict[str, OutputEntry] = field(default_factory=dict)
 

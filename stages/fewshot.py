@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,9 +22,11 @@ from pipeline.config import StageResources, StorageSettings
 from pipeline.errors import VitpipeError
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageParams
-from stages.data.loader import ShardInfo, shards_from_manifest
+from stages.data.evalset import ShardSlice, split_samples
 from stages.eval.fewshot import DEFAULT_L2_GRID, few_shot_eval
-from stages.finetune import source_model_config
+from stages.model.handoff import HandoffRef
+from stages.model.vit import ViTConfig
+from stages.records import FewshotResult, IngestResult, ShotStats, handoff_of, read_result
 
 __all__ = ["FewshotParams", "Fewshot", "extract_features"]
 
@@ -48,37 +48,35 @@ class FewshotParams(StageParams):
     dataset: str | None = Field(default=None, description="name in metrics and the report (default: data input)")
 
 
-def extract_features(model_uri: str | None, model_config: dict[str, Any], image_size: int, data_uri: str,
-                     shards: list[dict[str, Any]], batch_size: int, settings: dict[str, Any],
-                     seed: int) -> dict[str, Any]:
-    """Representations of every sample in ``shards`` (a Ray task; ``model_uri`` None: random init)."""
+def extract_features(handoff: HandoffRef | None, architecture: ViTConfig, image_size: int, data_uri: str,
+                     slices: list[ShardSlice], batch_size: int, settings: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Representations of every sample in ``slices`` (a Ray task; ``handoff`` None: random init)."""
     import torch
 
     from pipeline.storage import open_storage
     from stages.data.evalset import iter_eval_batches
-    from stages.model.transfer import build_transfer_model, load_handoff
-    from stages.model.vit import ViT, ViTConfig
+    from stages.data.transforms import to_model_input
+    from stages.model.handoff import read_handoff
+    from stages.model.transfer import build_transfer_model
+    from stages.model.vit import ViT
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # one task per CPU: threads would only contend
     store = StorageSettings(**settings)
-    if model_uri is None:
-        source = ViTConfig(**model_config)
+    if handoff is None:
         torch.manual_seed(seed)
-        state = ViT(source).state_dict()
+        source, state = architecture, ViT(architecture).state_dict()
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            storage = open_storage(model_uri, store)
-            for name in ("model.safetensors", "model_config.json"):
-                storage.download_file(name, Path(tmp) / name)
-            source, state = load_handoff(tmp)
+        loaded = read_handoff(handoff, store)
+        source, state = loaded.config, loaded.state
     model = build_transfer_model(source, state, image_size, num_classes=0).eval().to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model.to(dtype)
     feats, labels, keys, skipped = [], [], [], []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for batch in iter_eval_batches(open_storage(data_uri, store), [ShardInfo(**s) for s in shards], batch_size,
-                                       image_size, skipped=skipped):
-            feats.append(model.representation(batch["image"].to(device)).float().cpu().numpy())
+    with torch.inference_mode():
+        for batch in iter_eval_batches(open_storage(data_uri, store), slices, batch_size, image_size, skipped=skipped):
+            feats.append(model.representation(to_model_input(batch["image"], device, dtype)).float().cpu().numpy())
             labels.append(batch["label"].numpy())
             keys.extend(batch["key"])
     dim = model.cfg.width
@@ -106,31 +104,28 @@ class Fewshot(Stage):
         import ray
 
         p: FewshotParams = ctx.params  # type: ignore[assignment]
-        source = source_model_config(ctx)
-        model_uri = ctx.input("model").storage.uri
+        pretrained, handoff = handoff_of(ctx.input("model"))
+        source = pretrained.vit_config()
         data = ctx.input("data")
-        classes = data.manifest.metrics.get("classes") or []
-        if not classes:
-            raise VitpipeError(f"input {data.stage!r} records no classes; is it an ingest stage?")
+        ingested = read_result(data, IngestResult, "an ingest stage")
+        classes = len(ingested.classes)
         image_size = p.image_size or source.image_size
         if image_size % source.patch_size:
             raise VitpipeError(f"image_size {image_size} is not divisible by the patch size {source.patch_size}")
-        splits = {name: shards_from_manifest(data.manifest.metrics, name) for name in (p.train_split, p.eval_split)}
+        splits = {name: ingested.shards(name) for name in (p.train_split, p.eval_split)}
         settings = ctx.run_storage_settings.model_dump() if ctx.run_storage_settings else {}
         remote = ray.remote(num_cpus=p.cpus_per_worker, num_gpus=1 if p.use_gpu else 0,
                             max_retries=2)(extract_features)
-        models = {"pretrained": model_uri, **({"random_init": None} if p.random_init_baseline else {})}
+        models: dict[str, HandoffRef | None] = {"pretrained": handoff, **({"random_init": None}
+                                                                          if p.random_init_baseline else {})}
 
-        # One task per (model, split, shard group); the groups keep every task's shards disjoint.
+        # One task per (model, split, share): equal shares of the samples, disjoint, covering all.
         refs: dict[tuple[str, str], list[Any]] = {}
-        for tag, uri in models.items():
+        for tag, ref in models.items():
             for split, shards in splits.items():
-                groups = [shards[i::p.workers] for i in range(min(p.workers, len(shards)))]
-                refs[(tag, split)] = [
-                    remote.remote(uri, source.to_dict(), image_size, data.storage.uri,
-                                  [{"path": s.path, "samples": s.samples} for s in group], p.batch_size, settings,
-                                  ctx.seed)
-                    for group in groups]
+                shares = [share for i in range(p.workers) if (share := split_samples(shards, i, p.workers))]
+                refs[(tag, split)] = [remote.remote(ref, source, image_size, data.storage.uri, share, p.batch_size,
+                                                    settings, ctx.seed) for share in shares]
         total = sum(len(v) for v in refs.values())
         with ctx.progress(total, desc=f"{ctx.name}: feature extraction") as bar:
             gathered = {}
@@ -142,22 +137,21 @@ class Fewshot(Stage):
                 gathered[key] = _gather(results)
 
         dataset = p.dataset or data.stage
-        report: dict[str, Any] = {"dataset": dataset, "image_size": image_size, "classes": len(classes)}
+        report: dict[str, Any] = {"dataset": dataset, "image_size": image_size, "classes": classes}
         for tag in models:
             train_x, train_y, skipped_train = gathered[(tag, p.train_split)]
             test_x, test_y, skipped_test = gathered[(tag, p.eval_split)]
             ctx.logger.info("%s features: %d train, %d %s samples, dim %d", tag, len(train_y), len(test_y),
                             p.eval_split, train_x.shape[1])
             report[tag] = few_shot_eval(train_x, train_y, test_x, test_y, shots=p.shots, draws=p.draws,
-                                        seed=ctx.seed, l2_grid=p.l2_grid, num_classes=len(classes))
+                                        seed=ctx.seed, l2_grid=p.l2_grid, num_classes=classes)
             report[tag]["skipped_samples"] = skipped_train + skipped_test
         ctx.write_text("fewshot.json", json.dumps(report, indent=2, sort_keys=True))
-        ctx.metrics.update({"dataset": dataset, "image_size": image_size})
+        ctx.result = FewshotResult(dataset=dataset, image_size=image_size, classes=classes, accuracy={
+            tag: {int(k): ShotStats(mean=res["mean"], std=res["std"]) for k, res in report[tag]["shots"].items()}
+            for tag in models})
         for tag in models:
-            for k, res in report[tag]["shots"].items():
-                ctx.metrics[f"{tag}.{k}shot"] = res["mean"]
-                ctx.metrics[f"{tag}.{k}shot_std"] = res["std"]
             if report[tag]["skipped"]:
-                ctx.metrics[f"{tag}.skipped_shots"] = report[tag]["skipped"]
+                ctx.metrics[f"{tag}_skipped_shots"] = report[tag]["skipped"]
         ctx.logger.info("few-shot on %s: %s", dataset, ", ".join(
             f"{k}-shot {res['mean']:.3f}" for k, res in report["pretrained"]["shots"].items()))

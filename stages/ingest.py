@@ -29,9 +29,10 @@ from pipeline.errors import VitpipeError
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageParams
 from pipeline.storage import Storage
-from stages.data.images import EXTENSION_OF, BadImage, check_image, open_image, reencode
-from stages.data.sources import IMAGE_EXTENSIONS, SPLIT_NAMES, Source, SourceItem, make_source
+from stages.data.images import EXTENSION_OF, IMAGE_EXTENSIONS, BadImage, check_image, open_image, reencode
+from stages.data.sources import SPLIT_NAMES, Source, SourceItem, make_source
 from stages.data.tarshards import ShardTarWriter
+from stages.records import IngestResult, ShardRecord, SplitRecord
 
 __all__ = ["IngestParams", "Ingest", "ShardPlan", "ShardResult", "plan_shards", "screen_items", "write_shard"]
 
@@ -99,7 +100,7 @@ def screen_items(items: Iterable[SourceItem]) -> tuple[list[SourceItem], list[di
         ext = posixpath.splitext(item.filename)[1].lower() if item.filename else ""
         if item.label is None:
             skipped.append({"origin": item.origin, "reason": "missing label"})
-        elif ext and ext not in IMAGE_EXTENSIONS:
+        elif ext and ext[1:] not in IMAGE_EXTENSIONS:
             skipped.append({"origin": item.origin, "reason": f"unsupported file type {ext}"})
         elif item.key in seen:
             skipped.append({"origin": item.origin, "reason": f"duplicate key {item.key!r} (kept {seen[item.key]})"})
@@ -279,19 +280,16 @@ class Ingest(Stage):
                 f"{p.max_skip_fraction:g}); first: {first['origin']}: {first['reason']}"
             )
         ctx.write_json("classes.json", {"classes": names})
-        splits: dict[str, dict] = {}
-        for r in ordered:
-            entry = splits.setdefault(r.split, {"samples": 0, "shards": [], "class_counts": {}})
-            entry["samples"] += r.samples
-            entry["shards"].append({"path": r.path, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256})
-            for label, n in r.class_counts.items():
-                entry["class_counts"][label] = entry["class_counts"].get(label, 0) + n
-        ctx.metrics.update({
-            "inputs": total,
-            "samples": sum(r.samples for r in ordered),
-            "classes": names,
-            "splits": splits,
-            "skipped_count": len(skipped),
-            "skipped": skipped,
-        })
-        ctx.logger.info("wrote %d samples in %d shards; skipped %d", ctx.metrics["samples"], len(ordered), len(skipped))
+        splits: dict[str, SplitRecord] = {}
+        for split in dict.fromkeys(r.split for r in ordered):
+            mine = [r for r in ordered if r.split == split]
+            counts: dict[str, int] = {}
+            for r in mine:
+                for label, n in r.class_counts.items():
+                    counts[label] = counts.get(label, 0) + n
+            splits[split] = SplitRecord(samples=sum(r.samples for r in mine), class_counts=counts, shards=[
+                ShardRecord(path=r.path, samples=r.samples, bytes=r.bytes, sha256=r.sha256) for r in mine])
+        ctx.result = IngestResult(classes=names, splits=splits, inputs=total, samples=sum(r.samples for r in ordered),
+                                  skipped=len(skipped))
+        ctx.metrics["skipped"] = skipped  # each skipped input with its reason
+        ctx.logger.info("wrote %d samples in %d shards; skipped %d", ctx.result.samples, len(ordered), len(skipped))

@@ -10,12 +10,17 @@ pure function of the stage's params and the cluster, so each number can be check
 3. Activations per micro-batch: the tensors autograd saves in one encoder block, derived below
    (``layer_activation_bytes``), times depth; with activation checkpointing only each block's
    input is kept, plus one block recomputed at a time during the backward pass.
-4. Peak per GPU = model states + DeepSpeed's gradient bucket + max(activations, the optimizer
+4. Peak per GPU = model states + DeepSpeed's communication buffers (``comm_buffer_bytes``, sized
+   by the same ``comm_buckets`` the DeepSpeed config uses) + max(activations, the optimizer
    step's fp32 gradient copy) + a fixed reserve (CUDA context, NCCL, allocator slack). The two
    terms in the max are never live together: activations are freed by the end of the backward
    pass, before the optimizer step.
 5. Throughput at an assumed model-FLOPs utilisation (MFU) of the GPU's dense bf16 peak; the data
    plane must decode as many images per second as the GPUs consume.
+6. A recommendation (``recommend``): of every (ZeRO stage, activation checkpointing) pair that fits
+   at the configured micro-batch, the one that communicates least (``communication_volume``),
+   then the one that does not recompute, then the one whose communication overlaps the backward
+   pass, then the one with the lowest peak.
 
 How this relates to DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` and
 ``estimate_zero3_model_states_mem_needs`` in DeepSpeed 0.19.8, cross-checked in
@@ -31,41 +36,28 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import VitpipeError
 from pipeline.registry import PlanOptions, register_planner
 from pipeline.tables import text_table
 from stages.model.vit import ViTConfig, count_params, flops_per_image
-from stages.pretrain import PEAK_FLOPS, PretrainParams
+from stages.train.ds_config import comm_buckets
+from stages.train.hardware import Accelerator, accelerator
+from stages.train.params import FinetuneParams, PretrainParams
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
 __all__ = [
-    "GPUSpec", "GPUS", "BYTES_PER_ELEMENT", "DEFAULT_MFU", "DEFAULT_DECODE_RATE", "DEFAULT_NUM_CLASSES",
-    "RESERVED_BYTES", "REDUCE_BUCKET_ELEMENTS", "state_bytes_per_param", "zero_model_state_bytes",
-    "optimizer_step_bytes", "comm_buffer_bytes", "largest_layer_params", "layer_activation_bytes",
+    "BYTES_PER_ELEMENT", "DEFAULT_MFU", "DEFAULT_DECODE_RATE", "DEFAULT_NUM_CLASSES", "RESERVED_BYTES",
+    "ZERO0_ALLREDUCE_ELEMENTS", "state_bytes_per_param", "zero_model_state_bytes", "optimizer_step_bytes",
+    "comm_buffer_bytes", "communication_volume", "recommend", "largest_layer_params", "layer_activation_bytes",
     "activation_breakdown", "activation_bytes", "checkpoint_bytes", "plan_pretrain", "render_pretrain_plan",
 ]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class GPUSpec:
-    name: str
-    memory_bytes: int
-    peak_flops: float  # dense bf16 FLOP/s (the MFU denominator the trainer uses too)
-
-
-# One table of accelerators. Memory as sold (decimal GB); the peak is the trainer's own PEAK_FLOPS,
-# so plan and measured MFU share a denominator.
-GPUS: dict[str, GPUSpec] = {
-    name: GPUSpec(name, memory, PEAK_FLOPS[name])
-    for name, memory in (("h100", 80 * 10**9), ("a100", 80 * 10**9), ("h200", 141 * 10**9))
-}
 
 BYTES_PER_ELEMENT = {"bf16": 2, "fp32": 4}
 DEFAULT_MFU = 0.4
@@ -77,9 +69,9 @@ DEFAULT_NUM_CLASSES = 1000
 # Per GPU, never available to the model: CUDA context and kernels, cuBLAS/NCCL workspaces,
 # caching-allocator fragmentation. A round figure; real use varies by a few hundred MB.
 RESERVED_BYTES = 2 * 10**9
-# DeepSpeed's default reduce_bucket_size (our ds_config does not change it): with
-# contiguous_gradients, ZeRO-1/2/3 allocate one bucket of this many gradient elements.
-REDUCE_BUCKET_ELEMENTS = 500_000_000
+# ZeRO-0 has no bucket setting: the engine all-reduces gradients after the backward pass in flat
+# chunks of DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE elements (deepspeed/runtime/engine.py:151, 3073).
+ZERO0_ALLREDUCE_ELEMENTS = 500_000_000
 
 _ZERO_STAGES = (0, 1, 2, 3)
 
@@ -140,17 +132,93 @@ def optimizer_step_bytes(params: int, world: int, stage: int, *, precision: str 
     return 4 * (params if stage == 0 else math.ceil(params / world))
 
 
-def comm_buffer_bytes(params: int, stage: int, precision: str, largest_layer: int = 0) -> int:
-    """DeepSpeed's gradient-communication bucket, and at ZeRO-3 the gathered largest layer.
+def comm_buffer_bytes(params: int, stage: int, precision: str, largest_layer: int = 0, *,
+                      grad_comm_fp32: bool = True) -> int:
+    """Per-GPU bytes of DeepSpeed's communication buffers, with the bucket sizes of ``comm_buckets``
+    (the function the DeepSpeed config is built from, so plan and run agree).
 
-    ZeRO-1/2/3 allocate a full ``REDUCE_BUCKET_ELEMENTS`` bucket whatever the model size; stage 0
-    flattens at most that many gradients at a time. ZeRO-3 adds DeepSpeed's own estimate of the
-    parameters gathered for the layer in flight: 4 bytes x the largest layer.
+    g = gradient bytes per element; c = bytes per communicated element (4 with fp32 communication,
+    which fp32 training always has, else g); a cast to the communication dtype costs c per element
+    only where c != g. E = the reduce bucket, P = the ZeRO-3 prefetch bucket (elements).
+    - ZeRO-0: the engine flattens up to ``ZERO0_ALLREDUCE_ELEMENTS`` gradients at a time and casts
+      them: n (g + cast), n = min(Ψ, 5e8) (``deepspeed/runtime/engine.py:3795-3821``).
+    - ZeRO-1/2: two bucket buffers in the gradient dtype (``overlap_comm`` double-buffers them,
+      ``deepspeed/runtime/zero/stage_1_and_2.py:3256-3278``), the flattened copy of the bucket
+      being reduced and its cast (``:2359-2391``): E (3g + cast).
+    - ZeRO-3: the bucket, allocated in the communication dtype (``deepspeed/runtime/zero/stage3.py:
+      780-784``), and the reduce-scatter's interleaved copy of it: 2Ec; plus the parameters
+      prefetched, P x weight bytes, and DeepSpeed's own figure for the layer being computed,
+      4 bytes x the largest layer (``estimate_zero3_model_states_mem_needs``). The small tensors
+      ZeRO-3 keeps whole (at most 1% of the model, ``comm_buckets``) are left out.
     """
     _check_zero_stage(stage)
-    grad_bytes = state_bytes_per_param(precision, stage)[1]
-    bucket = (min(params, REDUCE_BUCKET_ELEMENTS) if stage == 0 else REDUCE_BUCKET_ELEMENTS) * grad_bytes
-    return bucket + (4 * largest_layer if stage == 3 else 0)
+    w, g, _ = state_bytes_per_param(precision, stage)
+    c = 4 if grad_comm_fp32 else g
+    cast = c if c != g else 0
+    buckets = comm_buckets(max(params, 1))
+    if stage == 0:
+        return min(params, ZERO0_ALLREDUCE_ELEMENTS) * (g + cast)
+    if stage in (1, 2):
+        return buckets.reduce_bucket * (3 * g + cast)
+    return 2 * buckets.reduce_bucket * c + buckets.prefetch_bucket * w + 4 * largest_layer
+
+
+def communication_volume(stage: int, accumulation: int = 1) -> int:
+    """Elements each rank sends per optimizer step, in units of Ψ (the model's parameters).
+
+    The ZeRO paper's counts for bandwidth-optimal (ring) collectives on many ranks, where an
+    all-reduce moves 2Ψ (a reduce-scatter Ψ and an all-gather Ψ); A = micro-steps per step:
+    - ZeRO-0: the gradients are all-reduced once per step: 2Ψ.
+    - ZeRO-1: gradients reduced to their owners once per step (Ψ), updated weights all-gathered (Ψ).
+    - ZeRO-2: as ZeRO-1, but the gradients are reduce-scattered at every micro-step, so that each rank
+      keeps only its partition (``deepspeed/runtime/engine.py:3084-3086``): (A + 1)Ψ.
+    - ZeRO-3: at every micro-step the weights are all-gathered for the forward and again for the
+      backward pass, and the gradients reduce-scattered: 3AΨ.
+    DeepSpeed 0.19.8 by default all-reduces ZeRO-1/2 gradient buckets instead of reducing each slice
+    to its owner (``use_multi_rank_bucket_allreduce``, ``deepspeed/runtime/zero/stage_1_and_2.py:
+    1695``): fewer, larger collectives for up to Ψ more traffic, all of it overlapping the backward
+    pass, whereas ZeRO-3's forward all-gathers sit in front of compute. The ranking is kept.
+    """
+    _check_zero_stage(stage)
+    if accumulation < 1:
+        raise ValueError(f"accumulation must be >= 1, got {accumulation}")
+    return {0: 2, 1: 2, 2: accumulation + 1, 3: 3 * accumulation}[stage]
+
+
+def recommend(rows: list[dict[str, Any]], accumulation: int = 1, *,
+              offload_optimizer: bool = False) -> dict[str, Any] | None:
+    """The (ZeRO stage, activation checkpointing) pair to run, from the plan's per-stage ``rows``.
+
+    Of the pairs that fit at the configured micro-batch (``fits`` / ``fits_checkpointed``), the
+    one that (1) communicates least per step (``communication_volume``); then (2) does not
+    recompute the forward pass (checkpointing costs ~1/3 more compute); then (3) communicates during
+    the backward pass (ZeRO 1-3 with ``overlap_comm``; DeepSpeed's ZeRO-0 all-reduces only after it,
+    ``deepspeed/runtime/engine.py:3089-3095``); then (4) has the lowest peak, i.e. the most headroom.
+    With ``offload_optimizer`` ZeRO-0 is not a candidate (the offload needs ZeRO 1-3).
+    None when nothing fits.
+    """
+    candidates = []
+    for r in rows:
+        if offload_optimizer and r["stage"] == 0:
+            continue
+        volume = communication_volume(r["stage"], accumulation)
+        for ckpt, suffix in ((False, ""), (True, "_checkpointed")):
+            if r[f"fits{suffix}"]:
+                candidates.append(((volume, ckpt, r["stage"] == 0, r[f"peak_bytes{suffix}"]), r["stage"], ckpt))
+    if not candidates:
+        return None
+    candidates.sort()
+    (volume, _, _, peak), stage, ckpt = candidates[0]
+    reason = (f"the least communication that fits: {volume}x the parameters per step"
+              f"{', overlapping the backward pass' if stage else ', after the backward pass'}, "
+              f"{'with' if ckpt else 'no'} recomputation, peak {_gb(peak)}")
+    ties = sorted({s for (v, c, _, _), s, _ in candidates[1:] if v == volume and c == ckpt and s != stage})
+    why = [f"ZeRO-{t} moves as much " + ("but only after the backward pass" if t == 0 and stage else
+                                         "with a higher peak") for t in ties]
+    if why:
+        reason += f" ({'; '.join(why)})"
+    return {"zero_stage": stage, "checkpoint_activations": ckpt, "communication_volume": volume,
+            "peak_bytes": peak, "reason": reason}
 
 
 def largest_layer_params(cfg: ViTConfig) -> int:
@@ -241,7 +309,7 @@ def checkpoint_bytes(params: int, precision: str, stage: int) -> dict[str, int]:
 
 
 def _check_cluster(nodes: int, gpus_per_node: int, gpu: str, mfu: float, decode_rate: float,
-                   num_classes: int) -> GPUSpec:
+                   num_classes: int) -> Accelerator:
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"nodes and gpus_per_node must be >= 1, got {nodes} and {gpus_per_node}")
     if not 0 < mfu <= 1:
@@ -250,9 +318,7 @@ def _check_cluster(nodes: int, gpus_per_node: int, gpu: str, mfu: float, decode_
         raise ValueError(f"decode_rate must be > 0 images/s per core, got {decode_rate}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if gpu not in GPUS:
-        raise ValueError(f"unknown GPU {gpu!r} (known: {', '.join(sorted(GPUS))})")
-    return GPUS[gpu]
+    return accelerator(gpu)  # raises a one-line ValueError naming the known GPUs
 
 
 def _max_micro_batch(cfg: ViTConfig, precision: str, checkpointing: bool, budget: int) -> int:
@@ -289,16 +355,22 @@ def plan_pretrain(params: PretrainParams, nodes: int = 1, gpus_per_node: int = 1
     largest = largest_layer_params(cfg)
     usable = spec.memory_bytes - RESERVED_BYTES
 
+    # fp32 training communicates in fp32 whatever the switch says (ds_config does the same).
+    comm_fp32 = precision == "fp32" or params.grad_comm_fp32
+    # Micro-steps per optimizer step at this world size (rounded up where the batch does not divide,
+    # which is warned about below): ZeRO-2/3 communicate at every one of them.
+    accumulation = max(1, math.ceil(params.global_batch / (world * micro)))
     acts = {c: activation_breakdown(cfg, micro, precision, c) for c in (False, True)}
     zero_rows = []
     for stage in _ZERO_STAGES:
         offload = params.offload_optimizer and stage >= 1
         states = zero_model_state_bytes(n_params, world, stage, precision=precision, offload_optimizer=offload)
         step = optimizer_step_bytes(n_params, world, stage, precision=precision, offload_optimizer=offload)
-        buffers = comm_buffer_bytes(n_params, stage, precision, largest)
+        buffers = comm_buffer_bytes(n_params, stage, precision, largest, grad_comm_fp32=comm_fp32)
         fixed = RESERVED_BYTES + states + buffers
         row: dict[str, Any] = {"stage": stage, "model_state_bytes": states, "optimizer_step_bytes": step,
-                               "buffer_bytes": buffers, "offload_optimizer": offload}
+                               "buffer_bytes": buffers, "offload_optimizer": offload,
+                               "communication_volume": communication_volume(stage, accumulation)}
         for c, suffix in ((False, ""), (True, "_checkpointed")):
             peak = fixed + max(acts[c]["total"], step)
             # The step copy must fit on its own; then every byte left is activation budget.
@@ -347,8 +419,19 @@ def plan_pretrain(params: PretrainParams, nodes: int = 1, gpus_per_node: int = 1
         notes.append(f"each GPU needs {cores_per_node / gpus_per_node:.1f} decode cores but loader_workers="
                      f"{params.loader_workers} gives it {decode_procs} process(es): raise pretrain.loader_workers "
                      "(and cpus_per_worker)")
+    if params.offload_params:
+        notes.append("offload_params: parameter offload is not modelled; the ZeRO-3 row keeps the weight "
+                     "partition on the GPU (an upper bound)")
     if not configured[f"fits{suffix}"]:
         warnings.insert(0, _does_not_fit(params, spec, configured, zero_rows, acts, world, ckpt))
+    recommended = recommend(zero_rows, accumulation, offload_optimizer=params.offload_optimizer)
+    if recommended is None:
+        recommended = {"zero_stage": None, "checkpoint_activations": None, "communication_volume": None,
+                       "peak_bytes": None, "reason": f"nothing fits at micro_batch {micro} on {world} x {gpu}"}
+    elif (recommended["zero_stage"], recommended["checkpoint_activations"]) != (params.zero_stage, ckpt):
+        notes.append(f"this config has zero_stage {params.zero_stage}, checkpoint_activations {str(ckpt).lower()}; "
+                     f"the plan recommends zero_stage {recommended['zero_stage']}, checkpoint_activations "
+                     f"{str(recommended['checkpoint_activations']).lower()} (less communication or recomputation)")
 
     return {
         "model": params.model, "image_size": cfg.image_size, "tokens": cfg.tokens, "width": cfg.width,
@@ -374,12 +457,15 @@ def plan_pretrain(params: PretrainParams, nodes: int = 1, gpus_per_node: int = 1
                        "kept": params.keep_checkpoints,
                        "storage_bytes": ckpt_bytes["deepspeed"] * params.keep_checkpoints + ckpt_bytes["handoff"]},
         "fits": configured[f"fits{suffix}"],
+        "accumulation": accumulation,
+        "grad_comm_fp32": comm_fp32,
+        "recommended": recommended,
         "warnings": warnings,
         "notes": notes,
     }
 
 
-def _does_not_fit(params: PretrainParams, spec: GPUSpec, configured: dict[str, Any], rows: list[dict[str, Any]],
+def _does_not_fit(params: PretrainParams, spec: Accelerator, configured: dict[str, Any], rows: list[dict[str, Any]],
                   acts: dict[bool, dict[str, int]], world: int, ckpt: bool) -> str:
     """One line: what the configured setup needs, and the nearest setups that would fit."""
     suffix = "_checkpointed" if ckpt else ""
@@ -463,15 +549,24 @@ def render_pretrain_plan(plan: dict[str, Any]) -> str:
     for r in plan["zero_stages"]:
         mark = " *" if r["stage"] == plan["zero_stage"] else ""
         table.append((f"{r['stage']}{mark}", _gb(r["model_state_bytes"]), _gb(r["optimizer_step_bytes"]),
-                      _gb(r["buffer_bytes"]), _gb(r["peak_bytes"]), "yes" if r["fits"] else "NO",
-                      _gb(r["peak_bytes_checkpointed"]), "yes" if r["fits_checkpointed"] else "NO",
+                      _gb(r["buffer_bytes"]), f"{r['communication_volume']}x", _gb(r["peak_bytes"]),
+                      "yes" if r["fits"] else "NO", _gb(r["peak_bytes_checkpointed"]),
+                      "yes" if r["fits_checkpointed"] else "NO",
                       f"{r['max_micro_batch']} / {r['max_micro_batch_checkpointed']}"))
-    header = ("ZeRO", "model states", "step copy", "buffers", "peak", "fits", "peak (ckpt)", "fits (ckpt)",
-              "max micro-batch (/ ckpt)")
+    header = ("ZeRO", "model states", "step copy", "buffers", "comm/step", "peak", "fits", "peak (ckpt)",
+              "fits (ckpt)", "max micro-batch (/ ckpt)")
     lines += [""] + ["  " + line for line in text_table(header, table).splitlines()]
     lines.append(f"  * configured (ZeRO-{plan['zero_stage']}, activation checkpointing "
                  f"{'on' if ckpt_on else 'off'}). peak = model states + buffers + max(activations, step copy) + "
-                 f"{_gb(c['reserved_bytes'])} reserve, against {_gb(c['gpu_memory_bytes'])} per {c['gpu']}")
+                 f"{_gb(c['reserved_bytes'])} reserve, against {_gb(c['gpu_memory_bytes'])} per {c['gpu']}; "
+                 f"comm/step = elements each GPU sends per optimizer step, in parameters "
+                 f"({plan['accumulation']} micro-step(s), {'fp32' if plan['grad_comm_fp32'] else 'bf16'} gradients)")
+    rec = plan["recommended"]
+    if rec["zero_stage"] is None:
+        lines.append(f"  recommended: none ({rec['reason']})")
+    else:
+        lines.append(f"  recommended: ZeRO-{rec['zero_stage']}, activation checkpointing "
+                     f"{'on' if rec['checkpoint_activations'] else 'off'}: {rec['reason']}")
     lines += [f"  note: {n}" for n in plan["notes"]]
     lines += [f"  warning: {w}" for w in plan["warnings"]]
     return "\n".join(lines)
@@ -517,8 +612,6 @@ def plan_finetune_stage(config: RunConfig, name: str, options: PlanOptions) -> d
     followed upstream); the resolution, batch geometry, ZeRO stage and precision are the
     fine-tune's own. The head is the downstream one, with no pre-logits layer.
     """
-    from stages.finetune import FinetuneParams
-
     spec = config.stages[name]
     ft = FinetuneParams.model_validate(spec.params)
     source = spec.inputs.get("model")
@@ -530,8 +623,8 @@ def plan_finetune_stage(config: RunConfig, name: str, options: PlanOptions) -> d
         raise VitpipeError(f"stages.{name}: its model input is not a pretrain stage of this config; cannot plan it")
     pre = PretrainParams.model_validate(config.stages[source].params)
     shared = ("image_size", "micro_batch", "global_batch", "workers", "zero_stage", "precision", "offload_optimizer",
-              "checkpoint_activations", "gpu", "use_gpu", "steps", "warmup_steps", "dropout", "drop_path",
-              "loader_workers", "cpus_per_worker")
+              "offload_params", "grad_comm_fp32", "checkpoint_activations", "gpu", "use_gpu", "steps",
+              "warmup_steps", "dropout", "drop_path", "loader_workers", "cpus_per_worker")
     params = pre.model_copy(update={**{k: getattr(ft, k) for k in shared}, "representation_size": None})
     plan = _plan_stage(params, config, name, options)
     plan["notes"].append("fine-tuning uses SGD with momentum: 8 bytes of optimizer state per parameter instead of "

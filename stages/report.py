@@ -1,6 +1,7 @@
 """The ``report`` stage: what a user reads at the end of a run.
 
-Reads any number of upstream stages (it knows them by their manifest's stage type): pretrain
+Reads any number of upstream stages, knowing them by the typed records they publish
+(:mod:`stages.records`): pretrain
 (loss/LR curves, and the model for the paper's Figure 7 and Figure 6), finetune (top-1 per
 dataset), fewshot (k-shot accuracy per dataset, and the random-init baseline when measured), and
 an ingest stage as ``data`` (images for attention distance and rollout). Writes ``report.md``,
@@ -28,8 +29,19 @@ from pydantic import Field
 from pipeline.errors import VitpipeError
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageInput, StageParams
+from stages.records import (
+    FewshotResult,
+    IngestResult,
+    ReportResult,
+    StageResult,
+    TrainResult,
+    handoff_of,
+    read_result,
+    result_of,
+)
 
-__all__ = ["ReportParams", "QualityBar", "Report", "Doc", "collect_metrics", "check_quality", "headline_lines",
+__all__ = ["ReportParams", "QualityBar", "Report", "Doc", "RunResults", "gather_results", "flat_metrics",
+           "check_quality", "headline_lines",
            "render_markdown", "render_html"]
 
 log = logging.getLogger(__name__)
@@ -52,31 +64,55 @@ class ReportParams(StageParams):
     quality: QualityBar = Field(default_factory=QualityBar)
 
 
-# Pure: metrics and checks ------------------------------------------------------------------------
+# Pure: results, metrics and checks -----------------------------------------------------------------
 
 
-def collect_metrics(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Flat report metrics from upstream manifests (``{stage: {"type": ..., "metrics": {...}}}``)."""
+@dataclass
+class RunResults:
+    """The upstream records the report reads, by what they are."""
+
+    pretrain: dict[str, TrainResult] = field(default_factory=dict)  # stage -> record
+    finetune: dict[str, TrainResult] = field(default_factory=dict)  # dataset -> record
+    fewshot: dict[str, FewshotResult] = field(default_factory=dict)  # dataset -> record
+
+
+def gather_results(records: dict[str, StageResult | None]) -> RunResults:
+    """Sort the inputs' records (``{stage: record}``) by kind; others (ingest, plugins) are not reported."""
+    results = RunResults()
+    for stage, record in sorted(records.items()):
+        if isinstance(record, TrainResult) and record.kind == "pretrain":
+            results.pretrain[stage] = record
+        elif isinstance(record, TrainResult):
+            results.finetune[record.dataset or stage] = record
+        elif isinstance(record, FewshotResult):
+            results.fewshot[record.dataset] = record
+    return results
+
+
+def flat_metrics(results: RunResults) -> dict[str, Any]:
+    """``metrics.json``: ``pretrain.<stage>.{first_loss,final_loss,steps,params,images_per_s}``,
+    ``finetune.<dataset>.top1``, ``fewshot.<dataset>.<k>shot`` (and ``_std``), and
+    ``fewshot_random_init.<dataset>.<k>shot`` (and ``_std``)."""
     out: dict[str, Any] = {}
-    for stage, m in sorted(manifests.items()):
-        kind, metrics = m["type"], m.get("metrics", {})
-        if kind == "pretrain":
-            for key in ("first_loss", "final_loss", "steps", "params", "images_per_s"):
-                if key in metrics:
-                    out[f"pretrain.{stage}.{key}"] = metrics[key]
-        elif kind == "finetune":
-            dataset = metrics.get("dataset", stage)
-            out[f"finetune.{dataset}.top1"] = metrics.get("top1")
-        elif kind == "fewshot":
-            dataset = metrics.get("dataset", stage)
-            for key, value in metrics.items():
-                for tag, prefix in (("pretrained.", "fewshot"), ("random_init.", "fewshot_random_init")):
-                    if key.startswith(tag) and "shot" in key and not key.endswith("skipped_shots"):
-                        out[f"{prefix}.{dataset}.{key[len(tag):]}"] = value
+    for stage, r in results.pretrain.items():
+        for key in ("first_loss", "final_loss", "steps", "params", "images_per_s"):
+            out[f"pretrain.{stage}.{key}"] = getattr(r, key)
+    for dataset, r in results.finetune.items():
+        out[f"finetune.{dataset}.top1"] = r.evaluation.top1 if r.evaluation else None
+    for dataset, r in results.fewshot.items():
+        for tag, prefix in (("pretrained", "fewshot"), ("random_init", "fewshot_random_init")):
+            for k, stats in r.accuracy.get(tag, {}).items():
+                out[f"{prefix}.{dataset}.{k}shot"] = stats.mean
+                out[f"{prefix}.{dataset}.{k}shot_std"] = stats.std
     return out
 
 
-def check_quality(metrics: dict[str, Any], bar: QualityBar) -> list[dict[str, Any]]:
+def _shot(r: FewshotResult, tag: str, k: int) -> float | None:
+    stats = r.accuracy.get(tag, {}).get(k)
+    return None if stats is None else stats.mean
+
+
+def check_quality(results: RunResults, bar: QualityBar) -> list[dict[str, Any]]:
     """One record per (bar, dataset): ``{"check", "dataset", "value", "minimum", "passed"}``."""
     checks: list[dict[str, Any]] = []
 
@@ -84,15 +120,15 @@ def check_quality(metrics: dict[str, Any], bar: QualityBar) -> list[dict[str, An
         checks.append({"check": check, "dataset": dataset, "value": value, "minimum": minimum,
                        "passed": value is not None and value >= minimum})
 
-    datasets = sorted({k.split(".")[1] for k in metrics if k.startswith(("finetune.", "fewshot."))})
-    for ds in datasets:
-        if bar.finetune_top1 is not None and f"finetune.{ds}.top1" in metrics:
-            add("fine-tuned top-1", ds, metrics[f"finetune.{ds}.top1"], bar.finetune_top1)
-        if bar.fewshot_10shot is not None and f"fewshot.{ds}.10shot" in metrics:
-            add("10-shot accuracy", ds, metrics[f"fewshot.{ds}.10shot"], bar.fewshot_10shot)
-        if bar.fewshot_1shot_gain is not None and f"fewshot.{ds}.1shot" in metrics:
-            base = metrics.get(f"fewshot_random_init.{ds}.1shot")
-            gain = None if base is None else metrics[f"fewshot.{ds}.1shot"] - base
+    for ds in sorted({*results.finetune, *results.fewshot}):
+        tuned, few = results.finetune.get(ds), results.fewshot.get(ds)
+        if bar.finetune_top1 is not None and tuned is not None:
+            add("fine-tuned top-1", ds, tuned.evaluation.top1 if tuned.evaluation else None, bar.finetune_top1)
+        if bar.fewshot_10shot is not None and few is not None and _shot(few, "pretrained", 10) is not None:
+            add("10-shot accuracy", ds, _shot(few, "pretrained", 10), bar.fewshot_10shot)
+        if bar.fewshot_1shot_gain is not None and few is not None and _shot(few, "pretrained", 1) is not None:
+            base = _shot(few, "random_init", 1)
+            gain = None if base is None else _shot(few, "pretrained", 1) - base  # type: ignore[operator]
             add("1-shot gain over random init", ds, gain, bar.fewshot_1shot_gain)
     return checks
 
@@ -181,29 +217,31 @@ def render_html(doc: Doc, figures_dir: Path) -> str:
 # The stage ----------------------------------------------------------------------------------------
 
 
-def _history(inp: StageInput) -> list[dict[str, Any]]:
-    if not inp.storage.exists("metrics.jsonl"):
-        return []
-    return [json.loads(line) for line in inp.storage.read_text("metrics.jsonl").splitlines() if line]
+def _plot_history(inp: StageInput, figdir: Path, doc: Doc, caption: str) -> None:
+    from stages.eval import figures
+    from stages.train.metrics import read_history
+
+    history = read_history(inp.storage)
+    if history:
+        figures.plot_curves([r.to_json() for r in history], figdir / f"{inp.stage}-curves.png")
+        doc.figure(f"figures/{inp.stage}-curves.png", f"{inp.stage}: {caption}")
 
 
-def _model_figures(inp: StageInput, data: StageInput | None, p: ReportParams, figdir: Path,
+def _model_figures(inp: StageInput, data: StageInput | None, settings: Any, p: ReportParams, figdir: Path,
                    doc: Doc) -> None:
     """Figure 7 (patch-embedding PCs, position-embedding similarity, attention distance) and Figure 6."""
     import torch
 
     from stages.data.evalset import iter_eval_batches
-    from stages.data.loader import shards_from_manifest
+    from stages.data.transforms import to_model_input
     from stages.eval import figures, inspect
-    from stages.model.transfer import load_handoff
+    from stages.model.handoff import read_handoff
     from stages.model.vit import ViT
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("model.safetensors", "model_config.json"):
-            inp.storage.download_file(name, Path(tmp) / name)
-        cfg, state = load_handoff(tmp)
+    handoff = read_handoff(handoff_of(inp)[1], settings)
+    cfg = handoff.config
     model = ViT(cfg)
-    model.load_state_dict(state)
+    model.load_state_dict(handoff.state)
     model.eval()
     stage = inp.stage
 
@@ -231,16 +269,15 @@ def _model_figures(inp: StageInput, data: StageInput | None, p: ReportParams, fi
     if data is None:
         doc.p("No data input: attention distance and rollout need images.")
         return
-    splits = data.manifest.metrics.get("splits", {})
-    split = "test" if "test" in splits else next(iter(splits), None)
+    ingested = read_result(data, IngestResult, "an ingest stage")
+    split = "test" if "test" in ingested.splits else next(iter(ingested.splits), None)
     if split is None:
         return
     count = max(p.distance_images, p.images)
-    batch = next(iter(iter_eval_batches(data.storage, shards_from_manifest(data.manifest.metrics, split), count,
-                                        cfg.image_size)), None)
+    batch = next(iter(iter_eval_batches(data.storage, ingested.shards(split), count, cfg.image_size)), None)
     if batch is None:
         return
-    images = batch["image"]
+    images = to_model_input(batch["image"])
 
     def distance() -> None:
         with torch.inference_mode():
@@ -269,21 +306,19 @@ class Report(Stage):
     accepts_extra_inputs = True
 
     def run(self, ctx: StageContext) -> None:
-        from stages.eval import figures
-
         p: ReportParams = ctx.params  # type: ignore[assignment]
-        by_type: dict[str, list[StageInput]] = {}
-        for inp in ctx.inputs.values():
-            by_type.setdefault(inp.manifest.type, []).append(inp)
         if not ctx.inputs:
             raise VitpipeError("the report stage needs inputs (pretrain, finetune, fewshot, ingest stages)")
-        metrics = collect_metrics({i.stage: {"type": i.manifest.type, "metrics": i.manifest.metrics}
-                                   for i in ctx.inputs.values()})
-        checks = check_quality(metrics, p.quality)
-        data = (by_type.get("ingest") or [None])[0]
+        records = {inp.stage: result_of(inp) for inp in ctx.inputs.values()}
+        results = gather_results(records)
+        metrics = flat_metrics(results)
+        checks = check_quality(results, p.quality)
+        data = next((i for i in ctx.inputs.values() if isinstance(records[i.stage], IngestResult)), None)
+        trained = {kind: [i for i in ctx.inputs.values() if isinstance(r := records[i.stage], TrainResult)
+                          and r.kind == kind] for kind in ("pretrain", "finetune")}
 
         doc = Doc(p.title or f"vitpipe report: {ctx.run_storage.uri}")
-        headline = headline_lines(metrics, checks)
+        headline = headline_lines(results, checks)
         doc.h("Headline")
         doc.bullets(headline)
         if checks:
@@ -293,48 +328,38 @@ class Report(Stage):
                        for c in checks])
         with tempfile.TemporaryDirectory() as tmp:
             figdir = Path(tmp)
-            for inp in by_type.get("pretrain", []):
+            for inp in trained["pretrain"]:
+                r = results.pretrain[inp.stage]
+                cfg = r.vit_config()
                 doc.h(f"Pretraining ({inp.stage})")
-                m = inp.manifest.metrics
-                cfg = m.get("model_config", {})
-                doc.p(f"ViT with width {cfg.get('width')}, depth {cfg.get('depth')}, {cfg.get('heads')} heads, "
-                      f"patch {cfg.get('patch_size')} at {cfg.get('image_size')} px: {m.get('params', 0):,} "
-                      f"parameters; {m.get('steps')} steps, loss {m.get('first_loss')} -> {m.get('final_loss')}.")
-                history = _history(inp)
-                if history:
-                    figures.plot_curves(history, figdir / f"{inp.stage}-curves.png")
-                    doc.figure(f"figures/{inp.stage}-curves.png", f"{inp.stage}: training loss and learning rate")
-                _model_figures(inp, data, p, figdir, doc)
-            finetunes = by_type.get("finetune", [])
-            if finetunes:
+                doc.p(f"ViT with width {cfg.width}, depth {cfg.depth}, {cfg.heads} heads, patch {cfg.patch_size} "
+                      f"at {cfg.image_size} px: {r.params:,} parameters; {r.steps} steps, loss {r.first_loss} -> "
+                      f"{r.final_loss}.")
+                _plot_history(inp, figdir, doc, "training loss and learning rate")
+                _model_figures(inp, data, ctx.run_storage_settings, p, figdir, doc)
+            if trained["finetune"]:
                 doc.h("Fine-tuning")
-                doc.table(["stage", "dataset", "resolution", "steps", "top-1", "evaluated", "skipped"],
-                          [[i.stage, i.manifest.metrics.get("dataset"),
-                            i.manifest.metrics.get("model_config", {}).get("image_size"),
-                            i.manifest.metrics.get("steps"), i.manifest.metrics.get("top1"),
-                            i.manifest.metrics.get("eval", {}).get("total"),
-                            i.manifest.metrics.get("eval", {}).get("skipped")] for i in finetunes])
-                for inp in finetunes:
-                    history = _history(inp)
-                    if history:
-                        figures.plot_curves(history, figdir / f"{inp.stage}-curves.png")
-                        doc.figure(f"figures/{inp.stage}-curves.png", f"{inp.stage}: loss and learning rate")
-            fewshots = by_type.get("fewshot", [])
-            if fewshots:
+                rows = []
+                for inp in trained["finetune"]:
+                    r = records[inp.stage]
+                    assert isinstance(r, TrainResult)
+                    e = r.evaluation
+                    rows.append([inp.stage, r.dataset, r.architecture.get("image_size"), r.steps,
+                                 e.top1 if e else None, e.total if e else None, e.skipped if e else None])
+                doc.table(["stage", "dataset", "resolution", "steps", "top-1", "evaluated", "skipped"], rows)
+                for inp in trained["finetune"]:
+                    _plot_history(inp, figdir, doc, "loss and learning rate")
+            if results.fewshot:
                 doc.h("Few-shot linear evaluation")
                 doc.p("Closed-form regularised least squares from the frozen representation onto {-1, 1}^K "
                       "targets; mean ± std over random k-shot draws; regularisation chosen on held-out "
                       "training data.")
                 rows = []
-                for inp in fewshots:
-                    m = inp.manifest.metrics
-                    ks = sorted({int(k.split(".")[1].removesuffix("shot")) for k in m
-                                 if k.startswith("pretrained.") and k.endswith("shot")})
-                    for k in ks:
-                        base = m.get(f"random_init.{k}shot")
-                        rows.append([m.get("dataset"), k, f"{m[f'pretrained.{k}shot']:.4f} ± "
-                                     f"{m.get(f'pretrained.{k}shot_std', 0):.4f}",
-                                     "" if base is None else f"{base:.4f} ± {m.get(f'random_init.{k}shot_std', 0):.4f}"])
+                for dataset, few in results.fewshot.items():
+                    for k, stats in sorted(few.accuracy.get("pretrained", {}).items()):
+                        base = few.accuracy.get("random_init", {}).get(k)
+                        rows.append([dataset, k, f"{stats.mean:.4f} ± {stats.std:.4f}",
+                                     "" if base is None else f"{base.mean:.4f} ± {base.std:.4f}"])
                 doc.table(["dataset", "k", "pretrained", "random init"], rows)
             doc.h("Run")
             doc.p(f"Run directory: {ctx.run_storage.uri}. Stages: "
@@ -354,8 +379,10 @@ class Report(Stage):
         ctx.run_storage.write_text("report.md", render_markdown(doc, figure_prefix=prefix))
         ctx.run_storage.write_text("report.html", page)
         ctx.run_storage.write_text("metrics.json", payload)
-        ctx.metrics.update({"headline": headline, "report": ctx.run_storage.uri_of("report.html"),
-                            "quality_passed": all(c["passed"] for c in checks) if checks else None, **metrics})
+        passed = all(c["passed"] for c in checks) if checks else None
+        ctx.result = ReportResult(metrics=metrics, quality_passed=passed)
+        # For `vitpipe status` and the end of `vitpipe run` (people, not stages, read these).
+        ctx.metrics.update({"headline": headline, "report": ctx.run_storage.uri_of("report.html")})
         missed = [c for c in checks if not c["passed"]]
         for c in missed:
             ctx.logger.warning("quality bar missed: %s on %s: %s < %s", c["check"], c["dataset"],
@@ -366,18 +393,17 @@ class Report(Stage):
                                f"{c['minimum']}")
 
 
-def headline_lines(metrics: dict[str, Any], checks: list[dict[str, Any]]) -> list[str]:
+def headline_lines(results: RunResults, checks: list[dict[str, Any]]) -> list[str]:
     """The few numbers printed at the end of a run."""
     lines = []
-    for key, value in sorted(metrics.items()):
-        if key.startswith("finetune.") and key.endswith(".top1") and value is not None:
-            lines.append(f"fine-tuned top-1 on {key.split('.')[1]}: {value:.4f}")
-    for key, value in sorted(metrics.items()):
-        if key.startswith("fewshot.") and key.endswith("shot"):
-            _, ds, k = key.split(".")
-            base = metrics.get(f"fewshot_random_init.{ds}.{k}")
+    for dataset, r in sorted(results.finetune.items()):
+        if r.evaluation is not None and r.evaluation.top1 is not None:
+            lines.append(f"fine-tuned top-1 on {dataset}: {r.evaluation.top1:.4f}")
+    for dataset, r in sorted(results.fewshot.items()):
+        for k, stats in sorted(r.accuracy.get("pretrained", {}).items()):
+            base = _shot(r, "random_init", k)
             extra = f" (random init: {base:.4f})" if base is not None else ""
-            lines.append(f"{k.removesuffix('shot')}-shot accuracy on {ds}: {value:.4f}{extra}")
+            lines.append(f"{k}-shot accuracy on {dataset}: {stats.mean:.4f}{extra}")
     if checks:
         passed = sum(c["passed"] for c in checks)
         lines.append(f"quality bar: {passed}/{len(checks)} checks passed")

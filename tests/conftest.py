@@ -28,6 +28,8 @@ S3_SECRET = "vitpipe-test-secret-do-not-leak-0123456789"
 # on a real cluster inherit the node's credentials.
 os.environ.update(AWS_ACCESS_KEY_ID=S3_KEY_ID, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
 os.environ.pop("AWS_PROFILE", None)
+# DeepSpeed picks its accelerator when first imported; this machine's torch is a CUDA build with no GPU.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def free_port() -> int:

@@ -18,6 +18,10 @@ import yaml
 SPECS = Path(__file__).resolve().parent.parent / "cluster" / "specs"
 LAUNCHER = SPECS / "aws-gpu-cluster.yaml"
 RAYJOB = SPECS / "rayjob.yaml"
+CONFIGS = SPECS.parent.parent / "configs"
+GPUS_PER_NODE = 8  # p5.48xlarge
+# The environment NCCL needs to run over EFA (libfabric's efa provider, GPUDirect RDMA).
+EFA_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1"}
 
 # Names of env vars / keys that would carry a secret; none may appear with a literal value.
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
@@ -120,6 +124,69 @@ def test_launcher_worker_counts(launcher: dict[str, Any]) -> None:
         assert 0 <= lo <= hi, f"{name}: min_workers {lo} > max_workers {hi}"
         assert hi <= launcher["max_workers"], f"{name}: max_workers above the cluster's"
     assert launcher["max_workers"] >= sum(t.get("min_workers", 0) for t in workers.values())
+
+
+def _gpu_types(launcher: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: t for n, t in launcher["available_node_types"].items()
+            if t["node_config"].get("InstanceType") == "p5.48xlarge"}
+
+
+def _paper_nodes() -> int:
+    """GPU nodes the largest paper recipe's training stages ask for (workers / 8)."""
+    workers = []
+    for path in CONFIGS.glob("vit-*.yaml"):
+        for stage in _load(path)["stages"].values():
+            if stage.get("type") in ("pretrain", "finetune"):
+                workers.append(stage["params"]["workers"])
+    assert workers, "no paper recipes found"
+    return -(-max(workers) // GPUS_PER_NODE)
+
+
+def test_launcher_has_room_for_the_h14_recipe(launcher: dict[str, Any]) -> None:
+    h14 = _load(CONFIGS / "vit-h14-s3.yaml")["stages"]["pretrain"]["params"]["workers"]
+    assert h14 // GPUS_PER_NODE == 16 == _paper_nodes()
+    for name, t in _gpu_types(launcher).items():
+        assert t.get("max_workers", launcher["max_workers"]) >= 16, f"{name} caps GPU nodes below the H/14 recipe's 16"
+    assert launcher["max_workers"] >= 16
+
+
+def test_launcher_gpu_nodes_have_efa(launcher: dict[str, Any]) -> None:
+    for name, t in _gpu_types(launcher).items():
+        cfg = t["node_config"]
+        nics = cfg.get("NetworkInterfaces")
+        assert nics, f"{name}: no NetworkInterfaces, so no EFA: NCCL would fall back to TCP"
+        # One EFA per network card, all 32 of the p5: card 0 is the primary (EFA with ENA, device
+        # index 0); the others sit at device index 1, EFA with or without ENA (AWS's layout).
+        assert sorted(n["NetworkCardIndex"] for n in nics) == list(range(32))
+        for n in nics:
+            primary = n["NetworkCardIndex"] == 0
+            assert n["DeviceIndex"] == (0 if primary else 1)
+            assert n["InterfaceType"] == "efa" if primary else n["InterfaceType"] in ("efa", "efa-only")
+            # Ray takes subnet and security group from every interface, and refuses them at node level.
+            assert n.get("SubnetId") and n.get("Groups"), f"{name}: interface {n['NetworkCardIndex']} lacks them"
+        assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & set(cfg)
+        assert cfg["Placement"]["GroupName"], f"{name}: EFA wants a cluster placement group"
+
+
+def _effective_worker_setup(launcher: dict[str, Any], node_type: str) -> list[str]:
+    """The setup commands Ray runs on a worker of ``node_type``: setup_commands + worker_setup_commands,
+    unless the node type has its own worker_setup_commands, which then replace both (Ray's rule)."""
+    from ray.autoscaler._private.util import prepare_config
+
+    prepared = prepare_config(json.loads(json.dumps(launcher)))
+    return prepared["available_node_types"][node_type].get("worker_setup_commands",
+                                                           prepared["worker_setup_commands"])
+
+
+def test_launcher_gpu_nodes_export_the_nccl_efa_environment(launcher: dict[str, Any]) -> None:
+    for name in _gpu_types(launcher):
+        setup = "\n".join(_effective_worker_setup(launcher, name))
+        assert "pip install" in setup, f"{name}: the project's setup does not run there"
+        for var, value in {**EFA_ENV, "NCCL_SOCKET_IFNAME": None}.items():
+            found = re.findall(rf"export {var}=([^\s']+)", setup)
+            assert found, f"{name}: {var} is not exported"
+            assert value is None or found == [value], f"{name}: {var}={found}"
+        assert re.search(r"export LD_LIBRARY_PATH=[^\s']*/opt/amazon/ofi-nccl/lib", setup), "aws-ofi-nccl not found"
 
 
 def test_launcher_credentials_come_from_instance_profiles(launcher: dict[str, Any], launcher_text: str) -> None:
@@ -241,6 +308,18 @@ def test_rayjob_worker_groups(rayjob: dict[str, Any]) -> None:
         shm = [v["name"] for v in spec.get("volumes", []) if (v.get("emptyDir") or {}).get("medium") == "Memory"]
         mounts = {m["mountPath"]: m["name"] for m in containers[0].get("volumeMounts", [])}
         assert mounts.get("/dev/shm") in shm, f"{g['groupName']}: no memory-backed /dev/shm"
+
+
+def test_rayjob_gpu_workers_use_efa_and_fit_the_h14_recipe(rayjob: dict[str, Any]) -> None:
+    groups = {g["groupName"]: g for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    gpu = groups["gpu-workers"]
+    assert gpu["replicas"] >= _paper_nodes() == 16
+    container = gpu["template"]["spec"]["containers"][0]
+    for kind in ("requests", "limits"):
+        assert str(container["resources"][kind].get("vpc.amazonaws.com/efa")) == "32", f"EFA {kind}"
+    env = _env(container)
+    for var, value in EFA_ENV.items():
+        assert env.get(var, {}).get("value") == value, f"gpu-workers: {var} is not {value}"
 
 
 def test_rayjob_token_auth_from_secret(rayjob: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Every shipped config validates; the paper-scale recipes plan to fit on the cluster they name."""
+"""Every shipped config validates; the paper-scale recipes plan to fit on the cluster they name, and
+their ZeRO stage and activation checkpointing are what `vitpipe plan` recommends there."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from stages.pretrain import PretrainParams
+from stages.train.params import PretrainParams
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -46,3 +47,29 @@ def test_paper_recipe_plans_and_fits(name: str, capsys):
 
 def plan_width(name: str) -> int:
     return {"vit-b16-i21k.yaml": 768, "vit-l16-i21k.yaml": 1024, "vit-h14-s3.yaml": 1280}[name]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_recipe_follows_the_plans_recommendation(name: str, capsys):
+    # Every training stage (pretrain and the fine-tunes) is planned on the world it runs on (its own
+    # workers, 8 GPUs per node) and must be configured as the plan recommends.
+    _, gpus, _ = PAPER[name]
+    path = REPO / "configs" / name
+    stages = {s: spec for s, spec in load_config(str(path)).stages.items() if spec.type in ("pretrain", "finetune")}
+    assert "pretrain" in stages and len(stages) > 1
+    checked = set()
+    for world in sorted({spec.params["workers"] for spec in stages.values()}):
+        assert world % gpus == 0, f"{world} workers do not fill {gpus}-GPU nodes"
+        assert main(["plan", str(path), "--nodes", str(world // gpus), "--gpus-per-node", str(gpus), "--gpu", "h100",
+                     "--num-classes", "21843", "--json"]) == 0
+        plans = json.loads(capsys.readouterr().out)["stages"]
+        for stage, spec in stages.items():
+            if spec.params["workers"] != world:
+                continue
+            plan, rec = plans[stage], plans[stage]["recommended"]
+            assert plan["cluster"]["world_size"] == world and plan["fits"], (stage, plan["warnings"])
+            configured = (plan["zero_stage"], plan["checkpoint_activations"])
+            assert configured == (rec["zero_stage"], rec["checkpoint_activations"]), (stage, rec["reason"])
+            assert not any("the plan recommends" in n for n in plan["notes"])
+            checked.add(stage)
+    assert checked == set(stages)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.data.transforms import normalize
+from stages.data.transforms import to_model_input
 from stages.eval.figures import (
     denormalize_images,
     plot_attention_distance,
@@ -62,7 +62,7 @@ def test_plot_attention_distance(tmp_path):
 
 def test_denormalize_inverts_the_input_pipeline():
     raw = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    shown = denormalize_images(normalize(raw))  # defaults: the pipeline's MEAN/STD
+    shown = denormalize_images(to_model_input(raw))  # defaults: the pipeline's MEAN/STD
     np.testing.assert_allclose(shown, raw.numpy() / 255.0, atol=1e-6)
     other = denormalize_images(torch.zeros(1, 3, 2, 2), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     np.testing.assert_allclose(other[0, 0, 0], [0.485, 0.456, 0.406], atol=1e-7)

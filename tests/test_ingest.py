@@ -22,6 +22,7 @@ from stages.data.images import BadImage, check_image, reencode, to_rgb
 from stages.data.sources import SourceItem
 from stages.data.tarshards import iter_tar_samples
 from stages.ingest import plan_shards, screen_items, sort_labels
+from stages.records import IngestResult
 
 pytestmark = pytest.mark.usefixtures("ray_instance")
 
@@ -41,11 +42,16 @@ def run_ingest(uri: str, params: dict, endpoint: str | None = None):
     return store, read_manifest(store)
 
 
+def record(manifest) -> IngestResult:
+    """The ingest stage's typed result record, as downstream stages read it."""
+    return IngestResult.model_validate(manifest.result)
+
+
 def all_samples(store, manifest) -> dict[str, dict[str, bytes]]:
     found: dict[str, dict[str, bytes]] = {}
-    for split in manifest.metrics["splits"].values():
-        for shard in split["shards"]:
-            with store.open_read(shard["path"]) as f:
+    for split in record(manifest).splits.values():
+        for shard in split.shards:
+            with store.open_read(shard.path) as f:
                 for key, files in iter_tar_samples(f):
                     assert key not in found, f"duplicate key {key}"
                     found[key] = files
@@ -150,17 +156,17 @@ def test_digits_ingest_is_deterministic_and_readable_by_plain_tools(tmp_path):
     store_a, ma = run_ingest(str(tmp_path / "a"), params)
     store_b, mb = run_ingest(str(tmp_path / "b"), {**params, "workers": 1})
     assert [o.model_dump() for o in ma.outputs] == [o.model_dump() for o in mb.outputs]  # same bytes
-    splits = ma.metrics["splits"]
-    assert {k: v["samples"] for k, v in splits.items()} == {"train": 1297, "val": 200, "test": 300}
-    assert ma.metrics["classes"] == [str(d) for d in range(10)] and ma.metrics["skipped_count"] == 0
+    splits = record(ma).splits
+    assert {k: v.samples for k, v in splits.items()} == {"train": 1297, "val": 200, "test": 300}
+    assert record(ma).classes == [str(d) for d in range(10)] and record(ma).skipped == 0
     assert json.loads(store_a.read_text("classes.json")) == {"classes": [str(d) for d in range(10)]}
-    assert sum(splits["train"]["class_counts"].values()) == 1297
+    assert sum(splits["train"].class_counts.values()) == 1297
 
     # plain tarfile
-    first = splits["train"]["shards"][0]
-    with tarfile.open(store_a.local_path(first["path"])) as tar:
+    first = splits["train"].shards[0]
+    with tarfile.open(store_a.local_path(first.path)) as tar:
         names = tar.getnames()
-    assert len(names) == 3 * first["samples"]
+    assert len(names) == 3 * first.samples
     triples = [names[i:i + 3] for i in range(0, len(names), 3)]
     keys = [t[0].rsplit(".", 1)[0] for t in triples]
     assert all(t == [f"{k}.cls", f"{k}.json", f"{k}.png"] for k, t in zip(keys, triples))
@@ -168,7 +174,7 @@ def test_digits_ingest_is_deterministic_and_readable_by_plain_tools(tmp_path):
     # plain webdataset
     import webdataset as wds
 
-    urls = [str(store_a.local_path(s["path"])) for s in splits["test"]["shards"]]
+    urls = [str(store_a.local_path(s.path)) for s in splits["test"].shards]
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
     assert len(samples) == 300 and samples[0]["png"].size == (16, 16) and isinstance(samples[0]["cls"], int)
     assert samples[0]["json"]["source"].startswith("sklearn.datasets.load_digits[")
@@ -211,9 +217,9 @@ def test_imagefolder_with_bad_inputs_skips_with_reasons_and_fails_over_the_limit
                             "img0.png"}
     assert reasons["zero.jpg"] == "zero-byte file" and reasons["orphan.jpg"] == "missing label"
     assert reasons["notes.txt"] == "unsupported file type .txt" and "duplicate key" in reasons["img0.png"]
-    assert manifest.metrics["inputs"] == total and manifest.metrics["samples"] == total - 7
+    assert record(manifest).inputs == total and record(manifest).samples == total - 7
     samples = all_samples(store, manifest)
-    assert set(manifest.metrics["splits"]) == {"train", "val"}
+    assert set(record(manifest).splits) == {"train", "val"}
     rotated = Image.open(io.BytesIO(samples["train/cat/rotated"]["jpg"]))
     assert rotated.size == (16, 27)  # upright (24x40 -> 16x26.7), shorter side 16
     assert all("jpg" in f and f["cls"] in (b"0", b"1") for f in samples.values())
@@ -226,7 +232,7 @@ def test_interrupted_ingest_rewrites_only_missing_shards(tmp_path):
     params = {"source": "digits", "image_size": 16, "shard_samples": 200}
     uri = str(tmp_path / "run")
     store, manifest = run_ingest(uri, params)
-    shards = [s["path"] for sp in manifest.metrics["splits"].values() for s in sp["shards"]]
+    shards = [s.path for sp in record(manifest).splits.values() for s in sp.shards]
     # What a SIGKILL mid-ingest leaves: some shards committed (tar + stats), the rest absent, a
     # stray temp file, no manifest, and the stage recorded as running.
     lost = shards[1:4]
@@ -265,9 +271,9 @@ def test_list_sources_and_resharding_other_tools_shards(tmp_path):
     for name in ("list.csv", "list.jsonl"):
         _, m = run_ingest(str(tmp_path / f"run-{name}"), {"source": "list", "path": str(tmp_path / name),
                                                            "max_skip_fraction": 0.2})
-        assert m.metrics["samples"] == 6 and m.metrics["classes"] == ["even", "odd"]
+        assert record(m).samples == 6 and record(m).classes == ["even", "odd"]
         assert [s["reason"] for s in m.metrics["skipped"]] == [f"unreadable: {src}/missing.png: no such file"]
-        assert {k: v["samples"] for k, v in m.metrics["splits"].items()} == {"train": 5, "val": 1}
+        assert {k: v.samples for k, v in record(m).splits.items()} == {"train": 5, "val": 1}
 
     # img2dataset-style shards written with plain tarfile: KEY.jpg + KEY.txt / KEY.json labels.
     wds_dir = tmp_path / "foreign"
@@ -283,8 +289,31 @@ def test_list_sources_and_resharding_other_tools_shards(tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     store, m = run_ingest(str(tmp_path / "reshard"), {"source": "webdataset", "path": str(wds_dir),
                                                        "shard_samples": 2})
-    assert m.metrics["samples"] == 5 and m.metrics["classes"] == ["horse", "zebra"]
-    assert len(m.metrics["splits"]["train"]["shards"]) == 3
+    assert record(m).samples == 5 and record(m).classes == ["horse", "zebra"]
+    assert len(record(m).splits["train"].shards) == 3
+
+
+def test_gif_and_tiff_copied_as_is_are_read_by_the_loader_and_the_evaluation_reader(tmp_path):
+    from stages.data.evalset import iter_eval_batches
+    from stages.data.loader import ShardLoader
+
+    src = tmp_path / "src"
+    for i, (fmt, ext) in enumerate([("GIF", "gif"), ("TIFF", "tiff"), ("PNG", "png"), ("GIF", "gif"),
+                                     ("TIFF", "tif"), ("JPEG", "jpg")]):
+        folder = src / "train" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img{i}.{ext}").write_bytes(encode(photo(seed=i), fmt))
+    store, m = run_ingest(str(tmp_path / "run"), {"source": "imagefolder", "path": str(src), "shard_samples": 2,
+                                                   "mode": "copy"})
+    members = {k: sorted(f) for k, f in all_samples(store, m).items()}
+    assert sorted(e for names in members.values() for e in names if e not in ("cls", "json")) == \
+        ["gif", "gif", "jpg", "png", "tiff", "tiff"]  # stored as they came (.tif normalised to .tiff)
+    shards = record(m).shards("train")
+    batches = list(ShardLoader(store, shards, batch_size=1, image_size=8, train=False))
+    assert len(batches) == 6 and all(b["image"].shape == (1, 8, 8, 3) for b in batches)
+    skipped: list[dict[str, str]] = []
+    keys = [k for b in iter_eval_batches(store, shards, 4, 8, skipped=skipped) for k in b["key"]]
+    assert not skipped and sorted(keys) == sorted(members)
 
 
 def test_ingest_to_and_from_s3(s3_endpoint, s3_bucket, tmp_path):
@@ -297,10 +326,10 @@ def test_ingest_to_and_from_s3(s3_endpoint, s3_bucket, tmp_path):
     uri = f"s3://{s3_bucket}/runs/ing"
     store, m = run_ingest(uri, {"source": "imagefolder", "path": f"s3://{s3_bucket}/src", "shard_samples": 3},
                           endpoint=s3_endpoint)
-    assert m.metrics["samples"] == 8 and len(m.metrics["splits"]["train"]["shards"]) == 3
+    assert record(m).samples == 8 and len(record(m).splits["train"].shards) == 3
     assert len(all_samples(store, m)) == 8
-    from stages.data.loader import ShardLoader, shards_from_manifest
+    from stages.data.loader import ShardLoader
 
-    loader = ShardLoader(store, shards_from_manifest(m.metrics, "train"), batch_size=2, image_size=8,
+    loader = ShardLoader(store, record(m).shards("train"), batch_size=2, image_size=8,
                          num_workers=1)
     assert sum(len(b["key"]) for b in loader) == len(loader) * 2

@@ -13,6 +13,7 @@ from tests.conftest import S3_SECRET, smoke_config
 def test_runtime_env_carries_code_and_allowlisted_env_only(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # conftest sets it for in-process DeepSpeed; allow-listed
     env = jobs.build_runtime_env(str(tmp_path), ["NCCL_DEBUG=INFO"])
     assert env["working_dir"] == str(tmp_path)
     assert [os.path.basename(p) for p in env["py_modules"]] == ["pipeline", "stages", "cluster"]

@@ -15,20 +15,23 @@ from stages.model.transfer import transfer_config
 from stages.model.vit import ViT, ViTConfig, count_params, decode_variant, flops_per_image
 from stages.planner import (
     DEFAULT_DECODE_RATE,
-    GPUS,
-    REDUCE_BUCKET_ELEMENTS,
     RESERVED_BYTES,
     activation_breakdown,
     activation_bytes,
     checkpoint_bytes,
     comm_buffer_bytes,
+    communication_volume,
     largest_layer_params,
     layer_activation_bytes,
     optimizer_step_bytes,
     plan_pretrain,
+    recommend,
+    render_pretrain_plan,
     zero_model_state_bytes,
 )
-from stages.pretrain import PEAK_FLOPS, PretrainParams
+from stages.train.ds_config import build_deepspeed_config, comm_buckets
+from stages.train.hardware import ACCELERATORS
+from stages.train.params import PretrainParams
 from tests.conftest import REPO, run_cli
 
 PSI = 86_000_000  # ViT-B/16's ~86M parameters, rounded so every N below divides it
@@ -72,13 +75,39 @@ def test_zero_states_fp32_and_offload():
         zero_model_state_bytes(PSI, 8, 2, precision="fp8")
 
 
-def test_optimizer_step_copy_and_buffers():
+def test_optimizer_step_copy():
     # The fp32 copy of this rank's gradients at the step: all of them at stage 0, a 1/N shard after.
     assert [optimizer_step_bytes(PSI, 8, s) for s in range(4)] == [4 * PSI] + [4 * PSI // 8] * 3
     assert optimizer_step_bytes(PSI, 8, 2, precision="fp32") == 0
-    assert comm_buffer_bytes(PSI, 0, "bf16") == 2 * PSI  # smaller than one bucket
-    assert comm_buffer_bytes(PSI, 2, "bf16") == 2 * REDUCE_BUCKET_ELEMENTS
-    assert comm_buffer_bytes(PSI, 3, "fp32", largest_layer=1000) == 4 * REDUCE_BUCKET_ELEMENTS + 4000
+
+
+def test_comm_buffers_by_hand():
+    # Ψ = 86M: reduce bucket E = 86M / 8 = 10.75M -> 11M elements; ZeRO-3 prefetch P = 5.5M -> 6M.
+    assert (comm_buckets(PSI).reduce_bucket, comm_buckets(PSI).prefetch_bucket) == (11_000_000, 6_000_000)
+    # ZeRO-0: the whole gradient flattened (2 bytes) and cast to fp32 (4): 86M x 6 = 516 MB; no cast in
+    # bf16 communication (172 MB) or fp32 training (4 bytes, 344 MB); at most 5e8 elements at a time.
+    assert comm_buffer_bytes(PSI, 0, "bf16") == 516_000_000
+    assert comm_buffer_bytes(PSI, 0, "bf16", grad_comm_fp32=False) == 172_000_000
+    assert comm_buffer_bytes(PSI, 0, "fp32") == 344_000_000
+    assert comm_buffer_bytes(2 * 10**9, 0, "bf16") == 500_000_000 * 6
+    # ZeRO-1/2: two bf16 buckets (overlap double-buffering) + the flattened bucket in reduction (3 x 2
+    # bytes) + its fp32 cast (4 bytes): 11M x 10 = 110 MB; bf16 traffic 11M x 6; fp32 11M x 12.
+    assert comm_buffer_bytes(PSI, 2, "bf16") == comm_buffer_bytes(PSI, 1, "bf16") == 110_000_000
+    assert comm_buffer_bytes(PSI, 2, "bf16", grad_comm_fp32=False) == 66_000_000
+    assert comm_buffer_bytes(PSI, 2, "fp32") == 132_000_000
+    # ZeRO-3: the bucket in the communication dtype and the reduce-scatter's copy (2 x 11M x 4 = 88 MB),
+    # the prefetched weights (6M x 2 = 12 MB) and 4 bytes x the largest layer.
+    assert comm_buffer_bytes(PSI, 3, "bf16", largest_layer=1000) == 88_000_000 + 12_000_000 + 4000
+    assert comm_buffer_bytes(PSI, 3, "fp32", largest_layer=1000) == 88_000_000 + 24_000_000 + 4000
+    assert comm_buffer_bytes(PSI, 3, "bf16", grad_comm_fp32=False) == 44_000_000 + 12_000_000
+
+
+def test_planner_and_deepspeed_config_share_the_bucket():
+    # One source: the bucket the planner charges for is the one the DeepSpeed config asks for.
+    for n in (5_000_000, PSI, 632_000_000, 3 * 10**9):
+        cfg = build_deepspeed_config(global_batch=8, micro_batch=1, world_size=8, zero_stage=2, precision="bf16",
+                                     model_params=n)
+        assert comm_buffer_bytes(n, 2, "bf16") == 10 * cfg["zero_optimization"]["reduce_bucket_size"]
 
 
 # --- DeepSpeed's estimators --------------------------------------------------------------------
@@ -128,7 +157,7 @@ def test_deepspeed_zero3_estimate(nodes, gpus):
     # DeepSpeed: 4 x largest layer + 18Ψ/N, i.e. a 4-byte gradient shard where DESIGN has 2 bytes
     # (+2Ψ/N), plus the gathered layer, which we count as a ZeRO-3 buffer.
     assert ds_gpu == ours + 2 * PSI // n + 4 * largest
-    assert ds_largest == 4 * largest == comm_buffer_bytes(PSI, 3, "bf16", largest) - 2 * REDUCE_BUCKET_ELEMENTS
+    assert ds_largest == 4 * largest == comm_buffer_bytes(PSI, 3, "bf16", largest) - comm_buffer_bytes(PSI, 3, "bf16")
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_classes": 1000}, {"pool": "gap", "representation_size": 64}])
@@ -205,12 +234,21 @@ def test_plan_numbers():
     psi = count_params(cfg)
     assert plan["params"] == psi and plan["flops_per_image"] == flops_per_image(cfg)
     assert [r["model_state_bytes"] for r in plan["zero_stages"]] == [zero_model_state_bytes(psi, 8, s) for s in range(4)]
-    images_per_s = 8 * PEAK_FLOPS["h100"] * 0.5 / (3 * flops_per_image(cfg))
+    images_per_s = 8 * ACCELERATORS["h100"].peak_flops * 0.5 / (3 * flops_per_image(cfg))
     assert plan["throughput"]["images_per_s"] == pytest.approx(images_per_s)
     assert plan["throughput"]["step_time_s"] == pytest.approx(4096 / images_per_s)
     assert plan["data_plane"]["decode_cores"] == math.ceil(images_per_s / 100.0)
     assert plan["checkpoint"] == {"deepspeed_bytes": 14 * psi, "handoff_bytes": 4 * psi, "kept": 2,
                                   "storage_bytes": 2 * 14 * psi + 4 * psi}
+    # The buffers are DeepSpeed's for this config: fp32 gradient traffic unless switched off.
+    largest = largest_layer_params(cfg)
+    assert [r["buffer_bytes"] for r in plan["zero_stages"]] == \
+        [comm_buffer_bytes(psi, s, "bf16", largest) for s in range(4)]
+    off = plan_pretrain(_params(grad_comm_fp32=False), nodes=1, gpus_per_node=8, gpu="h100", num_classes=1000)
+    assert not off["grad_comm_fp32"] and [r["buffer_bytes"] for r in off["zero_stages"]] == \
+        [comm_buffer_bytes(psi, s, "bf16", largest, grad_comm_fp32=False) for s in range(4)]
+    # fp32 training communicates in fp32 whatever the switch says.
+    assert plan_pretrain(_params(precision="fp32", grad_comm_fp32=False), nodes=1, gpus_per_node=8)["grad_comm_fp32"]
     row = plan["zero_stages"][2]
     acts = activation_bytes(cfg, 32, "bf16", False)
     assert row["peak_bytes"] == RESERVED_BYTES + row["model_state_bytes"] + row["buffer_bytes"] + acts
@@ -260,6 +298,83 @@ def test_model_states_too_big_suggest_a_higher_zero_stage():
     assert "nothing fits" in alone["warnings"][0]
 
 
+# --- communication and the recommendation ------------------------------------------------------
+
+
+def test_communication_volume_by_hand():
+    # Per optimizer step, in units of Ψ: all-reduce 2; ZeRO-1 reduce + all-gather 2; ZeRO-2 reduce-scatters
+    # at each of A micro-steps + one all-gather, A + 1; ZeRO-3 two all-gathers + a reduce-scatter per micro-step.
+    assert [communication_volume(s) for s in range(4)] == [2, 2, 2, 3]
+    assert [communication_volume(s, accumulation=4) for s in range(4)] == [2, 2, 5, 12]
+    with pytest.raises(ValueError, match="accumulation must be >= 1"):
+        communication_volume(2, accumulation=0)
+
+
+def _rows(fits, fits_ckpt, peaks=(40, 30, 25, 20)):
+    """Per-stage rows as plan_pretrain makes them; peaks in GB, checkpointed ones 10 GB lower."""
+    return [{"stage": s, "fits": f, "fits_checkpointed": c, "peak_bytes": p * 10**9,
+             "peak_bytes_checkpointed": (p - 10) * 10**9} for s, f, c, p in zip(range(4), fits, fits_ckpt, peaks)]
+
+
+def test_recommend_by_hand():
+    yes, no = (True,) * 4, (False,) * 4
+    # Everything fits, one micro-step: ZeRO-0/1/2 all move 2Ψ; ZeRO-0 only after the backward pass, and
+    # ZeRO-1 peaks higher (30 > 25 GB): ZeRO-2, no recomputation.
+    best = recommend(_rows(yes, yes))
+    assert (best["zero_stage"], best["checkpoint_activations"], best["communication_volume"]) == (2, False, 2)
+    assert best["peak_bytes"] == 25 * 10**9
+    assert "ZeRO-0 moves as much but only after the backward pass" in best["reason"]
+    assert "ZeRO-1 moves as much with a higher peak" in best["reason"]
+    # Four micro-steps: ZeRO-2 now moves 5Ψ and ZeRO-3 12Ψ; ZeRO-1 keeps 2Ψ.
+    assert recommend(_rows(yes, yes), accumulation=4)["zero_stage"] == 1
+    # Without checkpointing only ZeRO-3 fits (3Ψ); with it ZeRO-1 and 2 (2Ψ): less communication first.
+    best = recommend(_rows((False, False, False, True), yes))
+    assert (best["zero_stage"], best["checkpoint_activations"]) == (2, True)
+    # Equal communication: no recomputation wins over a lower peak (ZeRO-1 plain vs ZeRO-2 checkpointed).
+    best = recommend(_rows((False, True, False, False), (False, False, True, False)))
+    assert (best["zero_stage"], best["checkpoint_activations"]) == (1, False)
+    # Only ZeRO-0 fits: it is recommended, said to communicate after the backward pass ...
+    best = recommend(_rows((True, False, False, False), no))
+    assert best["zero_stage"] == 0 and "after the backward pass" in best["reason"]
+    # ... unless the optimizer is offloaded, which ZeRO-0 cannot do; nothing fitting gives None.
+    assert recommend(_rows((True, False, False, False), no), offload_optimizer=True) is None
+    assert recommend(_rows(no, no)) is None
+
+
+def test_plan_recommends_zero2_without_checkpointing_for_h14_on_128_h100():
+    p = _params(model="H/14", micro_batch=32, workers=128, zero_stage=3, checkpoint_activations=True)
+    plan = plan_pretrain(p, nodes=16, gpus_per_node=8, gpu="h100")
+    rec = plan["recommended"]
+    assert (rec["zero_stage"], rec["checkpoint_activations"], plan["accumulation"]) == (2, False, 1)
+    assert rec["peak_bytes"] == plan["zero_stages"][2]["peak_bytes"]
+    assert [r["communication_volume"] for r in plan["zero_stages"]] == [2, 2, 2, 3]
+    assert any("this config has zero_stage 3, checkpoint_activations true; the plan recommends zero_stage 2, "
+               "checkpoint_activations false" in n for n in plan["notes"])
+    text = render_pretrain_plan(plan)
+    assert "recommended: ZeRO-2, activation checkpointing off: the least communication that fits" in text
+    # Configured as recommended: no such note.
+    same = plan_pretrain(p.model_copy(update={"zero_stage": 2, "checkpoint_activations": False}), nodes=16,
+                         gpus_per_node=8, gpu="h100")
+    assert not any("the plan recommends" in n for n in same["notes"])
+
+
+def test_plan_recommendation_follows_accumulation_and_memory():
+    # B/16 on 8 GPUs at micro-batch 32: 16 micro-steps per step, so ZeRO-2 would reduce-scatter 16 times.
+    plan = plan_pretrain(_params(), nodes=1, gpus_per_node=8, gpu="h100")
+    assert plan["accumulation"] == 16 and plan["recommended"]["zero_stage"] == 1
+    # H/14 at micro-batch 224 on 8 H100s: without checkpointing only ZeRO-3 fits (3Ψ); ZeRO-2 with
+    # checkpointing moves 2Ψ, so it is recommended, recomputation and all.
+    plan = plan_pretrain(_params(model="H/14", micro_batch=224, global_batch=8 * 224), nodes=1, gpus_per_node=8,
+                         gpu="h100")
+    assert [r["fits"] for r in plan["zero_stages"]] == [False, False, False, True]
+    assert (plan["recommended"]["zero_stage"], plan["recommended"]["checkpoint_activations"]) == (2, True)
+    # Nothing fits: said so, with no stage.
+    alone = plan_pretrain(_params(model="g/14", depth=200, micro_batch=8, global_batch=8, workers=1, zero_stage=0),
+                          gpu="h100")
+    assert alone["recommended"]["zero_stage"] is None and "nothing fits" in alone["recommended"]["reason"]
+    assert "recommended: none (nothing fits" in render_pretrain_plan(alone)
+
+
 def test_plan_notes_workers_and_batch_divisibility():
     plan = plan_pretrain(_params(workers=8, global_batch=4096, micro_batch=32), nodes=4, gpus_per_node=8)
     assert any("workers=8" in n and "N = 4 x 8 = 32" in n for n in plan["notes"])
@@ -277,10 +392,13 @@ def test_plan_rejects_bad_cluster(kwargs, message):
         plan_pretrain(_params(), **kwargs)
 
 
-def test_gpu_table_reuses_peak_flops():
-    assert set(GPUS) == {"h100", "a100", "h200"}
-    assert all(spec.peak_flops == PEAK_FLOPS[name] for name, spec in GPUS.items())
-    assert (GPUS["h100"].memory_bytes, GPUS["a100"].memory_bytes, GPUS["h200"].memory_bytes) == (80e9, 80e9, 141e9)
+@pytest.mark.parametrize("gpu", sorted(ACCELERATORS))
+def test_plan_uses_the_one_accelerator_table(gpu):
+    # Memory and the MFU denominator come from stages.train.hardware, which the trainer uses too.
+    c = plan_pretrain(_params(), gpu=gpu, nodes=1, gpus_per_node=8)["cluster"]
+    assert (c["gpu_memory_bytes"], c["peak_flops"]) == (ACCELERATORS[gpu].memory_bytes, ACCELERATORS[gpu].peak_flops)
+    assert {a: ACCELERATORS[a].memory_bytes for a in ("h100", "a100", "h200")} == \
+        {"h100": 80e9, "a100": 80e9, "h200": 141e9}
 
 
 def test_pretrain_has_a_registered_planner():

@@ -72,7 +72,7 @@ def _check_outputs(run: str, steps: int, batch_per_rank: int) -> None:
     paths = {o["path"] for o in manifest["outputs"]}
     assert {p.split("/")[0] for p in paths} == {"model.safetensors", "model_config.json", "metrics.jsonl",
                                                 "workers.json", "tensorboard"}
-    assert manifest["metrics"]["final_loss"] == history[-1]["loss"]
+    assert manifest["result"]["final_loss"] == history[-1]["loss"] and manifest["result"]["steps"] == steps
     assert [w["rank"] for w in json.loads((out / "workers.json").read_text())] == [0, 1]
     # TensorBoard holds the same curve as the JSONL log.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -139,7 +139,7 @@ def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
 
 
 def test_bad_training_configs_are_rejected_at_load():
-    with pytest.raises(ConfigError, match=r"global_batch 30 is not divisible by workers x micro_batch \(2 x 8\)"):
+    with pytest.raises(ConfigError, match=r"global_batch 30 is not divisible by workers x micro_batch \(2 x 8 = 16\)"):
         parse_config(config(global_batch=30), source="x.yaml")
     with pytest.raises(ConfigError, match="image_size 18 is not divisible by patch_size 4"):
         parse_config(config(image_size=18), source="x.yaml")

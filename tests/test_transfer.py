@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from stages.model.handoff import HandoffRef, read_handoff, save_handoff
 from stages.model.posemb import resample_pos_embed
-from stages.model.transfer import build_transfer_model, load_handoff, transfer_config, transfer_state_dict
+from stages.model.transfer import build_transfer_model, transfer_config, transfer_state_dict
 from stages.model.vit import ViT, ViTConfig
 
 SOURCE = ViTConfig(image_size=32, patch_size=4, width=32, depth=2, heads=2, mlp_dim=64, num_classes=7,
@@ -51,9 +51,22 @@ def test_weights_of_another_architecture_are_refused(pretrained):
         build_transfer_model(other, pretrained.state_dict(), 32, 10)
 
 
-def test_load_handoff_round_trip(pretrained, tmp_path):
-    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "model_config.json").write_text(json.dumps(SOURCE.to_dict()))
-    cfg, state = load_handoff(tmp_path)
-    assert cfg == SOURCE
-    torch.testing.assert_close(state["pos_embed"], pretrained.pos_embed.detach())
+def test_handoff_round_trip_is_verified_against_the_manifest(pretrained, tmp_path):
+    from pipeline.errors import VitpipeError
+    from pipeline.storage import LocalStorage, sha256_stream
+
+    store = LocalStorage(tmp_path / "stage")
+    save_handoff(store, SOURCE, {k: v.contiguous() for k, v in pretrained.state_dict().items()}, {"step": "7"})
+    sha = {}
+    for name in ("model.safetensors", "model_config.json"):
+        with store.open_read(name) as f:
+            sha[name] = sha256_stream(f)[0]
+    handoff = read_handoff(HandoffRef(store.uri, sha))
+    assert handoff.config == SOURCE
+    torch.testing.assert_close(handoff.state["pos_embed"], pretrained.pos_embed.detach())
+    # A file that differs from what the producing stage committed is refused, naming it.
+    (tmp_path / "stage" / "model_config.json").write_text(json.dumps({**SOURCE.to_dict(), "depth": 3}))
+    with pytest.raises(VitpipeError, match=r"model_config.json does not match the sha256 its stage committed"):
+        read_handoff(HandoffRef(store.uri, sha))
+    with pytest.raises(ValueError, match="records no checksum for model.safetensors"):
+        HandoffRef(store.uri, {"model_config.json": sha["model_config.json"]})

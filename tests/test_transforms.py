@@ -4,6 +4,7 @@ import io
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -11,8 +12,8 @@ from stages.data.transforms import (
     center_crop_box,
     decode_eval,
     decode_train,
-    normalize,
     random_resized_crop_box,
+    to_model_input,
 )
 
 
@@ -66,11 +67,16 @@ def test_eval_decode_is_deterministic_and_exif_aware():
     assert np.abs(rotated.astype(int) - expected.astype(int)).mean() < 4
 
 
-def test_normalize_matches_the_definition():
+def test_model_input_is_normalised_on_the_device_from_uint8():
     x = torch.randint(0, 256, (2, 5, 5, 3), dtype=torch.uint8)
     ref = (x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
-    y = normalize(x)
-    assert y.shape == (2, 3, 5, 5) and y.is_contiguous() and torch.allclose(y, ref, atol=1e-6)
+    y = to_model_input(x, torch.device("cpu"))
+    assert y.shape == (2, 3, 5, 5) and y.is_contiguous() and y.dtype == torch.float32
+    assert torch.allclose(y, ref, atol=1e-6)
+    half = to_model_input(x, "cpu", torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), ref, atol=1e-2)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        to_model_input(ref)  # already float: the loader must hand over uint8
 
 
 def test_hflip_off_never_flips_and_keeps_the_same_crops():

@@ -233,11 +233,11 @@ def test_hybrid_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_weight_decay_skips_biases_norms_position_embeddings_and_the_class_token():
-    from stages.train.worker import _param_groups
+    from stages.train.engine import param_groups
 
     model = ViT(decode_variant("Ti/4", image_size=16, num_classes=10, width=32, depth=1, heads=2, mlp_dim=64))
     names = {id(p): n for n, p in model.named_parameters()}
-    decay, no_decay = _param_groups(model, 0.1)
+    decay, no_decay = param_groups(model, 0.1)
     skipped = {names[id(p)] for p in no_decay["params"]}
     assert {"cls_token", "pos_embed", "norm.weight", "head.bias"} <= skipped
     assert {names[id(p)] for p in decay["params"]} == {"patch_embed.weight", "blocks.0.attn.qkv.weight",

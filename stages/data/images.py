@@ -11,11 +11,17 @@ import io
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BadImage", "ALLOWED_FORMATS", "EXTENSION_OF", "check_image", "open_image", "to_rgb", "reencode"]
+__all__ = ["BadImage", "ALLOWED_FORMATS", "EXTENSION_OF", "IMAGE_EXTENSIONS", "image_member", "check_image",
+           "open_image", "to_rgb", "reencode"]
 
-# Formats we accept as input, and the shard extension each is stored under when copied.
+# The one table of image formats: what ingest accepts, the shard member extension each format is
+# written under when copied, and (below) every extension a reader takes as the sample's image.
 EXTENSION_OF = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
 ALLOWED_FORMATS = frozenset(EXTENSION_OF)
+# Member extensions (and file-name suffixes, without the dot) read as images, in order of preference:
+# ours, plus the spellings other tools write (img2dataset's .jpeg, .tif).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
+assert set(EXTENSION_OF.values()) <= set(IMAGE_EXTENSIONS)
 
 # Decompression-bomb guard: larger images are rejected rather than exhausting memory.
 Image.MAX_IMAGE_PIXELS = 200_000_000
@@ -23,6 +29,14 @@ Image.MAX_IMAGE_PIXELS = 200_000_000
 
 class BadImage(ValueError):
     """An input that is not a usable image; the message is the recorded skip reason."""
+
+
+def image_member(files: dict[str, bytes]) -> bytes:
+    """The image of a webdataset sample (``KEY.jpg``, ``KEY.png``, ...), or ``ValueError`` naming its members."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in files:
+            return files[ext]
+    raise ValueError(f"no image member (has: {', '.join(sorted(files))})")
 
 
 def open_image(data: bytes) -> Image.Image:

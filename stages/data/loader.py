@@ -36,21 +36,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import VitpipeError
 from pipeline.storage import Storage
 from stages.data.sources import label_name
 from stages.data.tarshards import BadShard, iter_tar_samples
-from stages.data.transforms import decode_eval, decode_train, normalize
+from stages.data.transforms import decode_eval, decode_sample, decode_train
 
-__all__ = ["label_of", "ShardInfo", "EpochPlan", "plan_epoch", "ShardLoader", "shards_from_manifest", "scan_shards",
+__all__ = ["label_of", "ShardInfo", "EpochPlan", "plan_epoch", "ShardLoader", "scan_shards",
            "sample_seed"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 STATE_VERSION = 1
 
 
@@ -118,14 +116,6 @@ def scan_shards(storage: Storage, paths: Sequence[str]) -> list[ShardInfo]:
     return infos
 
 
-def shards_from_manifest(metrics: dict[str, Any], split: str) -> list[ShardInfo]:
-    """The shards of one split, as an ingest stage's manifest metrics list them."""
-    splits = metrics.get("splits", {})
-    if split not in splits:
-        raise VitpipeError(f"the ingest output has no split {split!r} (has: {', '.join(splits) or 'none'})")
-    return [ShardInfo(s["path"], int(s["samples"])) for s in splits[split]["shards"]]
-
-
 def label_of(files: dict[str, bytes], class_index: dict[str, int] | None = None) -> int:
     """A sample's class id: ``KEY.cls``, else a name (``.txt``/``.json``) looked up in ``class_index``."""
     if "cls" in files:
@@ -174,8 +164,10 @@ class ShardLoader:
     """Batches of decoded, augmented images from webdataset shards, resumable to the sample.
 
     Iterate it for the rest of the current epoch; the next iteration starts the next epoch (in
-    ``resampled`` mode iteration never ends). Each batch is a dict with ``image`` (float32,
-    B x 3 x S x S, normalised), ``label`` (int64, B) and ``key`` (list of B sample keys).
+    ``resampled`` mode iteration never ends). Each batch is a dict with ``image`` (uint8,
+    B x S x S x 3: :func:`~stages.data.transforms.to_model_input` normalises it on the device),
+    ``label`` (int64, B) and ``key`` (list of B sample keys). With ``pin_memory`` (for a CUDA
+    device) batches arrive in page-locked memory, ready for a non-blocking copy.
     """
 
     def __init__(
@@ -195,6 +187,7 @@ class ShardLoader:
         eval_crop_fraction: float = 1.0,
         prefetch_factor: int = 2,
         class_names: Sequence[str] | None = None,
+        pin_memory: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
@@ -213,6 +206,7 @@ class ShardLoader:
         self.hflip = hflip
         self.eval_crop_fraction = eval_crop_fraction
         self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
         # Shards from other tools label samples by name (KEY.txt / KEY.json); map names to indices.
         self.class_index = {name: i for i, name in enumerate(class_names)} if class_names else None
         self._cursor = _EpochCursor(epoch=0, batches=0)
@@ -267,7 +261,8 @@ class ShardLoader:
                                                      dict(self._cursor.positions)), plan)
             if self.num_workers > 0:
                 batches: Any = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                          prefetch_factor=self.prefetch_factor, persistent_workers=False)
+                                          prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                          pin_memory=self.pin_memory)
             else:
                 batches = stream
             for batch in batches:
@@ -275,6 +270,8 @@ class ShardLoader:
                 self._cursor.batches += 1
                 self._cursor.positions[int(logical)] = int(position)
                 self.stats["samples"] += len(batch["key"])
+                if self.pin_memory and self.num_workers == 0:  # DataLoader workers pin in their own thread
+                    batch["image"], batch["label"] = batch["image"].pin_memory(), batch["label"].pin_memory()
                 if skipped:
                     self.stats["skipped"] += len(skipped)
                     self.skipped_examples.extend(skipped[: max(0, 20 - len(self.skipped_examples))])
@@ -338,21 +335,12 @@ class ShardLoader:
         return label_of(files, self.class_index)
 
     def _decode(self, epoch: int, key: str, files: dict[str, bytes]) -> tuple[np.ndarray, int]:
-        image = next((files[e] for e in IMAGE_EXTS if e in files), None)
-        if image is None:
-            raise ValueError(f"no image member (has: {', '.join(sorted(files))})")
         label = self._label(files)
-        try:
-            if self.train:
-                rng = random.Random(sample_seed(self.seed, epoch, key))
-                pixels = decode_train(image, self.image_size, rng, self.crop_scale, self.hflip)
-            else:
-                pixels = decode_eval(image, self.image_size, self.eval_crop_fraction)
-        except UnidentifiedImageError:
-            raise ValueError("undecodable image (unrecognised format)") from None
-        except (OSError, SyntaxError) as err:
-            raise ValueError(f"corrupt or truncated image: {err}") from None
-        return pixels, label
+        if self.train:
+            rng = random.Random(sample_seed(self.seed, epoch, key))
+            return decode_sample(files, lambda data: decode_train(data, self.image_size, rng, self.crop_scale,
+                                                                   self.hflip)), label
+        return decode_sample(files, lambda data: decode_eval(data, self.image_size, self.eval_crop_fraction)), label
 
     def _worker_batches(self, epoch: int, plan: EpochPlan, logical: int, start: int,
                         remaining: int) -> Iterator[dict[str, Any]]:
@@ -385,7 +373,7 @@ class ShardLoader:
             keys.append(key)
             if len(keys) == self.batch_size:
                 yield {
-                    "image": normalize(torch.from_numpy(np.stack(images))),
+                    "image": torch.from_numpy(np.stack(images)),
                     "label": torch.tensor(labels, dtype=torch.int64),
                     "key": keys,
                     "_worker": logical,

@@ -31,12 +31,11 @@ from pipeline.errors import VitpipeError
 from pipeline.storage import Storage, is_s3_uri, open_storage
 
 __all__ = ["SourceItem", "Source", "DigitsSource", "ImageFolderSource", "ListSource", "WebDatasetSource",
-           "make_source", "label_name", "SPLIT_NAMES", "IMAGE_EXTENSIONS", "sanitize_key"]
+           "make_source", "label_name", "SPLIT_NAMES", "sanitize_key"]
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_/-]")
 
 
@@ -247,7 +246,7 @@ class WebDatasetSource(_StorageSource):
 
     def read_many(self, items: list[SourceItem]) -> Iterator[tuple[SourceItem, bytes | Exception]]:
         # Stream each source shard once for all the items wanted from it (not once per item).
-        from stages.data.images import BadImage
+        from stages.data.images import BadImage, image_member
         from stages.data.tarshards import BadShard, iter_tar_samples
 
         found: dict[tuple[str, int], bytes | Exception] = {}
@@ -259,9 +258,10 @@ class WebDatasetSource(_StorageSource):
                 with self.storage.open_read(shard) as f:
                     for i, (_key, files) in enumerate(iter_tar_samples(f, name=shard)):
                         if i in indices:
-                            image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-                            found[(shard, i)] = image if image is not None else BadImage(
-                                f"sample has no image member (has: {', '.join(sorted(files))})")
+                            try:
+                                found[(shard, i)] = image_member(files)
+                            except ValueError as err:
+                                found[(shard, i)] = BadImage(f"sample has {err}")
             except BadShard as err:
                 for i in indices:
                     found.setdefault((shard, i), BadImage(str(err)))

@@ -8,10 +8,8 @@ pre-logits layer) is simply not loaded; everything else must match exactly.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +17,7 @@ import torch
 from stages.model.posemb import resample_pos_embed
 from stages.model.vit import ViT, ViTConfig
 
-__all__ = ["transfer_config", "transfer_state_dict", "load_handoff", "build_transfer_model"]
+__all__ = ["HEAD_PREFIXES", "transfer_config", "transfer_state_dict", "load_transferred", "build_transfer_model"]
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +43,19 @@ def transfer_state_dict(state: dict[str, torch.Tensor], source: ViTConfig,
     return out
 
 
-def load_handoff(directory: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """A pretrain stage's ``model_config.json`` + ``model.safetensors`` from a local folder."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    raw = json.loads((directory / "model_config.json").read_text())
-    cfg = ViTConfig(**raw)  # hybrid_layers: JSON lists become tuples in ViTConfig
-    return cfg, load_file(str(directory / "model.safetensors"))
+def load_transferred(model: ViT, source: ViTConfig, state: dict[str, torch.Tensor]) -> None:
+    """Load pretrained ``state`` (of ``source``) into ``model``: every backbone weight must fit
+    exactly (strict, but for the pretraining head, which is not loaded); position embeddings are
+    resampled to the model's grid."""
+    missing, unexpected = model.load_state_dict(transfer_state_dict(state, source, model.cfg), strict=False)
+    missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if missing or unexpected:
+        raise ValueError(f"pretrained weights do not fit the model: missing {missing}, unexpected {unexpected}")
 
 
 def build_transfer_model(source: ViTConfig, state: dict[str, torch.Tensor], image_size: int,
                          num_classes: int, **changes: Any) -> ViT:
     """A ViT for the downstream task, with every backbone weight loaded and a zero head."""
-    target = transfer_config(source, image_size, num_classes, **changes)
-    model = ViT(target)
-    missing, unexpected = model.load_state_dict(transfer_state_dict(state, source, target), strict=False)
-    missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
-    if missing or unexpected:
-        raise ValueError(f"pretrained weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    model = ViT(transfer_config(source, image_size, num_classes, **changes))
+    load_transferred(model, source, state)
     return model

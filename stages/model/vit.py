@@ -259,6 +259,16 @@ class ViT(nn.Module):
                 else block(x)
         return self.norm(x)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that weight decay must not touch (timm's hook; here the whole list, so the
+        optimiser needs no rule of its own): biases and norm scales (1-D), the position
+        embeddings and the class token, whose (1, 1, D) shape looks like a matrix but is not one."""
+        skip = {name for name, p in self.named_parameters() if p.ndim < 2}
+        skip.add("pos_embed")
+        if self.cls_token is not None:
+            skip.add("cls_token")
+        return skip
+
     def representation(self, images: torch.Tensor) -> torch.Tensor:
         """The image representation y (class-token state, or mean of patch tokens), before the head."""
         x = self.tokens(images)

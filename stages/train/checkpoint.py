@@ -2,14 +2,14 @@
 
 Layout under the stage folder::
 
-    checkpoints/step-00000100/<DeepSpeed files of every rank>, loader-rank0.json, rng-rank0.pt, ...
+    checkpoints/step-00000100/<DeepSpeed files of every rank>, state-rank0.json, state-rank1.json, ...
     checkpoints/step-00000100/COMPLETE.json   written last, by rank 0, after a barrier:
                                               every file of the checkpoint with its size and sha256
 
 A checkpoint directory without ``COMPLETE.json`` (a kill mid-write) is ignored; one whose files
 do not match ``COMPLETE.json`` is rejected with an error naming the file. DeepSpeed writes to a
 filesystem path: on local storage that is the stage folder itself; on S3 ranks write to a local
-staging directory and rank 0 uploads before committing.
+staging directory, each uploads its own files, and rank 0 commits.
 """
 
 from __future__ import annotations

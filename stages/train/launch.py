@@ -1,24 +1,45 @@
-"""Running a training loop on Ray Train workers, for any training stage.
+"""Running a training job on Ray Train workers, for any training stage.
 
-The coordinator (a stage task) builds the worker config, starts a ``TorchTrainer`` with gloo (CPU)
-or NCCL (GPU), lets Ray Train retry worker faults from the newest complete checkpoint, and turns
-a worker's error into one line. Model code never sees Ray or DeepSpeed: the worker loop wraps it.
+:func:`training_job` turns a stage's validated params into the typed :class:`TrainJob`;
+:func:`run_training` starts a ``TorchTrainer`` with gloo (CPU) or NCCL (GPU), lets Ray Train retry
+worker faults from the newest complete checkpoint, and turns a worker's error into one line.
+Model code never sees Ray or DeepSpeed: the loop wraps it.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal
 
+from pipeline.config import StorageSettings
 from pipeline.errors import VitpipeError
 from pipeline.stage import StageContext
-from stages.train.ds_config import build_deepspeed_config
-from stages.train.params import PEAK_FLOPS, TrainParams
+from stages.data.loader import ShardInfo
+from stages.model.handoff import HANDOFF_FILES
+from stages.model.vit import ViTConfig, count_params
+from stages.records import TrainResult
+from stages.train.geometry import BatchGeometry
+from stages.train.hardware import ACCELERATORS
+from stages.train.job import (
+    CheckpointPolicy,
+    DataSpec,
+    DistributedSpec,
+    FinetuneTask,
+    OptimizerSpec,
+    OutputSpec,
+    ScheduleSpec,
+    Task,
+    TelemetrySpec,
+    TrainJob,
+)
+from stages.train.loop import EVAL_FILE, WORKERS_FILE
+from stages.train.metrics import METRICS_FILE, StepRecord, read_history
+from stages.train.params import TrainParams
 
-__all__ = ["base_worker_config", "run_training", "worker_error_line"]
+__all__ = ["training_job", "run_training", "train_result", "worker_error_line"]
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)): (.*)$")
 
@@ -40,39 +61,34 @@ def worker_error_line(text: str, limit: int = 400) -> str:
     return (message if kind == "VitpipeError" else f"{kind}: {message}")[:limit]
 
 
-def base_worker_config(ctx: StageContext, p: TrainParams, data_uri: str, shards: list[Any]) -> dict[str, Any]:
-    """The worker config keys every training stage shares (the stage adds model and optimizer)."""
-    return {
-        "seed": ctx.seed, "label": ctx.name,
-        "deepspeed": build_deepspeed_config(global_batch=p.global_batch, micro_batch=p.micro_batch,
-                                            world_size=p.workers, zero_stage=p.zero_stage,
-                                            precision=p.precision, grad_clip=p.grad_clip,
-                                            offload_optimizer=p.offload_optimizer),
-        "storage": (ctx.run_storage_settings.model_dump() if ctx.run_storage_settings else {}),
-        "out_uri": ctx.out.uri, "data_uri": data_uri,
-        "shards": [{"path": s.path, "samples": s.samples} for s in shards],
-        "micro_batch": p.micro_batch, "global_batch": p.global_batch, "loader_workers": p.loader_workers,
-        "steps": p.steps, "lr": p.lr, "warmup_steps": p.warmup_steps, "decay": p.decay,
-        "checkpoint_every": p.checkpoint_every, "keep_checkpoints": p.keep_checkpoints, "log_every": p.log_every,
-        "ledger": p.ledger, "tensorboard": p.tensorboard, "show_progress": ctx.show_progress,
-        "peak_flops": PEAK_FLOPS[p.gpu] if p.use_gpu else 0.0, "crop_scale": [p.crop_scale_min, 1.0],
-        "hflip": p.hflip,
-        "eval_shards": [], "eval_split": None, "init": None,
-    }
+def training_job(ctx: StageContext, p: TrainParams, model: ViTConfig, optimizer: OptimizerSpec, data_uri: str,
+                 shards: list[ShardInfo], task: Task) -> TrainJob:
+    """The job a training stage runs: its params, model and optimizer, and where it reads and writes."""
+    return TrainJob(
+        label=ctx.name, seed=ctx.seed, model=model, optimizer=optimizer,
+        schedule=ScheduleSpec(p.steps, p.warmup_steps, p.decay),
+        batch=BatchGeometry(p.global_batch, p.micro_batch),
+        data=DataSpec(data_uri, tuple(shards), (p.crop_scale_min, 1.0), p.hflip, p.loader_workers),
+        distributed=DistributedSpec(p.zero_stage, p.precision, p.grad_comm_fp32, p.offload_optimizer, p.offload_params,
+                                    p.use_gpu, ACCELERATORS[p.gpu].peak_flops if p.use_gpu else None),
+        checkpoints=CheckpointPolicy(p.checkpoint_every, p.keep_checkpoints),
+        output=OutputSpec(ctx.out.uri, ctx.run_storage_settings or StorageSettings()),
+        telemetry=TelemetrySpec(p.log_every, p.tensorboard, ctx.show_progress, p.ledger),
+        task=task,
+    )
 
 
-def run_training(ctx: StageContext, p: TrainParams, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Train on ``p.workers`` Ray Train workers; returns the per-step metrics history."""
+def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> list[StepRecord]:
+    """Train on ``p.workers`` Ray Train workers; record the outputs; return the metrics history."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from stages.train.worker import train_loop
+    from stages.train.loop import ray_train_entry
 
     staging = tempfile.mkdtemp(prefix=f"vitpipe-{ctx.name}-")
-    config = {**config, "staging": staging}
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
+        ray_train_entry,
+        train_loop_config={"job": replace(job, output=replace(job.output, staging=staging))},
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
                                      resources_per_worker={"CPU": p.cpus_per_worker}),
@@ -85,8 +101,19 @@ def run_training(ctx: StageContext, p: TrainParams, config: dict[str, Any]) -> l
         raise VitpipeError(f"training failed: {worker_error_line(str(err))}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for rel in ("model.safetensors", "model_config.json", "metrics.jsonl", "workers.json"):
+    evaluated = [EVAL_FILE] if isinstance(job.task, FinetuneTask) else []
+    for rel in (*HANDOFF_FILES, METRICS_FILE, WORKERS_FILE, *evaluated):
         ctx.add_output(rel)
     for obj in ctx.out.list("tensorboard/"):
         ctx.add_output(obj.path)
-    return [json.loads(line) for line in ctx.out.read_text("metrics.jsonl").splitlines() if line]
+    return read_history(ctx.out)
+
+
+def train_result(kind: Literal["pretrain", "finetune"], model: ViTConfig, history: list[StepRecord],
+                 **extra: Any) -> TrainResult:
+    """A training stage's record: the handed-off architecture and how training went."""
+    last_window = next((r for r in reversed(history) if r.images_per_s is not None), None)
+    return TrainResult(kind=kind, architecture=model.to_dict(), params=count_params(model),
+                       steps=history[-1].step if history else 0, first_loss=history[0].loss if history else None,
+                       final_loss=history[-1].loss if history else None,
+                       images_per_s=last_window.images_per_s if last_window else None, **extra)

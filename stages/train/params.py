@@ -1,5 +1,9 @@
-"""Parameters every training stage shares (pretrain and finetune): batch geometry, schedule,
-distribution, checkpointing. Validated when the config is loaded, not when a worker starts."""
+"""The params of the training stages (pretrain, finetune), validated when the config is loaded.
+
+Kept in one module so that the stages, the planner and the trainer read the same definitions
+without importing each other. ``TrainParams`` holds what every training stage shares: batch
+geometry, schedule, distribution and checkpointing.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.stage import StageParams
+from stages.model.vit import ViTConfig, decode_variant
+from stages.train.geometry import accumulation_steps
 
-__all__ = ["TrainParams", "PEAK_FLOPS"]
-
-# Dense bf16 peak FLOP/s per accelerator, for MFU.
-PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "cpu": 0.0}
+__all__ = ["TrainParams", "PretrainParams", "FinetuneParams"]
 
 
 class TrainParams(StageParams):
@@ -37,7 +40,10 @@ class TrainParams(StageParams):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     zero_stage: int = Field(default=2, ge=0, le=3)
     precision: Literal["fp32", "bf16"] = "fp32"
-    offload_optimizer: bool = False
+    grad_comm_fp32: bool = Field(default=True, description="bf16 training: reduce gradients across ranks in fp32 "
+                                                           "(bf16 sums lose low bits at hundreds of ranks)")
+    offload_optimizer: bool = Field(default=False, description="optimizer state in CPU memory (ZeRO 1-3)")
+    offload_params: bool = Field(default=False, description="parameters in CPU memory (ZeRO-3 only)")
     loader_workers: int = Field(default=0, ge=0)
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
@@ -47,10 +53,52 @@ class TrainParams(StageParams):
     ledger: bool = Field(default=False, description="record every sample key consumed (audits exact resume)")
 
     @model_validator(mode="after")
-    def _check_geometry(self) -> TrainParams:
-        if self.global_batch % (self.workers * self.micro_batch):
-            raise ValueError(f"global_batch {self.global_batch} is not divisible by workers x micro_batch "
-                             f"({self.workers} x {self.micro_batch})")
+    def _check_training(self) -> TrainParams:
+        accumulation_steps(self.global_batch, self.micro_batch, self.workers)  # raises a one-line ValueError
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
         return self
+
+
+class PretrainParams(TrainParams):
+    model: str = Field(default="Ti/16", description="variant SIZE/PATCH, e.g. B/16, L/16, H/14, Ti/4")
+    width: int | None = Field(default=None, ge=8, description="override the variant's width (tiny runs)")
+    depth: int | None = Field(default=None, ge=1)
+    heads: int | None = Field(default=None, ge=1)
+    mlp_dim: int | None = Field(default=None, ge=8)
+    pool: Literal["cls", "gap"] = "cls"
+    representation_size: int | None = Field(default=None, ge=1, description="pre-logits (tanh) layer width")
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainParams:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must be two numbers in [0, 1)")
+        self.vit_config(10)  # raises on an unknown variant or a size not divisible by the patch
+        return self
+
+    def vit_config(self, num_classes: int) -> ViTConfig:
+        overrides = {k: getattr(self, k) for k in ("width", "depth", "heads", "mlp_dim") if getattr(self, k)}
+        return decode_variant(self.model, image_size=self.image_size, num_classes=num_classes, pool=self.pool,
+                              representation_size=self.representation_size, dropout=self.dropout,
+                              drop_path=self.drop_path, checkpoint_activations=self.checkpoint_activations,
+                              **overrides)
+
+
+class FinetuneParams(TrainParams):
+    image_size: int = Field(default=384, ge=8, description="fine-tuning resolution (position embeddings resampled)")
+    steps: int = Field(default=10_000, ge=1)
+    global_batch: int = Field(default=512, ge=1)
+    lr: float = Field(default=0.01, gt=0, description="the paper's grid: 0.001, 0.003, 0.01, 0.03")
+    warmup_steps: int = Field(default=500, ge=0)
+    decay: Literal["linear", "cosine"] = "cosine"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    crop_scale_min: float = Field(default=0.08, gt=0, le=1)
+    train_split: str = "train"
+    eval_split: str = Field(default="test", description="the held-out split top-1 is reported on")
+    dataset: str | None = Field(default=None, description="name in metrics and the report (default: data input)")

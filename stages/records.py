@@ -1,0 +1,138 @@
+"""Typed result records that stages publish in their manifests, and the one way to read them.
+
+A stage sets ``ctx.result`` to one of these; the engine stores it as the manifest's ``result``.
+Downstream stages, the planner and the report read an input's record through :func:`read_result`
+(validated, with a one-line error naming the input when it is missing or of another kind) —
+never another stage's module, never flat key strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import VitpipeError
+from pipeline.stage import StageInput
+from stages.data.loader import ShardInfo
+from stages.model.handoff import HANDOFF_FILES, HandoffRef
+from stages.model.vit import ViTConfig
+
+__all__ = ["ShardRecord", "SplitRecord", "IngestResult", "EvalRecord", "TrainResult", "ShotStats",
+           "FewshotResult", "ReportResult", "StageResult", "read_result", "result_of", "handoff_of"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShardRecord(_Record):
+    path: str  # relative to the ingest stage's folder
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class SplitRecord(_Record):
+    samples: int
+    shards: list[ShardRecord]
+    class_counts: dict[str, int]
+
+
+class IngestResult(_Record):
+    kind: Literal["ingest"] = "ingest"
+    classes: list[str]  # names in class-index order
+    splits: dict[str, SplitRecord]
+    inputs: int
+    samples: int
+    skipped: int
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        if split not in self.splits:
+            raise VitpipeError(f"the ingest output has no split {split!r} (has: {', '.join(self.splits) or 'none'})")
+        return [ShardInfo(s.path, s.samples) for s in self.splits[split].shards]
+
+
+class EvalRecord(_Record):
+    split: str
+    top1: float | None  # None when no sample could be scored
+    correct: int
+    total: int
+    skipped: int
+
+
+class TrainResult(_Record):
+    """A pretrain or finetune stage: the handed-off model and how training went."""
+
+    kind: Literal["pretrain", "finetune"]
+    architecture: dict[str, Any]  # ViTConfig.to_dict() of the handed-off model
+    params: int
+    steps: int
+    first_loss: float | None
+    final_loss: float | None
+    images_per_s: float | None  # over the last log window
+    dataset: str | None = None  # finetune: what it was tuned on
+    evaluation: EvalRecord | None = None  # finetune: top-1 on the held-out split
+
+    def vit_config(self) -> ViTConfig:
+        return ViTConfig(**self.architecture)
+
+
+class ShotStats(_Record):
+    mean: float
+    std: float
+
+
+class FewshotResult(_Record):
+    kind: Literal["fewshot"] = "fewshot"
+    dataset: str
+    image_size: int
+    classes: int
+    # model ("pretrained", and "random_init" when the baseline ran) -> k -> accuracy over the draws
+    accuracy: dict[str, dict[int, ShotStats]]
+
+
+class ReportResult(_Record):
+    kind: Literal["report"] = "report"
+    metrics: dict[str, Any]  # what metrics.json holds
+    quality_passed: bool | None
+
+
+StageResult = IngestResult | TrainResult | FewshotResult | ReportResult
+_KINDS: dict[str, type[_Record]] = {"ingest": IngestResult, "pretrain": TrainResult, "finetune": TrainResult,
+                                    "fewshot": FewshotResult, "report": ReportResult}
+R = TypeVar("R", bound=_Record)
+
+
+def result_of(inp: StageInput) -> StageResult | None:
+    """The input's record, whatever its kind (None if its stage publishes none, e.g. a plugin)."""
+    raw = inp.manifest.result
+    if not raw:
+        return None
+    cls = _KINDS.get(str(raw.get("kind")))
+    if cls is None:
+        return None
+    try:
+        return cls.model_validate(raw)  # type: ignore[return-value]
+    except ValidationError as err:
+        raise VitpipeError(f"input {inp.stage!r}: its manifest's result record is malformed "
+                           f"({str(err).splitlines()[0]}); re-run that stage") from None
+
+
+def read_result(inp: StageInput, kind: type[R], what: str) -> R:
+    """The input's record of type ``kind``, or a one-line error (``what``: e.g. "an ingest stage")."""
+    record = result_of(inp)
+    if not isinstance(record, kind):
+        raise VitpipeError(f"input {inp.stage!r} (type {inp.manifest.type}) has no {kind.__name__} record; "
+                           f"is it {what}?")
+    return record
+
+
+def handoff_of(inp: StageInput) -> tuple[TrainResult, HandoffRef]:
+    """A training stage's record and where its handoff is, with the checksums its manifest committed."""
+    record = read_result(inp, TrainResult, "a pretrain or finetune stage")
+    sha = {name: entry.sha256 for name in HANDOFF_FILES if (entry := inp.manifest.output(name)) is not None}
+    try:
+        return record, HandoffRef(inp.storage.uri, sha)
+    except ValueError as err:
+        raise VitpipeError(f"input {inp.stage!r}: {err}") from None

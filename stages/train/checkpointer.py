@@ -1,0 +1,111 @@
+"""Saving and restoring every stateful part of training together, as one committed checkpoint.
+
+The parts: the DeepSpeed engine (model, optimizer, LR-free engine state, written by DeepSpeed),
+and per rank a JSON file ``state-rank{R}.json`` holding the JSON-able parts — the data loader's
+position, the RNG states and the train state (metrics history on rank 0, the sample ledger when
+audited). :class:`~stages.train.checkpoint.CheckpointStore` makes the whole commit atomic
+(``COMPLETE.json`` last) and keeps the newest ``keep`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from stages.train.checkpoint import CheckpointStore
+from stages.train.context import WorkerContext
+from stages.train.metrics import StepRecord
+
+__all__ = ["Stateful", "RngState", "TrainState", "Checkpointer"]
+
+log = logging.getLogger("vitpipe.train")
+
+# DeepSpeed drops recovery scripts (which unpickle checkpoints) beside every save; the handoff is
+# safetensors, so they are not kept among the stage's outputs.
+_DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RngState:
+    """Python's, torch's and (on GPUs) CUDA's generators: dropout and drop-path masks resume exactly."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"python": random.getstate()[1], "torch": torch.get_rng_state().tolist()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state().tolist()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate((3, tuple(state["python"]), None))
+        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+@dataclass
+class TrainState:
+    """What the loop itself accumulates: the metrics history (rank 0) and the sample ledger."""
+
+    history: list[StepRecord] = field(default_factory=list)
+    ledger: list[str] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [r.to_json() for r in self.history], "ledger": self.ledger}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [StepRecord(**r) for r in state["history"]]
+        self.ledger = list(state["ledger"])
+
+
+class Checkpointer:
+    def __init__(self, store: CheckpointStore, engine: Any, worker: WorkerContext, parts: dict[str, Stateful],
+                 keep: int) -> None:
+        self.store = store
+        self.engine = engine
+        self.worker = worker
+        self.parts = parts
+        self.keep = keep
+
+    def _state_file(self, directory: Path) -> Path:
+        return directory / f"state-rank{self.worker.rank}.json"
+
+    def restore(self) -> int:
+        """Load the newest complete checkpoint into every part; returns its step (0: none, start fresh)."""
+        step = self.store.latest()
+        if step is None:
+            return 0
+        directory = self.store.fetch(step)
+        self.engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=True)
+        saved = json.loads(self._state_file(directory).read_text())
+        for name, part in self.parts.items():
+            part.load_state_dict(saved[name])
+        log.info("rank %d: resumed from checkpoint step %d", self.worker.rank, step)
+        return step
+
+    def save(self, step: int) -> None:
+        """Every rank writes its files, publishes them; rank 0 commits and prunes (a collective)."""
+        directory = self.store.local_dir(step)
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        self._state_file(directory).write_text(json.dumps({name: p.state_dict() for name, p in self.parts.items()}))
+        dist.barrier()  # every rank's files are on disk (DeepSpeed writes some after its own barrier)
+        mine = self.store.publish(step, self.worker.rank)
+        listings: list[Any] = [None] * self.worker.world_size
+        dist.all_gather_object(listings, mine)
+        if self.worker.is_main:
+            self.store.commit(step, {rel: meta for listing in listings for rel, meta in listing.items()})
+            for script in _DEEPSPEED_SCRIPTS:
+                (directory.parent / script).unlink(missing_ok=True)
+            self.store.prune(self.keep)
+        dist.barrier()

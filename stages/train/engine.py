@@ -1,0 +1,93 @@
+"""Building the DeepSpeed engine around the single-device ViT, inside each worker.
+
+The batch geometry and the DeepSpeed config depend on the world size the workers actually have,
+so they are resolved here, once. The model is built from the same seed on every rank (identical
+initial weights); a fine-tune's pretrained weights are read by rank 0 alone and broadcast, so a
+128-rank job reads the handoff from storage once, not 128 times.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import VitpipeError
+from stages.model.handoff import read_handoff
+from stages.model.transfer import load_transferred
+from stages.model.vit import ViT, count_params
+from stages.train.context import WorkerContext
+from stages.train.ds_config import build_deepspeed_config
+from stages.train.geometry import StepGeometry
+from stages.train.job import FinetuneTask, OptimizerSpec, TrainJob
+
+__all__ = ["param_groups", "build_optimizer", "build_engine", "set_lr", "training_dtype"]
+
+
+def param_groups(model: ViT, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed, and what the model exempts (``ViT.no_weight_decay``)."""
+    exempt = model.no_weight_decay()
+    decay = [p for n, p in model.named_parameters() if n not in exempt]
+    no_decay = [p for n, p in model.named_parameters() if n in exempt]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: ViT, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    if spec.name == "sgd":  # the paper's fine-tuning optimiser: momentum 0.9, no weight decay
+        return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=0.0)
+    return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, eps=1e-8)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def training_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _load_pretrained(model: ViT, task: FinetuneTask, job: TrainJob, worker: WorkerContext) -> None:
+    """Rank 0 reads and checks the handoff; every rank then receives the weights by broadcast."""
+    error = None
+    if worker.is_main:
+        try:
+            handoff = read_handoff(task.init, job.output.storage)
+            load_transferred(model, handoff.config, handoff.state)
+        except (VitpipeError, ValueError, OSError) as err:
+            error = " ".join(str(err).split())
+    verdict = [error]
+    dist.broadcast_object_list(verdict, src=0)  # every rank fails alike instead of hanging below
+    if verdict[0] is not None:
+        raise VitpipeError(str(verdict[0]))
+    model.to(worker.device)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def build_engine(job: TrainJob, worker: WorkerContext) -> tuple[Any, StepGeometry]:
+    """(DeepSpeed engine, the geometry resolved for this world size)."""
+    try:
+        geometry = job.batch.resolve(worker.world_size)
+    except ValueError as err:
+        raise VitpipeError(f"cannot train on {worker.world_size} worker(s): {err}") from None
+    if worker.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    import deepspeed
+
+    torch.manual_seed(job.seed)  # identical initial weights on every rank
+    model = ViT(job.model)
+    if isinstance(job.task, FinetuneTask):
+        _load_pretrained(model, job.task, job, worker)
+    torch.manual_seed(job.seed * 1000 + worker.rank + 1)  # per-rank dropout / drop-path masks
+    d = job.distributed
+    config = build_deepspeed_config(
+        global_batch=geometry.global_batch, micro_batch=geometry.micro_batch, world_size=geometry.world_size,
+        zero_stage=d.zero_stage, precision=d.precision, grad_clip=job.optimizer.grad_clip,
+        offload_optimizer=d.offload_optimizer, offload_params=d.offload_params, grad_comm_fp32=d.grad_comm_fp32,
+        model_params=count_params(job.model))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, job.optimizer),
+                                           config=config)
+    return engine, geometry

@@ -1,0 +1,128 @@
+"""The training loop every worker runs, for pretraining and fine-tuning alike.
+
+:func:`train` needs only an initialised torch.distributed group and a :class:`TrainJob`, so it runs
+under Ray Train (:func:`ray_train_entry`, what the stages use) and under ``torchrun``
+(``bench/gpu_check.py``). Resume is exact: a checkpoint holds the engine's state and each rank's
+loader position, RNG states and history, and a restart continues from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.storage import Storage, open_storage
+from stages.data.loader import ShardLoader
+from stages.model.handoff import save_handoff
+from stages.model.vit import ViT, flops_per_image
+from stages.train.checkpoint import CheckpointStore
+from stages.train.checkpointer import Checkpointer, RngState, TrainState
+from stages.train.context import WorkerContext, current_worker
+from stages.train.engine import build_engine, set_lr, training_dtype
+from stages.train.evaluate import evaluate
+from stages.train.export import gather_full_state
+from stages.train.geometry import StepGeometry
+from stages.train.job import FinetuneTask, TrainJob
+from stages.train.metrics import MetricsSink, StepMonitor
+from stages.train.step import DataFeed, train_step
+
+__all__ = ["train", "ray_train_entry", "EVAL_FILE", "WORKERS_FILE"]
+
+log = logging.getLogger("vitpipe.train")
+
+EVAL_FILE = "eval.json"
+WORKERS_FILE = "workers.json"
+
+
+def train(job: TrainJob, worker: WorkerContext) -> None:
+    engine, geometry = build_engine(job, worker)
+    out = open_storage(job.output.uri, job.output.storage)
+    _record_placement(out, worker)
+    loader = _make_loader(job, worker, geometry)
+    state = TrainState()
+    staging = Path(job.output.staging)
+    checkpointer = Checkpointer(CheckpointStore(out, staging / f"rank{worker.rank}"), engine, worker,
+                                {"loader": loader, "rng": RngState(), "train": state}, keep=job.checkpoints.keep)
+    step = checkpointer.restore()
+    sink = MetricsSink(job.label, job.schedule.steps, job.telemetry.log_every, out,
+                       staging / "tensorboard" if job.telemetry.tensorboard else None, state.history,
+                       job.telemetry.show_progress) if worker.is_main else None
+    dtype = training_dtype(job.distributed.precision)
+    feed = DataFeed(loader, worker.device, dtype, state.ledger if job.telemetry.ledger else None)
+    monitor = StepMonitor(worker, geometry.global_batch, flops_per_image(job.model, training=True),
+                          job.distributed.peak_flops)
+    total, every = job.schedule.steps, job.checkpoints.every
+    while step < total:
+        lr = job.schedule.lr(step, job.optimizer.lr)
+        set_lr(engine.optimizer, lr)
+        loss = train_step(engine, feed, geometry.accumulation)
+        step += 1
+        monitor.add(step, loss, engine.get_global_grad_norm(), lr, loader.epoch)
+        checkpoint_now = step % every == 0 or step == total
+        if step % job.telemetry.log_every == 0 or checkpoint_now:  # the host waits for the device here only
+            records = monitor.flush(feed.take_wait())
+            if sink is not None:
+                sink.write(records)
+        if checkpoint_now:
+            checkpointer.save(step)
+            if sink is not None:
+                sink.publish()
+            monitor.restart_window()
+
+    weights = gather_full_state(engine)
+    if sink is not None:
+        sink.publish()
+        sink.close()
+    if job.telemetry.ledger:
+        out.write_text(f"ledger/rank{worker.rank}.json", json.dumps(state.ledger))
+    if isinstance(job.task, FinetuneTask):
+        _evaluate(job, job.task, weights, worker, out, dtype)
+    if worker.is_main:
+        save_handoff(out, job.model, weights, {"step": str(step)})
+    dist.barrier()
+
+
+def _make_loader(job: TrainJob, worker: WorkerContext, geometry: StepGeometry) -> ShardLoader:
+    return ShardLoader(open_storage(job.data.uri, job.output.storage), job.data.shards,
+                       batch_size=geometry.micro_batch, image_size=job.model.image_size, train=True, seed=job.seed,
+                       rank=worker.rank, world_size=worker.world_size, num_workers=job.data.loader_workers,
+                       crop_scale=job.data.crop_scale, hflip=job.data.hflip, pin_memory=worker.device.type == "cuda")
+
+
+def _record_placement(out: Storage, worker: WorkerContext) -> None:
+    """Where each rank runs (node, pid): recorded so placement is auditable (one worker per node)."""
+    placement: list[Any] = [None] * worker.world_size
+    dist.all_gather_object(placement, {"rank": worker.rank, "node_id": worker.node, "pid": os.getpid(),
+                                       "device": str(worker.device)})
+    if worker.is_main:
+        out.write_text(WORKERS_FILE, json.dumps(placement, indent=2))
+
+
+def _evaluate(job: TrainJob, task: FinetuneTask, weights: dict[str, torch.Tensor], worker: WorkerContext,
+              out: Storage, dtype: torch.dtype) -> None:
+    model = ViT(job.model)
+    model.load_state_dict(weights)
+    model.to(worker.device, dtype)
+    result = evaluate(model, open_storage(job.data.uri, job.output.storage), task.evaluation,
+                      job.batch.micro_batch, dtype, worker)
+    if worker.is_main:
+        out.write_text(EVAL_FILE, result.model_dump_json(indent=2))
+        log.info("%s: top-1 %.4f on %d %s samples (%d skipped)", job.label, result.top1 or 0.0, result.total,
+                 result.split, result.skipped)
+
+
+def ray_train_entry(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: ``config["job"]`` is the :class:`TrainJob`."""
+    import ray
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    job: TrainJob = config["job"]
+    device = ray.train.torch.get_device() if job.distributed.use_gpu else torch.device("cpu")
+    train(job, current_worker(device, ray.get_runtime_context().get_node_id()))

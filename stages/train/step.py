@@ -1,0 +1,86 @@
+"""The training step and what feeds it: micro-batches on the device, forward/backward, the update.
+
+Nothing here waits for the device. Batches arrive as uint8 (pinned when the device is a GPU),
+are copied without blocking and normalised on the device; the loss of each micro-step stays a
+device tensor, accumulated there. The host reads losses only when the loop decides to (once per
+logged step; :class:`~stages.train.metrics.StepMonitor`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from stages.data.transforms import to_model_input
+
+__all__ = ["Batch", "DataFeed", "forward_backward", "train_step"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor  # (B, 3, S, S), the training dtype, on the device
+    labels: torch.Tensor  # (B,) int64, on the device
+
+
+class DataFeed:
+    """Micro-batches on ``device``, endlessly (a new epoch starts when the loader's ends).
+
+    The host's wait for each batch is added to ``wait_s`` (the data-wait share of a step); with
+    ``ledger`` every consumed sample key is appended to it.
+    """
+
+    def __init__(self, loader: Any, device: torch.device, dtype: torch.dtype, ledger: list[str] | None = None) -> None:
+        self.loader = loader
+        self.device = device
+        self.dtype = dtype
+        self.ledger = ledger
+        self.wait_s = 0.0
+        self._batches: Iterator[dict[str, Any]] = iter(loader)
+
+    def _next_raw(self) -> dict[str, Any]:
+        try:
+            return next(self._batches)
+        except StopIteration:  # epoch boundary
+            self._batches = iter(self.loader)
+            return next(self._batches)
+
+    def __call__(self) -> Batch:
+        started = time.perf_counter()
+        raw = self._next_raw()
+        self.wait_s += time.perf_counter() - started
+        if self.ledger is not None:
+            self.ledger.extend(raw["key"])
+        return Batch(to_model_input(raw["image"], self.device, self.dtype),
+                     raw["label"].to(self.device, non_blocking=True))
+
+    def take_wait(self) -> float:
+        """Seconds waited since the last call."""
+        waited, self.wait_s = self.wait_s, 0.0
+        return waited
+
+
+def forward_backward(engine: Any, batch: Batch) -> torch.Tensor:
+    """One micro-batch: the loss (fp32 logits), its gradients accumulated; returns the detached loss."""
+    loss = F.cross_entropy(engine(batch.images).float(), batch.labels)
+    engine.backward(loss)
+    return loss.detach()
+
+
+def train_step(engine: Any, next_batch: Callable[[], Batch], accumulation: int) -> torch.Tensor:
+    """One optimizer step over ``accumulation`` micro-batches; the mean micro-batch loss, on the device.
+
+    ``engine.step()`` after every micro-batch is DeepSpeed's contract: it applies the optimizer
+    (with clipping) only at the accumulation boundary.
+    """
+    total = None
+    for _ in range(accumulation):
+        loss = forward_backward(engine, next_batch())
+        engine.step()
+        total = loss if total is None else total + loss
+    assert total is not None, "accumulation must be >= 1"
+    return total / accumulation

@@ -1,0 +1,246 @@
+"""The split trainer in-process (no Ray): a one-rank gloo group, real DeepSpeed, real tar shards.
+
+What NCCL would refuse (host tensors in collectives), where the host waits for the device, exact
+resume with dropout, the first non-finite step, MFU and the batch geometry.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import os
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
+
+from pipeline.errors import VitpipeError
+from pipeline.storage import LocalStorage, sha256_stream
+from stages.data.loader import ShardInfo
+from stages.data.tarshards import ShardTarWriter
+from stages.model.handoff import HANDOFF_FILES, HandoffRef
+from stages.model.vit import decode_variant
+from stages.train.context import current_worker
+from stages.train.geometry import BatchGeometry, accumulation_steps
+from stages.train.hardware import ACCELERATORS, model_flops_utilization
+from stages.train.job import (
+    CheckpointPolicy,
+    DataSpec,
+    DistributedSpec,
+    EvalSpec,
+    FinetuneTask,
+    OptimizerSpec,
+    OutputSpec,
+    ScheduleSpec,
+    TelemetrySpec,
+    TrainJob,
+)
+from stages.train.loop import train
+from stages.train.metrics import read_history
+from tests.conftest import free_port
+from tests.device_guard import HostTensorInCollective, device_guard
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def process_group() -> Iterator[None]:
+    """A one-rank gloo group in this process, with the variables Ray Train or torchrun would set."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[str, list[ShardInfo], list[ShardInfo]]:
+    """Four train shards and one test shard of 16 px digits (PNG), written as an ingest would."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    store = LocalStorage(tmp_path_factory.mktemp("digits"))
+
+    def shard(path: str, indices: range) -> ShardInfo:
+        with store.open_write(path) as f, ShardTarWriter(f) as tar:
+            for i in indices:
+                im = Image.fromarray((data.images[i] * 16).clip(0, 255).astype(np.uint8)).resize((16, 16))
+                buf = io.BytesIO()
+                im.convert("RGB").save(buf, format="PNG")
+                tar.write(f"d{i:04d}", {"png": buf.getvalue(), "cls": str(data.target[i]).encode()})
+        return ShardInfo(path, len(indices))
+
+    train_shards = [shard(f"shards/train-{s:06d}.tar", range(s * 100, s * 100 + 100)) for s in range(4)]
+    return store.uri, train_shards, [shard("shards/test-000000.tar", range(1000, 1050))]
+
+
+def tiny_job(digits, out: Path, **changes) -> TrainJob:
+    uri, shards, _ = digits
+    model = decode_variant("Ti/4", image_size=16, num_classes=10, width=32, depth=2, heads=2, mlp_dim=64,
+                           dropout=0.1, drop_path=0.1)  # dropout on: its RNG must resume exactly too
+    job = TrainJob(label="pretrain", seed=3, model=model, optimizer=OptimizerSpec("adamw", 3e-3, weight_decay=0.05),
+                   schedule=ScheduleSpec(8, 2, "linear"), batch=BatchGeometry(16, 8),
+                   data=DataSpec(uri, tuple(shards), (0.6, 1.0), False, 0),
+                   distributed=DistributedSpec(2, "fp32"), checkpoints=CheckpointPolicy(4, 2),
+                   output=OutputSpec(str(out / "stage"), staging=str(out / "staging")),
+                   telemetry=TelemetrySpec(log_every=2, tensorboard=False, ledger=True))
+    return dataclasses.replace(job, **changes)
+
+
+def handoff_ref(stage: Path) -> HandoffRef:
+    sha = {}
+    for name in HANDOFF_FILES:
+        with open(stage / name, "rb") as f:
+            sha[name] = sha256_stream(f)[0]
+    return HandoffRef(str(stage), sha)
+
+
+# --- pure pieces -------------------------------------------------------------------------------------
+
+
+def test_mfu_is_one_devices_share_of_the_throughput_over_its_peak():
+    # 128 H100s at 4096 images/s in all: each computes 32 images/s x 1.5 TFLOP = 48 TFLOP/s of 989.
+    assert model_flops_utilization(4096, 128, 1.5e12, ACCELERATORS["h100"].peak_flops) == pytest.approx(48 / 989)
+    # One device: the whole rate. (Dividing the global rate by one peak would report 128x this.)
+    assert model_flops_utilization(32, 1, 1.5e12, 989e12) == pytest.approx(48 / 989)
+    with pytest.raises(ValueError):
+        model_flops_utilization(1.0, 0, 1.0, 1.0)
+
+
+def test_batch_geometry_is_resolved_from_the_world_size():
+    geometry = BatchGeometry(4096, 16).resolve(128)
+    assert (geometry.accumulation, geometry.per_rank) == (2, 32)
+    assert BatchGeometry(4096, 16).resolve(64).accumulation == 4  # the same global batch on half the workers
+    with pytest.raises(ValueError, match=r"global_batch 4096 is not divisible by workers x micro_batch \(3 x 16 = 48\)"):
+        accumulation_steps(4096, 16, 3)
+
+
+# --- the NCCL device rule --------------------------------------------------------------------------
+
+
+def test_the_guard_refuses_what_nccl_refuses(process_group):
+    with device_guard(CPU) as checked:
+        dist.all_reduce(torch.zeros(2, device=CPU))  # made on the device: fine
+        dist.all_reduce(torch.tensor([1.0, 2.0]).to(CPU))  # moved explicitly: fine
+        dist.all_reduce(torch.randn(3, device=CPU).sum(0, keepdim=True) * 2)  # computed on the device: fine
+        for host in (torch.tensor([0.5]), torch.zeros(3) + 1, torch.stack([torch.tensor(1.0), torch.tensor(2.0)])):
+            with pytest.raises(HostTensorInCollective, match="No backend type associated with device type cpu"):
+                dist.all_reduce(host)
+    assert checked == ["all_reduce"] * 3
+
+
+def test_training_and_evaluation_pass_the_nccl_device_guard(process_group, digits, tmp_path):
+    """Every tensor the trainer (and DeepSpeed under it) hands to a collective would be on the GPU.
+
+    The pre-trainer worker all-reduced ``torch.tensor([loss_sum / accum])`` every step: a host tensor,
+    which NCCL refuses at step 1 and this guard refuses too.
+    """
+    with device_guard(CPU) as checked:
+        train(tiny_job(digits, tmp_path / "pre"), current_worker(CPU))
+    assert set(checked) == {"all_reduce", "broadcast"}
+    _, _, test_shards = digits
+    finetune = tiny_job(digits, tmp_path / "ft", label="finetune", optimizer=OptimizerSpec("sgd", 0.01),
+                        schedule=ScheduleSpec(4, 1, "cosine"),
+                        task=FinetuneTask(handoff_ref(tmp_path / "pre/stage"), EvalSpec("test", tuple(test_shards))))
+    with device_guard(CPU) as checked:
+        train(finetune, current_worker(CPU))
+    assert set(checked) == {"all_reduce", "broadcast"}
+    evaluation = json.loads((tmp_path / "ft/stage/eval.json").read_text())
+    assert (evaluation["total"], evaluation["skipped"]) == (50, 0)
+
+
+# --- the host waits for the device once per logged step ------------------------------------------
+
+_WAITS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+          torch.Tensor.__int__, torch.Tensor.cpu, torch.Tensor.numpy}
+TRAINER = str(Path(__file__).resolve().parent.parent / "stages")
+
+
+class _HostWaits(TorchFunctionMode):
+    """Counts calls that make the host wait for a GPU, made directly by vitpipe code, by function.
+
+    (DeepSpeed's ZeRO-1/2 step reads its own overflow flags each step; that is DeepSpeed's.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _WAITS:
+            caller = traceback.extract_stack(limit=2)[0]
+            if caller.filename.startswith(TRAINER):
+                self.calls[f"{Path(caller.filename).name}:{caller.name}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_host_waits_for_the_device_only_when_metrics_are_read(process_group, digits, tmp_path, monkeypatch):
+    import stages.train.loop as loop
+
+    waits = _HostWaits()
+    real_step = loop.train_step
+
+    def step_counted(*args, **kwargs):
+        with waits:
+            return real_step(*args, **kwargs)
+
+    real_flush = loop.StepMonitor.flush
+
+    def flush_counted(self, *args, **kwargs):
+        with waits:
+            return real_flush(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_counted)
+    monkeypatch.setattr(loop.StepMonitor, "flush", flush_counted)
+    # 8 steps, 2 micro-batches each, metrics read every 4th step (and at the step-4/8 checkpoints).
+    train(tiny_job(digits, tmp_path, telemetry=TelemetrySpec(log_every=4, tensorboard=False)), current_worker(CPU))
+    # Nothing in the step itself; two reads (losses, gradient norms) per read-out, 2 read-outs.
+    assert dict(waits.calls) == {"metrics.py:flush": 4}
+
+
+# --- resume ----------------------------------------------------------------------------------------
+
+
+def test_resume_from_a_checkpoint_is_exact_with_dropout(process_group, digits, tmp_path):
+    clean = tiny_job(digits, tmp_path / "clean")
+    train(clean, current_worker(CPU))
+    interrupted = tiny_job(digits, tmp_path / "resumed")
+    train(interrupted, current_worker(CPU))
+    # What a kill after the step-4 checkpoint leaves: no step-8 checkpoint and no handoff.
+    stage = tmp_path / "resumed/stage"
+    for path in (stage / "checkpoints/step-00000008").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    (stage / "model.safetensors").unlink()
+    train(interrupted, current_worker(CPU))
+
+    a, b = load_file(str(tmp_path / "clean/stage/model.safetensors")), load_file(str(stage / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights differ"
+    assert json.loads((tmp_path / "clean/stage/ledger/rank0.json").read_text()) == \
+        json.loads((stage / "ledger/rank0.json").read_text())
+    history = read_history(LocalStorage(stage))
+    assert [r.step for r in history] == list(range(1, 9))
+    assert [r.loss for r in history] == [r.loss for r in read_history(LocalStorage(tmp_path / "clean/stage"))]
+
+
+def test_a_non_finite_loss_is_reported_at_its_first_step_between_read_outs(process_group, digits, tmp_path):
+    # lr 3e37: the first update overflows the weights, so step 2's loss is nan; metrics are read at 4.
+    job = tiny_job(digits, tmp_path, optimizer=OptimizerSpec("adamw", 3e37), schedule=ScheduleSpec(8, 0, "linear"),
+                   telemetry=TelemetrySpec(log_every=4, tensorboard=False))
+    with pytest.raises(VitpipeError, match=r"^non-finite loss \(nan\) at step 2$"):
+        train(job, current_worker(CPU))
+    assert not (tmp_path / "stage/checkpoints/step-00000004").exists()  # a diverged state is never saved
