@@ -285,7 +285,7 @@ def main() -> None:
         log(f"  mean {key}: ours {ours:.4g} (no timm baseline)")
 
     result = {
-        "name": "gpu_mfu",
+        "name": "gpu_mfu_compiled" if args.compile else "gpu_mfu",  # one file per mode: neither overwrites the other
         "ours": round(ours, 4),
         "baseline": None if baseline is None else round(baseline, 4),
         "unit": f"{'MFU' if peak else 'images/s'}, mean over {', '.join(args.models)}",

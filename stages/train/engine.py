@@ -9,6 +9,7 @@ initial weights); a fine-tune's pretrained weights are read by rank 0 alone and 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -75,6 +76,9 @@ def build_engine(job: TrainJob, worker: WorkerContext) -> tuple[Any, StepGeometr
         raise VitpipeError(f"cannot train on {worker.world_size} worker(s): {err}") from None
     if worker.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    # DeepSpeed 0.19.8 calls torch.distributed collectives that torch has renamed; torch warns at
+    # every call, i.e. several lines per step on every rank.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import deepspeed
 
     torch.manual_seed(job.seed)  # identical initial weights on every rank

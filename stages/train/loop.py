@@ -41,6 +41,8 @@ WORKERS_FILE = "workers.json"
 
 
 def train(job: TrainJob, worker: WorkerContext) -> None:
+    if worker.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(worker.device)  # the peak reported is this run's, not the process's
     engine, geometry = build_engine(job, worker)
     out = open_storage(job.output.uri, job.output.storage)
     _record_placement(out, worker)
