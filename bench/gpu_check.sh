@@ -382,18 +382,15 @@ run_phase train "$OUT/gpu_check_train.json" \
 mfu_phase() {  # mfu_phase NAME RESULT [--compile]
   local name="$1" result="$2"
   shift 2
-  local args=(--device "$DEVICE" "$@")
+  local args=(--device "$DEVICE" --json "$result" "$@")
   [[ $QUICK == 0 ]] || args+=(--models B/16 --steps 5 --repeats 2 --warmup 2)
   [[ -z "$PEAK" ]] || args+=(--peak-tflops "$PEAK")
   rm -f "$result"
   run_phase "$name" "$result" "$PYTHON" bench/gpu_mfu.py "${args[@]}"
-  # gpu_mfu prints its result as the one JSON line on stdout (and writes bench/out/gpu_mfu.json itself).
-  if ! grep -a '^{"name": "gpu_mfu"' "$LOGS/$name.log" | tail -n 1 > "$result" || [[ ! -s "$result" ]]; then
-    rm -f "$result"
-    if [[ "$(tail -n 1 "$PHASE_FILE" | cut -f2)" == ok ]]; then  # it exited 0 without a result: a failure
-      sed -i '$d' "$PHASE_FILE"  # replaces the phase's "ok"
-      record "$name" failed 0 "bench/gpu_mfu.py printed no result line"
-    fi
+  # gpu_mfu writes its result to --json: exiting 0 without one is a failure too.
+  if [[ ! -s "$result" && "$(tail -n 1 "$PHASE_FILE" | cut -d "$SEP" -f 2)" == ok ]]; then
+    sed -i '$d' "$PHASE_FILE"  # replaces the phase's "ok"
+    record "$name" failed 0 "bench/gpu_mfu.py wrote no result to $result"
   fi
 }
 if [[ $SKIP_MFU == 1 ]]; then

@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,6 +96,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense bf16 peak of the card, TFLOP/s (default: from the accelerator table by the card's name)")
     parser.add_argument("--seed", type=int, default=0, help="init and batch seed (default: %(default)s)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the result line to this file (bench/gpu_check.sh reads it from there)")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.steps = args.steps or (10 if gpu else 2)
@@ -310,6 +313,9 @@ def main() -> None:
     else:
         log("(CPU smoke run: the result is printed, not written to bench/out)")
         print(json.dumps(result), flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result) + "\n")
 
 
 def log(message: str) -> None:

@@ -176,8 +176,11 @@ def communication_volume(stage: int, accumulation: int = 1) -> int:
       backward pass, and the gradients reduce-scattered: 3AΨ.
     DeepSpeed 0.19.8 by default all-reduces ZeRO-1/2 gradient buckets instead of reducing each slice
     to its owner (``use_multi_rank_bucket_allreduce``, ``deepspeed/runtime/zero/stage_1_and_2.py:
-    1695``): fewer, larger collectives for up to Ψ more traffic, all of it overlapping the backward
-    pass, whereas ZeRO-3's forward all-gathers sit in front of compute. The ranking is kept.
+    1695``): fewer, larger collectives for up to Ψ more traffic. Counted that way ZeRO-1/2 send up
+    to 3Ψ, more than ZeRO-0's 2Ψ; the paper's counts are kept here because that traffic overlaps
+    the backward pass, while ZeRO-0's all-reduce follows it and ZeRO-3's forward all-gathers sit in
+    front of compute. That ordering is a model, not a measurement: check it on the GPUs with
+    ``bash bench/gpu_check.sh -- --zero-stages 0,1,2,3`` (it times each) before a long run.
     """
     _check_zero_stage(stage)
     if accumulation < 1:

@@ -77,15 +77,21 @@ class RunResults:
 
 
 def gather_results(records: dict[str, StageResult | None]) -> RunResults:
-    """Sort the inputs' records (``{stage: record}``) by kind; others (ingest, plugins) are not reported."""
+    """Sort the inputs' records (``{stage: record}``) by kind; others (ingest, plugins) are not reported.
+
+    Fine-tunes and few-shot evaluations are named by their dataset; two stages on the same dataset
+    (an LR grid, say) are named ``dataset@stage`` instead, so neither hides the other.
+    """
     results = RunResults()
+    tuned = {stage: r for stage, r in records.items() if isinstance(r, TrainResult) and r.kind == "finetune"}
+    few = {stage: r for stage, r in records.items() if isinstance(r, FewshotResult)}
     for stage, record in sorted(records.items()):
         if isinstance(record, TrainResult) and record.kind == "pretrain":
             results.pretrain[stage] = record
-        elif isinstance(record, TrainResult):
-            results.finetune[record.dataset or stage] = record
-        elif isinstance(record, FewshotResult):
-            results.fewshot[record.dataset] = record
+    for found, target in ((tuned, results.finetune), (few, results.fewshot)):
+        datasets = [getattr(r, "dataset", None) or stage for stage, r in found.items()]
+        for (stage, record), dataset in sorted(zip(found.items(), datasets)):
+            target[dataset if datasets.count(dataset) == 1 else f"{dataset}@{stage}"] = record
     return results
 
 

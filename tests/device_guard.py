@@ -12,6 +12,11 @@ brings it back:
   ``.cuda()``) yields an untagged tensor — exactly the tensors that would be on the host on a GPU;
 - the tensor collectives of ``torch.distributed`` (which DeepSpeed calls too) refuse a tagged
   tensor, or one not on the training device, with NCCL's message.
+
+Blind spots, by construction of a CPU simulation: a tensor sent to the host on purpose
+(``.cpu()``, ``.to("cpu")``) is indistinguishable from a move to the (CPU) training device, and
+``torch.from_numpy`` is invisible to torch function modes. Install the guard before DeepSpeed
+builds its communication backend (it keeps references to the collectives it will call).
 """
 
 from __future__ import annotations

@@ -119,6 +119,7 @@ def test_deepspeed_reads_the_config_as_meant(stage):
     ds = DeepSpeedConfig(cfg)
     z, b = ds.zero_config, comm_buckets(B16)
     assert ds.communication_data_type == torch.float32 and ds.bfloat16_config.enabled
+    assert ds.bfloat16_config.check_grad_overflow is False  # no per-step host wait for an overflow flag
     assert ds.gradient_accumulation_steps == 4 and ds.train_batch_size == 32
     assert ds.zero_optimization_stage == stage
     if stage == 0:

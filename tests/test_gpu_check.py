@@ -262,3 +262,14 @@ def test_a_wheel_that_breaks_an_import_is_named(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1].startswith(
         "gpu_check: error: cannot import tqdm (ImportError: broken on purpose; wheels: tqdm)")
+
+
+def test_gpu_mfu_writes_the_result_file_the_check_reads(tmp_path):
+    # bench/gpu_check.sh's mfu phases read this file; a run that exits 0 without it is a failure there.
+    result = tmp_path / "sub" / "gpu_mfu_eager.json"
+    proc = run([sys.executable, "bench/gpu_mfu.py", "--device", "cpu", "--no-timm", "--steps", "1", "--repeats", "1",
+                "--warmup", "0", "--image-size", "32", "--json", str(result)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(result.read_text())
+    assert doc["name"] == "gpu_mfu" and doc["baseline"] is None and doc["extra"]["compile"] is False
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == doc  # the same line as on stdout

@@ -75,3 +75,11 @@ def test_markdown_and_self_contained_html(tmp_path):
     assert "](stages/report/figures/fig.png)" in md
     page = render_html(doc, tmp_path)
     assert "title &lt;x&gt;" in page and "data:image/png;base64," in page and "src='figures" not in page
+
+
+def test_two_stages_on_one_dataset_are_both_reported():
+    second = RECORDS["finetune"].model_copy(update={"evaluation": EvalRecord(split="test", top1=0.97, correct=291,
+                                                                             total=300, skipped=0)})
+    m = flat_metrics(gather_results({**RECORDS, "finetune_lr03": second}))
+    tuned = {k: v for k, v in m.items() if k.startswith("finetune.")}
+    assert tuned == {"finetune.digits@finetune.top1": 0.95, "finetune.digits@finetune_lr03.top1": 0.97}

@@ -188,28 +188,37 @@ class _HostWaits(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_host_waits_for_the_device_only_when_metrics_are_read(process_group, digits, tmp_path, monkeypatch):
-    import stages.train.loop as loop
-
+def test_the_host_waits_for_the_device_only_when_metrics_are_read(process_group, digits, tmp_path):
     waits = _HostWaits()
-    real_step = loop.train_step
+    # 8 steps of 2 micro-batches; metrics read every 4th step (also the checkpoint steps).
+    with waits:
+        train(tiny_job(digits, tmp_path, telemetry=TelemetrySpec(log_every=4, tensorboard=False)),
+              current_worker(CPU))
+    in_the_loop = {k: n for k, n in waits.calls.items() if k.startswith(("step.py:", "loop.py:", "metrics.py:"))}
+    # One read per read-out (losses and gradient norms in one copy), nothing in the step or the loop
+    # body; the checkpointer and the final export read the device at checkpoints and at the end.
+    assert in_the_loop == {"metrics.py:flush": 2}, dict(waits.calls)
 
-    def step_counted(*args, **kwargs):
-        with waits:
-            return real_step(*args, **kwargs)
 
-    real_flush = loop.StepMonitor.flush
+def test_throughput_and_mfu_are_per_device_over_the_window(process_group, monkeypatch):
+    from stages.train import metrics
+    from stages.train.context import WorkerContext
+    from stages.train.metrics import StepMonitor
 
-    def flush_counted(self, *args, **kwargs):
-        with waits:
-            return real_flush(self, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", step_counted)
-    monkeypatch.setattr(loop.StepMonitor, "flush", flush_counted)
-    # 8 steps, 2 micro-batches each, metrics read every 4th step (and at the step-4/8 checkpoints).
-    train(tiny_job(digits, tmp_path, telemetry=TelemetrySpec(log_every=4, tensorboard=False)), current_worker(CPU))
-    # Nothing in the step itself; two reads (losses, gradient norms) per read-out, 2 read-outs.
-    assert dict(waits.calls) == {"metrics.py:flush": 4}
+    clock = iter([100.0, 104.0])  # the window opens at 100 s and is read at 104 s
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock, 104.0))
+    # As rank 0 of 128 (the collective runs on this one-rank group: the sums are the local values).
+    monitor = StepMonitor(WorkerContext(0, 128, CPU, "n0"), global_batch=4096, train_flops_per_image=1.5e12,
+                          peak_flops=989e12)
+    for step in (1, 2):
+        monitor.add(step, torch.tensor(2.0 * 128), torch.tensor(0.5), 1e-3, 0)
+    records = monitor.flush(data_wait_s=1.0)
+    assert [(r.step, r.loss, r.grad_norm, r.images_per_s) for r in records] == [(1, 2.0, 0.5, None),
+                                                                                 (2, 2.0, 0.5, 2048.0)]
+    last = records[-1]
+    assert (last.step_time_s, last.data_wait_fraction) == (2.0, 0.25)
+    # 2 steps x 4096 images in 4 s = 2048 images/s in all, 16 per device x 1.5 TFLOP / 989 TFLOP/s.
+    assert last.mfu == pytest.approx(16 * 1.5e12 / 989e12)
 
 
 # --- resume ----------------------------------------------------------------------------------------
@@ -244,3 +253,62 @@ def test_a_non_finite_loss_is_reported_at_its_first_step_between_read_outs(proce
     with pytest.raises(VitpipeError, match=r"^non-finite loss \(nan\) at step 2$"):
         train(job, current_worker(CPU))
     assert not (tmp_path / "stage/checkpoints/step-00000004").exists()  # a diverged state is never saved
+
+
+def test_weights_an_update_made_non_finite_are_never_checkpointed(process_group, digits, tmp_path, monkeypatch):
+    import stages.train.loop as loop
+
+    real_step, calls = loop.train_step, []
+
+    def diverging_step(engine, next_batch, accumulation):
+        loss = real_step(engine, next_batch, accumulation)
+        calls.append(1)
+        if len(calls) == 4:  # the update of step 4 overflows one weight; its loss was still finite
+            engine.module.pos_embed.data[0, 0, 0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(loop, "train_step", diverging_step)
+    with pytest.raises(VitpipeError, match=r"^non-finite weights after step 4: the update diverged; not checkpointed$"):
+        train(tiny_job(digits, tmp_path), current_worker(CPU))
+    assert not (tmp_path / "stage/checkpoints/step-00000004/COMPLETE.json").exists()
+
+
+def test_a_checkpoint_from_another_world_size_is_refused_in_one_line(process_group, digits, tmp_path):
+    job = tiny_job(digits, tmp_path)
+    train(job, current_worker(CPU))
+    stage = tmp_path / "stage"
+    for path in (stage / "checkpoints/step-00000008").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    record = stage / "checkpoints/step-00000004/COMPLETE.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "world_size": 2}))  # as 2 workers wrote it
+    with pytest.raises(VitpipeError, match=r"^checkpoint step 4 was written by 2 workers and this run has 1: "):
+        train(job, current_worker(CPU))
+
+
+def _guarded_rank(rank: int, port: int, uri: str, shards: list[ShardInfo], out: str, zero: int) -> None:
+    """One of two spawned ranks: train ZeRO-``zero`` under the device guard, record what it checked."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    with device_guard(CPU) as checked:  # installed before DeepSpeed builds its communication backend
+        job = tiny_job((uri, shards, []), Path(out), distributed=DistributedSpec(zero, "fp32"),
+                       telemetry=TelemetrySpec(log_every=2, tensorboard=False))
+        train(job, current_worker(CPU))
+    Path(out, f"checked-rank{rank}.json").write_text(json.dumps(sorted(set(checked))))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_ranks_pass_the_nccl_device_guard_deepspeed_collectives_included(digits, tmp_path, zero):
+    """With two ranks ZeRO really partitions: DeepSpeed's reduce-scatters and all-gathers are checked too."""
+    import torch.multiprocessing as mp
+
+    uri, shards, _ = digits
+    mp.spawn(_guarded_rank, args=(free_port(), uri, shards, str(tmp_path), zero), nprocs=2, join=True)
+    checked = [set(json.loads((tmp_path / f"checked-rank{r}.json").read_text())) for r in range(2)]
+    assert checked[0] == checked[1]
+    expected = {2: {"all_reduce", "broadcast", "all_gather_into_tensor"},
+                3: {"all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor"}}
+    assert checked[0] == expected[zero], checked[0]

@@ -1,2 +1,2 @@
-"""Training machinery shared by the pretrain and finetune stages (schedules, DeepSpeed config,
-checkpoints, the Ray Train worker loop)."""
+"""The trainer shared by the pretrain and finetune stages: the typed training job, the engine,
+the step, metrics, checkpoints, evaluation and the loop every worker runs (see ``loop.py``)."""

@@ -89,14 +89,19 @@ class CheckpointStore:
                 self.storage.upload_file(path, f"{ROOT}/{step_name(step)}/{rel}")
         return files
 
-    def commit(self, step: int, files: dict[str, dict[str, object]] | None = None) -> None:
+    def commit(self, step: int, files: dict[str, dict[str, object]] | None = None,
+               world_size: int | None = None) -> None:
         """Rank 0, after every rank published: write COMPLETE.json, the commit point, last."""
         if files is None:  # single process: everything in the local directory is ours
             files = self.publish(step, 0) | {
                 rel: meta for r in range(1, 1 + _max_rank(self.local_dir(step))) for rel, meta in
                 self.publish(step, r).items()}
-        record = json.dumps({"step": step, "files": files}, indent=1, sort_keys=True)
+        record = json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1, sort_keys=True)
         self.storage.write_text(f"{ROOT}/{step_name(step)}/{COMPLETE}", record)
+
+    def world_size(self, step: int) -> int | None:
+        """How many ranks wrote the committed checkpoint of ``step`` (None: not recorded)."""
+        return json.loads(self.storage.read_text(f"{ROOT}/{step_name(step)}/{COMPLETE}")).get("world_size")
 
     def steps(self) -> list[int]:
         """Committed checkpoint steps, ascending."""

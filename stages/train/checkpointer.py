@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import VitpipeError
 from stages.train.checkpoint import CheckpointStore
 from stages.train.context import WorkerContext
 from stages.train.metrics import StepRecord
@@ -39,19 +41,21 @@ class Stateful(Protocol):
 
 
 class RngState:
-    """Python's, torch's and (on GPUs) CUDA's generators: dropout and drop-path masks resume exactly."""
+    """Python's, torch's and (training on a GPU) that GPU's generators: dropout and drop-path masks
+    resume exactly. ``cuda`` is None for a CPU run; a GPU run resumed from one keeps its seeded state."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"python": random.getstate()[1], "torch": torch.get_rng_state().tolist()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state().tolist()
-        return state
+        cuda = torch.cuda.get_rng_state(self.device).tolist() if self.device.type == "cuda" else None
+        return {"python": random.getstate()[1], "torch": torch.get_rng_state().tolist(), "cuda": cuda}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         random.setstate((3, tuple(state["python"]), None))
         torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+        if self.device.type == "cuda" and state["cuda"] is not None:
+            torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), self.device)
 
 
 @dataclass
@@ -86,26 +90,53 @@ class Checkpointer:
         step = self.store.latest()
         if step is None:
             return 0
+        written_by = self.store.world_size(step)
+        if written_by is not None and written_by != self.worker.world_size:
+            raise VitpipeError(f"checkpoint step {step} was written by {written_by} workers and this run has "
+                               f"{self.worker.world_size}: resuming on another number of workers is not supported "
+                               f"yet; run with workers={written_by}")
         directory = self.store.fetch(step)
-        self.engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=True)
+        loaded, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=True)
+        if loaded is None:  # DeepSpeed only warns when it finds no model states
+            raise VitpipeError(f"checkpoint step {step}: DeepSpeed found no model states in it")
         saved = json.loads(self._state_file(directory).read_text())
         for name, part in self.parts.items():
             part.load_state_dict(saved[name])
+        if self.store.remote:
+            shutil.rmtree(directory, ignore_errors=True)  # loaded: the local copy is no longer needed
         log.info("rank %d: resumed from checkpoint step %d", self.worker.rank, step)
         return step
 
     def save(self, step: int) -> None:
-        """Every rank writes its files, publishes them; rank 0 commits and prunes (a collective)."""
+        """Every rank writes its files, publishes them; rank 0 commits and prunes (a collective).
+
+        Weights an update made non-finite are refused first: a checkpoint is what every restart
+        resumes from, so a poisoned one would fail every later attempt.
+        """
+        self._check_finite_weights(step)
         directory = self.store.local_dir(step)
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
         self._state_file(directory).write_text(json.dumps({name: p.state_dict() for name, p in self.parts.items()}))
         dist.barrier()  # every rank's files are on disk (DeepSpeed writes some after its own barrier)
         mine = self.store.publish(step, self.worker.rank)
+        if self.store.remote:
+            shutil.rmtree(directory, ignore_errors=True)  # uploaded: each node's scratch stays small
         listings: list[Any] = [None] * self.worker.world_size
         dist.all_gather_object(listings, mine)
         if self.worker.is_main:
-            self.store.commit(step, {rel: meta for listing in listings for rel, meta in listing.items()})
+            self.store.commit(step, {rel: meta for listing in listings for rel, meta in listing.items()},
+                              world_size=self.worker.world_size)
             for script in _DEEPSPEED_SCRIPTS:
                 (directory.parent / script).unlink(missing_ok=True)
             self.store.prune(self.keep)
         dist.barrier()
+
+    def _check_finite_weights(self, step: int) -> None:
+        """Every rank checks the weights it holds (ZeRO-3: its partition); all ranks agree (a collective)."""
+        finite = torch.ones((), device=self.worker.device)
+        for p in self.engine.module.parameters():
+            local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps this rank's partition there
+            finite = finite * torch.isfinite(local).all()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():  # a checkpoint waits for the device anyway
+            raise VitpipeError(f"non-finite weights after step {step}: the update diverged; not checkpointed")

@@ -145,7 +145,12 @@ def build_deepspeed_config(
         "gradient_accumulation_steps": accumulation_steps(global_batch, micro_batch, world_size),
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # bf16: no per-step overflow check. DeepSpeed's reads a flag from the device and all-reduces
+        # it at every step (runtime/zero/stage_1_and_2.py:3218-3249) to skip steps with inf/nan
+        # gradients -- which bf16 has no loss scale to back off from. The trainer records every
+        # step's gradient norm and stops at the first non-finite one before anything is saved
+        # (stages/train/metrics.py), so that host wait buys nothing.
+        "bf16": {"enabled": True, "check_grad_overflow": False} if precision == "bf16" else {"enabled": False},
         "fp16": {"enabled": False},
         # The dtype gradients are summed in across ranks (module docstring); stated even where it
         # is DeepSpeed's default, so the config says what it does.

@@ -9,6 +9,7 @@ initial weights); a fine-tune's pretrained weights are read by rank 0 alone and 
 from __future__ import annotations
 
 import os
+import random
 import warnings
 from typing import Any
 
@@ -57,8 +58,8 @@ def _load_pretrained(model: ViT, task: FinetuneTask, job: TrainJob, worker: Work
         try:
             handoff = read_handoff(task.init, job.output.storage)
             load_transferred(model, handoff.config, handoff.state)
-        except (VitpipeError, ValueError, OSError) as err:
-            error = " ".join(str(err).split())
+        except Exception as err:  # noqa: BLE001 - whatever it is, every rank must hear of it (or hang below)
+            error = " ".join(str(err).split()) if isinstance(err, VitpipeError) else f"{type(err).__name__}: {err}"
     verdict = [error]
     dist.broadcast_object_list(verdict, src=0)  # every rank fails alike instead of hanging below
     if verdict[0] is not None:
@@ -86,6 +87,7 @@ def build_engine(job: TrainJob, worker: WorkerContext) -> tuple[Any, StepGeometr
     if isinstance(job.task, FinetuneTask):
         _load_pretrained(model, job.task, job, worker)
     torch.manual_seed(job.seed * 1000 + worker.rank + 1)  # per-rank dropout / drop-path masks
+    random.seed(job.seed * 1000 + worker.rank + 1)  # saved and restored with the checkpoints, as torch's
     d = job.distributed
     config = build_deepspeed_config(
         global_batch=geometry.global_batch, micro_batch=geometry.micro_batch, world_size=geometry.world_size,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ def train(job: TrainJob, worker: WorkerContext) -> None:
     state = TrainState()
     staging = Path(job.output.staging)
     checkpointer = Checkpointer(CheckpointStore(out, staging / f"rank{worker.rank}"), engine, worker,
-                                {"loader": loader, "rng": RngState(), "train": state}, keep=job.checkpoints.keep)
+                                {"loader": loader, "rng": RngState(worker.device), "train": state},
+                                keep=job.checkpoints.keep)
     step = checkpointer.restore()
     sink = MetricsSink(job.label, job.schedule.steps, job.telemetry.log_every, out,
                        staging / "tensorboard" if job.telemetry.tensorboard else None, state.history,
@@ -77,17 +79,19 @@ def train(job: TrainJob, worker: WorkerContext) -> None:
                 sink.publish()
             monitor.restart_window()
 
-    weights = gather_full_state(engine)
+    finetune = job.task if isinstance(job.task, FinetuneTask) else None
+    weights = gather_full_state(engine, keep=worker.is_main or finetune is not None)
     if sink is not None:
         sink.publish()
         sink.close()
     if job.telemetry.ledger:
         out.write_text(f"ledger/rank{worker.rank}.json", json.dumps(state.ledger))
-    if isinstance(job.task, FinetuneTask):
-        _evaluate(job, job.task, weights, worker, out, dtype)
+    if finetune is not None:
+        _evaluate(job, finetune, weights, worker, out, dtype)
     if worker.is_main:
         save_handoff(out, job.model, weights, {"step": str(step)})
     dist.barrier()
+    shutil.rmtree(staging / f"rank{worker.rank}", ignore_errors=True)  # this node's scratch (S3 runs)
 
 
 def _make_loader(job: TrainJob, worker: WorkerContext, geometry: StepGeometry) -> ShardLoader:
@@ -106,8 +110,9 @@ def _record_placement(out: Storage, worker: WorkerContext) -> None:
         out.write_text(WORKERS_FILE, json.dumps(placement, indent=2))
 
 
-def _evaluate(job: TrainJob, task: FinetuneTask, weights: dict[str, torch.Tensor], worker: WorkerContext,
+def _evaluate(job: TrainJob, task: FinetuneTask, weights: dict[str, torch.Tensor] | None, worker: WorkerContext,
               out: Storage, dtype: torch.dtype) -> None:
+    assert weights is not None, "every rank keeps the weights before an evaluation"
     model = ViT(job.model)
     model.load_state_dict(weights)
     model.to(worker.device, dtype)

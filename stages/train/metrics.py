@@ -2,7 +2,8 @@
 
 :class:`StepMonitor` keeps each step's loss and gradient norm on the device until the loop asks
 for them (at log and checkpoint steps): then one all-reduce and one copy to the host resolve the
-whole window, so the host waits for the device once per logged step, not once per micro-step.
+whole window, so this code waits for the device once per logged step, not once per micro-step
+(DeepSpeed's step has waits of its own: README, "The trainer").
 Throughput is measured over the window (wall time after that wait, so it includes the device's
 work). A non-finite loss or gradient norm stops training naming its first step.
 
@@ -80,35 +81,35 @@ class StepMonitor:
     def restart_window(self) -> None:
         """Start timing anew (after a checkpoint save, whose time is not training throughput)."""
         self._window_start = time.perf_counter()
-        self._window_steps = 0
 
     def add(self, step: int, loss: torch.Tensor, grad_norm: Any, lr: float, epoch: int) -> None:
         """``grad_norm``: DeepSpeed's (a device tensor, a float or None); kept as is, read at ``flush``."""
         self._pending.append((step, loss, grad_norm, lr, epoch))
-        self._window_steps += 1
 
     def flush(self, data_wait_s: float) -> list[StepRecord]:
         """Resolve the pending steps (a collective: every rank calls it at the same steps)."""
         if not self._pending:
             return []
         device = self.worker.device
+        steps = len(self._pending)
         losses = torch.stack([loss for _, loss, _, _, _ in self._pending]).float()
         dist.all_reduce(losses)  # on the training device: NCCL refuses host tensors
-        norms = [g for _, _, g, _, _ in self._pending]
-        device_norms = [g for g in norms if torch.is_tensor(g)]
-        # The one host wait of the window: everything queued on the device so far finishes here.
-        loss_values = (losses / self.worker.world_size).tolist()
-        norm_values = iter(torch.stack(device_norms).float().tolist() if device_norms else [])
+        device_norms = [g.float().reshape(()) for _, _, g, _, _ in self._pending if torch.is_tensor(g)]
+        # The one host wait of the window: the losses and the norms in one copy, after everything
+        # queued on the device so far has run.
+        values = torch.cat([losses / self.worker.world_size, torch.stack(device_norms) if device_norms
+                            else losses.new_empty(0)]).tolist()
+        loss_values, norm_values = values[:steps], iter(values[steps:])
         elapsed = time.perf_counter() - self._window_start
         records = []
         for (step, _, norm, lr, epoch), loss in zip(self._pending, loss_values):
             value = next(norm_values) if torch.is_tensor(norm) else (None if norm is None else float(norm))
             records.append(StepRecord(step=step, loss=loss, lr=lr, grad_norm=value, epoch=epoch))
-        images_per_s = self._window_steps * self.global_batch / elapsed if elapsed > 0 else None
+        images_per_s = steps * self.global_batch / elapsed if elapsed > 0 else None
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         records[-1] = StepRecord(**{
             **asdict(records[-1]), "images_per_s": images_per_s,
-            "step_time_s": elapsed / self._window_steps, "data_wait_fraction": data_wait_s / elapsed if elapsed else None,
+            "step_time_s": elapsed / steps, "data_wait_fraction": data_wait_s / elapsed if elapsed else None,
             "mfu": model_flops_utilization(images_per_s, self.worker.world_size, self.flops, self.peak)
             if self.peak and images_per_s else None,
             "max_memory_gb": memory})
