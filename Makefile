@@ -7,7 +7,7 @@ CONFIG ?= configs/tiny.yaml
 ADDRESS ?=
 ARGS   ?=
 PYTEST_ARGS ?=
-BENCHES ?= bench/ingest.py bench/loader.py bench/train_step.py bench/gpu_mfu.py
+BENCHES ?= bench/ingest.py bench/loader.py bench/loader_latency.py bench/train_step.py bench/gpu_mfu.py
 
 .PHONY: install pretrain test bench submit lint clean help
 

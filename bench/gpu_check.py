@@ -292,11 +292,20 @@ def shard_spec(args: argparse.Namespace) -> ShardSpec:
 
 
 def default_loader_workers(device: str, world: int, shards: int) -> int:
+    """A power of two (each reads one stream of the order, and the streams must divide the batch),
+    at most 8 per GPU and what the CPUs allow beside the training processes."""
     if device == "cpu":
         return 0
     cpus = os.cpu_count() or 1
-    workers = max(1, min(12, cpus // world - 2))
-    return max(1, min(workers, shards // world))  # the loader needs a shard per (rank, worker)
+    workers = 1
+    while workers * 2 <= min(8, cpus // world - 2):
+        workers *= 2
+    return workers
+
+
+def streams_for(world: int, loader_workers: int) -> int:
+    """One stream of the sample order per loader worker of every rank."""
+    return world * max(1, loader_workers)
 
 
 def build_job(args: argparse.Namespace, zero_stage: int, shards: ShardSet, world: int,
@@ -313,7 +322,8 @@ def build_job(args: argparse.Namespace, zero_stage: int, shards: ShardSet, world
         schedule=ScheduleSpec(args.steps, args.warmup_steps, "linear"),
         batch=BatchGeometry(global_batch, micro),
         # Crops keep >= 35% of the image; no flips: they would mirror a class's stripe angle.
-        data=DataSpec(str(shards.root.parent), shards.shards, (0.35, 1.0), False, workers),
+        data=DataSpec(str(shards.root.parent), shards.shards, (0.35, 1.0), False, workers,
+                      streams=streams_for(world, workers)),
         distributed=DistributedSpec(zero_stage, args.precision, use_gpu=args.device == "cuda", peak_flops=peak),
         checkpoints=CheckpointPolicy(args.checkpoint_every, keep=2),
         output=OutputSpec(str(stage_dir), staging=str(args.work / f"staging-zero{zero_stage}")),
@@ -556,7 +566,8 @@ def ray_config(args: argparse.Namespace, shards: ShardSet, gpus: int, card: str,
         "warmup_steps": max(1, args.ray_steps // 10), "global_batch": args.batch_per_rank * workers,
         "micro_batch": args.batch_per_rank, "lr": args.lr, "weight_decay": 0.05, "crop_scale_min": 0.35,
         "hflip": False, "workers": workers, "use_gpu": cuda, "gpu": gpu_key, "precision": args.precision,
-        "zero_stage": 1, "loader_workers": loader_workers, "checkpoint_every": args.ray_steps,
+        "zero_stage": 1, "loader_workers": loader_workers, "streams": streams_for(workers, loader_workers),
+        "checkpoint_every": args.ray_steps,
         "log_every": args.log_every, "tensorboard": False,
     }
     return {

@@ -83,6 +83,9 @@ class StorageSettings(StrictModel):
     region: str | None = None
     multipart_threshold_mb: int = Field(default=64, ge=5)
     multipart_chunk_mb: int = Field(default=64, ge=5)
+    read_timeout_s: float = Field(default=60.0, gt=0, description="S3: a read stalled this long is a fault")
+    read_retries: int = Field(default=8, ge=0, description="S3: faults in a row, without progress, "
+                                                            "survived by reading on from the byte reached")
 
 
 class RaySettings(StrictModel):

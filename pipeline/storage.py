@@ -24,6 +24,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -327,27 +329,129 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-class _BodyReader(io.RawIOBase):
-    """Adapts a botocore StreamingBody to a RawIOBase so it can be buffered and streamed."""
+_CLIENT_LOCK = threading.Lock()
+_RETRY_COUNT = 0  # reads resumed after a transient fault, in this process (tests and logs read it)
 
-    def __init__(self, body: Any, uri: str) -> None:
-        self._body = body
+
+def read_retries() -> int:
+    """How many S3 reads this process has resumed after a transient fault."""
+    return _RETRY_COUNT
+
+
+def _is_transient(err: BaseException) -> bool:
+    """A fault of the connection or the service, not of the data: worth reading again."""
+    from botocore import exceptions as bex
+
+    if isinstance(err, (bex.ReadTimeoutError, bex.ResponseStreamingError, bex.IncompleteReadError,
+                        bex.ConnectionClosedError, bex.EndpointConnectionError, bex.ConnectTimeoutError,
+                        ConnectionError, TimeoutError)):
+        return True
+    try:
+        from urllib3.exceptions import HTTPError as Urllib3Error
+    except ImportError:  # pragma: no cover - botocore depends on urllib3
+        Urllib3Error = ()  # noqa: N806
+    if isinstance(err, Urllib3Error):
+        return True
+    if isinstance(err, bex.ClientError):
+        error = err.response.get("Error", {})
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or error.get("Code") in ("SlowDown", "RequestTimeout", "Throttling",
+                                                      "ThrottlingException", "InternalError", "ServiceUnavailable")
+    return False
+
+
+class _ResilientBody(io.RawIOBase):
+    """An S3 object's bytes as a stream that survives the connection.
+
+    A timeout, reset or 5xx in the middle of the body is not a property of the data: the object
+    is opened again from the byte reached (a ``Range`` GET, pinned to the first response's ETag
+    so a replaced object is never spliced in), after a backoff, until ``retries`` attempts in a
+    row have made no progress; then one ``StorageError`` names the object and the byte. A body
+    that really ends early is left to the caller (for a tar, a truncated shard).
+    """
+
+    def __init__(self, storage: S3Storage, key: str, uri: str, retries: int) -> None:
+        self._storage = storage
+        self._key = key
         self._uri = uri
+        self._retries = retries
+        self._offset = 0
+        self._failures = 0  # in a row, without a byte of progress
+        self._etag: str | None = None
+        self._length = 0
+        self._body: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        with _s3_errors(self._uri):
+            response = self._storage.client.get_object(Bucket=self._storage.bucket, Key=self._key)
+        self._etag, self._length = response.get("ETag"), int(response.get("ContentLength", 0))
+        self._body = response["Body"]
+
+    def _reopen(self) -> None:
+        """From the byte reached, of the same object version; a fault here is read on like one mid-body."""
+        try:
+            response = self._storage.client.get_object(Bucket=self._storage.bucket, Key=self._key,
+                                                       Range=f"bytes={self._offset}-", IfMatch=self._etag)
+        except Exception as err:  # noqa: BLE001 - transient: the next read raises it and counts it
+            if not _is_transient(err):
+                with _s3_errors(self._uri):  # one line for what a user can fix (the object changed, ...)
+                    raise
+            self._body = _FailedBody(err)
+            return
+        self._body = response["Body"]
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        global _RETRY_COUNT
         view = memoryview(buffer).cast("B")
-        with _s3_errors(self._uri):
-            data = self._body.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        while True:
+            if self._offset >= self._length:
+                return 0
+            try:
+                data = self._body.read(len(view))
+            except Exception as err:  # noqa: BLE001 - sorted below: transient faults are retried
+                if not _is_transient(err):
+                    raise
+                self._failures += 1
+                if self._failures > self._retries:
+                    raise StorageError(f"{self._uri}: reading failed {self._retries} times in a row at byte "
+                                       f"{self._offset} of {self._length} ({type(err).__name__}); giving up") from None
+                _RETRY_COUNT += 1
+                log.warning("%s: %s at byte %d; reading on (attempt %d of %d)", self._uri, type(err).__name__,
+                            self._offset, self._failures, self._retries)
+                with contextlib.suppress(Exception):
+                    self._body.close()
+                time.sleep(min(2.0, 0.05 * 2 ** (self._failures - 1)))
+                self._reopen()
+                continue
+            if not data:  # the server closed the body early without an error: read on from here
+                self._body = _FailedBody(ConnectionError(f"body ended at byte {self._offset}"))
+                continue
+            view[: len(data)] = data
+            self._offset += len(data)
+            self._failures = 0
+            return len(data)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._body.close()
         super().close()
+
+
+class _FailedBody:
+    """Stands in for a body that could not be (re)opened: its next read raises the fault."""
+
+    def __init__(self, err: BaseException) -> None:
+        self._err = err
+
+    def read(self, n: int) -> bytes:
+        raise self._err
+
+    def close(self) -> None:
+        pass
 
 
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
@@ -397,6 +501,8 @@ class S3Storage(Storage):
         region: str | None = None,
         multipart_threshold_mb: int = 64,
         multipart_chunk_mb: int = 64,
+        read_timeout_s: float = 60.0,
+        read_retries: int = 8,
     ) -> None:
         if not is_s3_uri(uri):
             raise ValueError(f"not an s3:// URI: {uri!r}")
@@ -410,6 +516,8 @@ class S3Storage(Storage):
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self.multipart_threshold = multipart_threshold_mb * (1 << 20)
         self.multipart_chunk = multipart_chunk_mb * (1 << 20)
+        self.read_timeout_s = read_timeout_s
+        self.read_retries = read_retries
         self._client: Any = None
 
     def __repr__(self) -> str:
@@ -423,18 +531,20 @@ class S3Storage(Storage):
     @property
     def client(self) -> Any:
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            config = Config(
-                retries={"mode": "standard", "max_attempts": 5},
-                connect_timeout=10,
-                read_timeout=120,
-            )
-            self._client = boto3.session.Session().client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
-            )
+            with _CLIENT_LOCK:  # reader threads ask at once: one client, made once (boto3's are thread-safe)
+                if self._client is None:
+                    self._client = self._make_client()
         return self._client
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        # Pool size: each stream keeps a few shards open (stages.data.streams), one connection each.
+        config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10,
+                        read_timeout=self.read_timeout_s, max_pool_connections=64)
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                                              config=config)
 
     def _transfer_config(self) -> Any:
         from boto3.s3.transfer import TransferConfig
@@ -474,10 +584,8 @@ class S3Storage(Storage):
         return int(head["ContentLength"])
 
     def open_read(self, rel: str) -> BinaryIO:
-        uri = self.uri_of(rel)
-        with _s3_errors(uri):
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
-        return io.BufferedReader(_BodyReader(response["Body"], uri), buffer_size=_CHUNK)  # type: ignore[return-value]
+        body = _ResilientBody(self, self._key(rel), self.uri_of(rel), self.read_retries)
+        return io.BufferedReader(body, buffer_size=_CHUNK)  # type: ignore[return-value]
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
@@ -569,6 +677,8 @@ def open_storage(uri: str, settings: Any = None) -> Storage:
                 "region": settings.region,
                 "multipart_threshold_mb": settings.multipart_threshold_mb,
                 "multipart_chunk_mb": settings.multipart_chunk_mb,
+                "read_timeout_s": settings.read_timeout_s,
+                "read_retries": settings.read_retries,
             }
         return S3Storage(uri, **kwargs)
     if "://" in uri and not uri.startswith("file://"):

@@ -16,7 +16,8 @@ from pipeline.config import StageResources
 from pipeline.errors import VitpipeError
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext
-from stages.data.loader import plan_epoch
+from stages.data.loader import check_layout
+from stages.data.order import OrderSpec
 from stages.model.transfer import transfer_config
 from stages.records import EvalRecord, IngestResult, handoff_of, read_result
 from stages.train.job import EvalSpec, FinetuneTask, OptimizerSpec
@@ -44,7 +45,8 @@ class Finetune(Stage):
         ingested = read_result(data, IngestResult, "an ingest stage")
         shards = ingested.shards(p.train_split)
         evaluation = EvalSpec(p.eval_split, tuple(ingested.shards(p.eval_split)))
-        plan_epoch(shards, ctx.seed, 0, p.workers, max(1, p.loader_workers), p.micro_batch)  # fail fast
+        check_layout(shards, OrderSpec(ctx.seed, p.order_streams, p.open_shards, p.shuffle_buffer), p.global_batch,
+                     p.micro_batch, p.workers)  # fail fast, before any worker starts
         if p.image_size % source.patch_size:
             raise VitpipeError(f"image_size {p.image_size} is not divisible by the model's patch size "
                                f"{source.patch_size}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pipeline.config import StageResources
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext
-from stages.data.loader import plan_epoch
+from stages.data.loader import check_layout
+from stages.data.order import OrderSpec
 from stages.model.vit import count_params
 from stages.records import IngestResult, read_result
 from stages.train.job import OptimizerSpec, PretrainTask
@@ -36,7 +37,8 @@ class Pretrain(Stage):
         data = ctx.input("data")
         ingested = read_result(data, IngestResult, "an ingest stage")
         shards = ingested.shards("train")
-        plan_epoch(shards, ctx.seed, 0, p.workers, max(1, p.loader_workers), p.micro_batch)  # fail fast
+        check_layout(shards, OrderSpec(ctx.seed, p.order_streams, p.open_shards, p.shuffle_buffer), p.global_batch,
+                     p.micro_batch, p.workers)  # fail fast, before any worker starts
         model = p.vit_config(len(ingested.classes))
         optimizer = OptimizerSpec("adamw", p.lr, weight_decay=p.weight_decay, betas=(p.betas[0], p.betas[1]),
                                   grad_clip=p.grad_clip)

@@ -296,6 +296,7 @@ def test_list_sources_and_resharding_other_tools_shards(tmp_path):
 def test_gif_and_tiff_copied_as_is_are_read_by_the_loader_and_the_evaluation_reader(tmp_path):
     from stages.data.evalset import iter_eval_batches
     from stages.data.loader import ShardLoader
+    from stages.data.order import OrderSpec
 
     src = tmp_path / "src"
     for i, (fmt, ext) in enumerate([("GIF", "gif"), ("TIFF", "tiff"), ("PNG", "png"), ("GIF", "gif"),
@@ -309,8 +310,9 @@ def test_gif_and_tiff_copied_as_is_are_read_by_the_loader_and_the_evaluation_rea
     assert sorted(e for names in members.values() for e in names if e not in ("cls", "json")) == \
         ["gif", "gif", "jpg", "png", "tiff", "tiff"]  # stored as they came (.tif normalised to .tiff)
     shards = record(m).shards("train")
-    batches = list(ShardLoader(store, shards, batch_size=1, image_size=8, train=False))
-    assert len(batches) == 6 and all(b["image"].shape == (1, 8, 8, 3) for b in batches)
+    batches = list(ShardLoader(store, shards, OrderSpec(0, streams=2), global_batch=2, micro_batch=2, image_size=8))
+    assert len(batches) == 3 and all(b["image"].shape == (2, 8, 8, 3) for b in batches)
+    assert sorted(k for b in batches for k in b["key"]) == sorted(members)
     skipped: list[dict[str, str]] = []
     keys = [k for b in iter_eval_batches(store, shards, 4, 8, skipped=skipped) for k in b["key"]]
     assert not skipped and sorted(keys) == sorted(members)
@@ -329,7 +331,9 @@ def test_ingest_to_and_from_s3(s3_endpoint, s3_bucket, tmp_path):
     assert record(m).samples == 8 and len(record(m).splits["train"].shards) == 3
     assert len(all_samples(store, m)) == 8
     from stages.data.loader import ShardLoader
+    from stages.data.order import OrderSpec
 
-    loader = ShardLoader(store, record(m).shards("train"), batch_size=2, image_size=8,
-                         num_workers=1)
-    assert sum(len(b["key"]) for b in loader) == len(loader) * 2
+    loader = ShardLoader(store, record(m).shards("train"), OrderSpec(0, streams=2), global_batch=4, micro_batch=2,
+                         image_size=8, num_workers=1)
+    keys = [k for b in loader for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 8

@@ -1,9 +1,12 @@
-"""The streaming loader: exact resume, even splits, corrupt data, S3 streaming."""
+"""The training loader: one global order for any world size, exact resume across world sizes,
+mixed batches from class-sorted shards, damaged data recorded, S3 streaming."""
 
 from __future__ import annotations
 
+import collections
 import io
-import itertools
+import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ from PIL import Image
 
 from pipeline.errors import VitpipeError
 from pipeline.storage import LocalStorage, S3Storage
-from stages.data.loader import ShardInfo, ShardLoader, plan_epoch
+from stages.data.loader import ShardInfo, ShardLoader
+from stages.data.order import OrderSpec
 from stages.data.tarshards import ShardTarWriter
 
 
@@ -23,7 +27,8 @@ def png(seed: int, size: int = 12) -> bytes:
     return out.getvalue()
 
 
-def make_shards(storage, sizes: list[int], corrupt: set[str] = frozenset()) -> list[ShardInfo]:
+def make_shards(storage, sizes: list[int], corrupt: set[str] = frozenset(),
+                label=lambda s, i: (s + i) % 5) -> list[ShardInfo]:
     shards = []
     for s, n in enumerate(sizes):
         path = f"shards/train-{s:06d}.tar"
@@ -31,12 +36,12 @@ def make_shards(storage, sizes: list[int], corrupt: set[str] = frozenset()) -> l
             for i in range(n):
                 key = f"s{s:02d}-{i:03d}"
                 image = b"\xff\xd8 not a jpeg at all" if key in corrupt else png(s * 1000 + i)
-                tar.write(key, {"png": image, "cls": str((s + i) % 5).encode()})
+                tar.write(key, {"png": image, "cls": str(label(s, i)).encode()})
         shards.append(ShardInfo(path, n))
     return shards
 
 
-UNEVEN = [7, 5, 9, 6, 8, 4, 7]
+UNEVEN = [7, 5, 9, 6, 8, 4, 7, 10]  # 56 samples
 
 
 @pytest.fixture
@@ -44,165 +49,198 @@ def store(tmp_path):
     return LocalStorage(tmp_path / "data")
 
 
-def _loader(store, shards, **kw):
-    kw.setdefault("batch_size", 4)
+def _loader(store, shards, *, streams=4, open_shards=2, buffer=8, seed=3, global_batch=8, micro_batch=None,
+            world_size=1, rank=0, resampled=False, **kw):
+    micro = micro_batch or global_batch // world_size
     kw.setdefault("image_size", 8)
-    kw.setdefault("seed", 3)
-    return ShardLoader(store, shards, **kw)
+    return ShardLoader(store, shards, OrderSpec(seed, streams, open_shards, buffer, resampled), global_batch, micro,
+                       world_size=world_size, rank=rank, **kw)
 
 
 def _keys(batches) -> list[str]:
     return [k for b in batches for k in b["key"]]
 
 
+def _steps(loaders: list[ShardLoader], epochs: int = 1) -> list[collections.Counter]:
+    """The multiset of keys of every global step, over all ranks' loaders, for ``epochs`` epochs."""
+    steps: list[collections.Counter] = []
+    for _ in range(epochs):
+        per_rank = [list(loader) for loader in loaders]
+        accumulation = loaders[0].accumulation
+        for t in range(len(per_rank[0]) // accumulation):
+            step = collections.Counter()
+            for batches in per_rank:
+                for batch in batches[t * accumulation:(t + 1) * accumulation]:
+                    step.update(batch["key"])
+            steps.append(step)
+    return steps
+
+
 def test_batches_are_uint8_images_for_the_device_to_normalise(store):
     shards = make_shards(store, UNEVEN)
     batch = next(iter(_loader(store, shards)))
-    assert batch["image"].shape == (4, 8, 8, 3) and batch["image"].dtype == torch.uint8  # 1 byte per pixel
-    assert batch["label"].dtype == torch.int64 and len(batch["key"]) == 4
+    assert batch["image"].shape == (8, 8, 8, 3) and batch["image"].dtype == torch.uint8  # 1 byte per pixel
+    assert batch["label"].dtype == torch.int64 and len(batch["key"]) == 8
 
 
-@pytest.mark.parametrize("workers", [0, 1, 2])
-@pytest.mark.parametrize("stop_after", [3, "epoch_end", "epoch_end+2"])
-def test_resume_yields_exactly_the_uninterrupted_stream(store, workers, stop_after):
+def test_an_epoch_covers_every_sample_at_most_once_and_epochs_differ(store):
     shards = make_shards(store, UNEVEN)
-    reference = _loader(store, shards, num_workers=workers)
-    per_epoch = len(reference)
-    ref_images = []
-    expected = []
-    for _ in range(2):  # two epochs, each one `for` over the loader
-        for batch in reference:
-            expected.append(batch["key"])
-            ref_images.append(batch["image"])
-    stop = {3: 3, "epoch_end": per_epoch, "epoch_end+2": per_epoch + 2}[stop_after]
+    loader = _loader(store, shards)
+    e0, e1 = _keys(loader), _keys(loader)
+    # 56 samples over 4 streams: 14 each; 2 per stream per step -> 7 steps of 8, nothing left over.
+    assert len(loader) == 7 and len(e0) == len(set(e0)) == 56
+    assert set(e0) == {f"s{s:02d}-{i:03d}" for s, n in enumerate(UNEVEN) for i in range(n)}
+    assert len(e1) == 56 and e0 != e1
 
-    first = _loader(store, shards, num_workers=workers)
-    got = []
-    it = iter(first)
-    while len(got) < stop:
+
+@pytest.mark.parametrize("world,workers", [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (4, 0), (4, 1)])
+def test_every_global_step_holds_the_same_samples_for_any_world_size(store, world, workers):
+    shards = make_shards(store, UNEVEN)
+    reference = _steps([_loader(store, shards)], epochs=2)
+    loaders = [_loader(store, shards, world_size=world, rank=r, num_workers=workers,
+                       micro_batch=8 // world // 2 if world < 4 else 2) for r in range(world)]
+    assert _steps(loaders, epochs=2) == reference
+    # The same crops too: augmentation depends on (seed, epoch, key), not on who decodes.
+    one = {k: img for b in _loader(store, shards) for k, img in zip(b["key"], b["image"])}
+    many = {k: img for r in range(world) for b in _loader(store, shards, world_size=world, rank=r)
+            for k, img in zip(b["key"], b["image"])}
+    assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
+
+
+def _run(loader: ShardLoader, batches: int) -> tuple[list[list[str]], dict]:
+    """Take ``batches`` micro-batches (crossing epochs as the trainer does), then the loader's state."""
+    got, it = [], iter(loader)
+    while len(got) < batches:
         try:
             got.append(next(it)["key"])
-        except StopIteration:  # epoch boundary: the next `for` starts the next epoch
-            it = iter(first)
-    state = first.state_dict()
+        except StopIteration:
+            it = iter(loader)
+    return got, loader.state_dict()
 
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop", [3, 7, 9])  # mid-epoch, at the epoch's end, in the second epoch
+def test_resume_continues_exactly_where_it_stopped(store, workers, stop):
+    shards = make_shards(store, UNEVEN)
+    expected, _ = _run(_loader(store, shards, num_workers=workers), 14)
+    head, state = _run(_loader(store, shards, num_workers=workers), stop)
     resumed = _loader(store, shards, num_workers=workers)
-    resumed.load_state_dict(state)
-    images = []
-    for _ in range(3):  # at most the rest of this epoch and the next
-        if len(got) >= len(expected):
-            break
-        for batch in resumed:
-            got.append(batch["key"])
-            images.append(batch["image"])
-    assert got == expected
-    # Same crops too: augmentation depends only on (seed, epoch, key).
-    for a, b in zip(images, ref_images[stop:]):
-        assert np.array_equal(a.numpy(), b.numpy())
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # JSON, as in a checkpoint
+    tail, _ = _run(resumed, 14 - stop)
+    assert head + tail == expected
 
 
-def test_epochs_differ_and_no_sample_repeats_within_an_epoch(store):
+@pytest.mark.parametrize("new_world", [1, 4])
+def test_a_state_saved_at_two_ranks_resumes_at_another_world_size(store, new_world):
     shards = make_shards(store, UNEVEN)
-    loader = _loader(store, shards, num_workers=2)
-    e0, e1 = _keys(loader), _keys(loader)
-    assert len(e0) == len(set(e0)) == len(loader) * 4
-    assert e0 != e1
+    reference = _steps([_loader(store, shards)], epochs=2)
+    # Two ranks run 3 global steps (micro-batch 2: two micro-batches each per step) and save.
+    two = [_loader(store, shards, world_size=2, rank=r, micro_batch=2) for r in range(2)]
+    ran = [_run(loader, 3 * 2) for loader in two]
+    assert ran[0][1] == ran[1][1]  # one global cursor, the same on every rank
+    before = [collections.Counter(k for batch in ran[0][0][t * 2:(t + 1) * 2] + ran[1][0][t * 2:(t + 1) * 2]
+                                  for k in batch) for t in range(3)]
+    after_loaders = [_loader(store, shards, world_size=new_world, rank=r, micro_batch=8 // new_world)
+                     for r in range(new_world)]
+    for loader in after_loaders:
+        loader.load_state_dict(ran[0][1])
+    after = _steps(after_loaders, epochs=1)  # the rest of epoch 0
+    after += _steps(after_loaders, epochs=1)  # and epoch 1
+    assert before + after == reference
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_even_split_across_ranks_with_uneven_shards(store, world):
-    shards = make_shards(store, UNEVEN)
-    loaders = [_loader(store, shards, rank=r, world_size=world, num_workers=2 if world < 3 else 1)
-               for r in range(world)]
-    lengths = {len(loader) for loader in loaders}
-    assert len(lengths) == 1 and lengths.pop() > 0
-    per_rank = [_keys(loader) for loader in loaders]
-    assert all(len(k) == len(per_rank[0]) for k in per_rank)
-    everything = list(itertools.chain.from_iterable(per_rank))
-    assert len(everything) == len(set(everything)), "ranks overlapped"
+def test_class_sorted_shards_give_mixed_batches(store):
+    # Ten shards of one class each, as an ImageFolder listed by key gives; 16-sample batches.
+    shards = make_shards(store, [20] * 10, label=lambda s, i: s)
+    loader = _loader(store, shards, streams=8, open_shards=4, buffer=32, global_batch=16)
+    distinct = [len(set(b["label"].tolist())) for _ in range(2) for b in loader]
+    random_draw = 10 * (1 - 0.9 ** 16)  # expected distinct classes in 16 draws from 10: 8.15
+    assert np.mean(distinct) >= 0.9 * random_draw, distinct
+    # What reading one shard at a time would give: one class per batch.
+    unmixed = _loader(store, shards, streams=1, open_shards=1, buffer=1, global_batch=16)
+    assert np.mean([len(set(b["label"].tolist())) for b in unmixed]) < 2
 
 
-def test_too_few_shards_fails_at_start(store):
+def test_few_shards_feed_many_ranks_by_sample_ranges(store):
+    shards = make_shards(store, [12, 12])  # CIFAR's few shards on many GPUs, in miniature
+    loaders = [_loader(store, shards, streams=8, world_size=8, rank=r, global_batch=8) for r in range(8)]
+    keys = [k for loader in loaders for k in _keys(loader)]
+    assert len(keys) == len(set(keys)) == 24  # 3 steps of 8: every sample once
+
+
+def test_geometry_that_cannot_work_fails_at_start(store):
     shards = make_shards(store, [5, 5, 5])
-    with pytest.raises(VitpipeError, match="3 shards cannot feed 2 rank\\(s\\) x 2 loader worker\\(s\\)"):
-        _loader(store, shards, world_size=2, num_workers=2)
-    with pytest.raises(VitpipeError, match="batch size 64 is larger"):
-        _loader(store, shards, batch_size=64)
+    with pytest.raises(VitpipeError, match=r"streams \(4\) must be a multiple of the number of workers \(3\)"):
+        _loader(store, shards, world_size=3, global_batch=12)
+    with pytest.raises(VitpipeError, match="global_batch 10 is not divisible by streams 4"):
+        _loader(store, shards, global_batch=10)
+    with pytest.raises(VitpipeError, match="15 samples cannot fill one global batch of 32"):
+        _loader(store, shards, global_batch=32)
 
 
-def test_corrupt_samples_are_skipped_counted_and_never_partial(store):
+def test_damaged_samples_are_recorded_and_replaced_in_their_batch(store):
     shards = make_shards(store, [6, 6], corrupt={"s00-002", "s01-004"})
-    loader = _loader(store, shards, batch_size=2)
-    keys = _keys(loader)
-    assert "s00-002" not in keys and "s01-004" not in keys
-    # 10 good samples cannot fill 6 batches of 2: the worker wraps around (skipping again).
-    assert len(keys) == len(loader) * 2 and loader.stats["skipped"] >= 2
+    loader = _loader(store, shards, streams=2, global_batch=4)
+    batches = list(loader)
+    keys = _keys(batches)
+    assert len(batches) == 3 and all(len(b["key"]) == 4 for b in batches)  # sizes kept
+    assert "s00-002" not in keys and "s01-004" not in keys and len(set(keys)) == 10  # two stand-ins repeat
+    assert loader.stats["skipped"] == 2
     assert {s["key"] for s in loader.skipped_examples} == {"s00-002", "s01-004"}
     assert all(s["reason"] == "undecodable image (unrecognised format)" for s in loader.skipped_examples)
 
 
-def test_truncated_shard_is_reported_and_its_remaining_samples_skipped(store, tmp_path):
+def test_a_truncated_shard_reports_each_missing_sample(store, tmp_path):
     shards = make_shards(store, [6, 6])
     path = tmp_path / "data" / shards[1].path
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    loader = _loader(store, shards, batch_size=2)
+    path.write_bytes(data[: data.index(b"s01-003")])  # samples 3, 4, 5 of shard 1 are gone
+    loader = _loader(store, shards, streams=2, global_batch=4)
     keys = _keys(loader)
-    assert len(keys) == len(loader) * 2 and loader.stats["skipped"] >= 1
-    assert any("truncated" in s["reason"] for s in loader.skipped_examples)
+    assert len(keys) == 12 and loader.stats["skipped"] == 3
+    assert sorted(s["key"] for s in loader.skipped_examples) == [f"{shards[1].path}#{i}" for i in (3, 4, 5)]
 
 
-def test_all_corrupt_fails_instead_of_hanging(store):
-    shards = make_shards(store, [3, 3], corrupt={f"s0{s}-00{i}" for s in range(2) for i in range(3)})
-    with pytest.raises(VitpipeError, match="is unreadable"):
-        _keys(_loader(store, shards, batch_size=2))
+def test_a_step_with_nothing_readable_fails_in_one_line(store):
+    shards = make_shards(store, [4, 4], corrupt={f"s0{s}-00{i}" for s in range(2) for i in range(4)})
+    with pytest.raises(VitpipeError, match=r"^every sample of step 0 on rank 0 is unreadable, e\.g\. s0.-00.: "
+                                           r"undecodable image"):
+        _keys(_loader(store, shards, streams=2, global_batch=4))
 
 
-def test_resume_refuses_a_different_layout(store):
+def test_resume_refuses_another_order_and_old_states(store):
     shards = make_shards(store, UNEVEN)
-    state = _loader(store, shards, num_workers=1).state_dict()
-    other = _loader(store, shards, num_workers=2)
-    with pytest.raises(VitpipeError, match="cannot resume the data stream: workers changed"):
-        other.load_state_dict(state)
+    state = _loader(store, shards).state_dict()
+    with pytest.raises(VitpipeError, match="cannot resume the data stream: shuffle_buffer, streams changed"):
+        _loader(store, shards, streams=8, buffer=4).load_state_dict(state)
+    with pytest.raises(VitpipeError, match="^loader state version 1 is from an older vitpipe"):
+        _loader(store, shards).load_state_dict({"version": 1, "epoch": 0, "batches": 3, "positions": {}})
 
 
-def test_resampled_mode_is_infinite_and_resumable(store):
-    shards = make_shards(store, UNEVEN)
-    loader = _loader(store, shards, resampled=True)
-    first_epoch = len(loader)
-    stream = iter(loader)
-    head = [next(stream)["key"] for _ in range(3 * first_epoch)]  # crosses epoch boundaries
-    assert loader.epoch >= 2
-    restored = _loader(store, shards, resampled=True)
-    part = _loader(store, shards, resampled=True)
-    it = iter(part)
-    for _ in range(first_epoch + 1):
-        next(it)
-    restored.load_state_dict(part.state_dict())
-    tail = iter(restored)
-    assert [next(tail)["key"] for _ in range(5)] == head[first_epoch + 1: first_epoch + 6]
-
-
-def test_plan_is_pure_and_disjoint():
-    shards = [ShardInfo(f"s{i}", 10) for i in range(8)]
-    a = plan_epoch(shards, 1, 0, 2, 2, 4)
-    assert a == plan_epoch(shards, 1, 0, 2, 2, 4)
-    assert plan_epoch(shards, 1, 1, 2, 2, 4) != a
-    used = [i for idx in a.assignment.values() for i in idx]
-    assert sorted(used) == list(range(8)) and a.batches_per_worker == 5
+def test_resampled_mode_draws_shards_anew_and_seeds_crops_with_the_draw(store):
+    shards = make_shards(store, [4] * 8)
+    loader = _loader(store, shards, resampled=True, streams=2, global_batch=4)
+    epochs = [_keys(loader) for _ in range(3)]
+    assert all(len(e) == 32 for e in epochs) and epochs[0] != epochs[1]
+    twice = [e for e in epochs if len(set(e)) < len(e)]
+    assert twice, "no shard drawn twice in three epochs of 8 draws from 8"
+    images = collections.defaultdict(list)
+    for batch in _loader(store, shards, resampled=True, streams=2, global_batch=4):
+        for key, image in zip(batch["key"], batch["image"]):
+            images[key].append(image)
+    repeated = [v for v in images.values() if len(v) > 1]
+    assert repeated, "seed 3 draws a shard twice in epoch 0"
+    assert all(not torch.equal(v[0], v[1]) for v in repeated)  # each draw its own crops
 
 
 def test_streams_from_s3(s3_endpoint, s3_bucket):
     store = S3Storage(f"s3://{s3_bucket}/data", endpoint_url=s3_endpoint)
     shards = make_shards(store, [6, 6, 6, 6])
-    keys = _keys(_loader(store, shards, num_workers=2, batch_size=3))
+    keys = _keys(_loader(store, shards, num_workers=2, global_batch=8))
     assert len(keys) == 24 and len(set(keys)) == 24
 
 
 def test_reads_img2dataset_style_shards_made_with_plain_tarfile(store, tmp_path):
-    import json
-    import tarfile
-
     from stages.data.loader import scan_shards
 
     root = tmp_path / "data"
@@ -212,26 +250,32 @@ def test_reads_img2dataset_style_shards_made_with_plain_tarfile(store, tmp_path)
             for i in range(6):
                 key = f"{s:04d}{i:05d}"
                 label = ("cat" if i % 2 else "dog")
-                members = {f"{key}.jpg": Image.open(io.BytesIO(png(i))).convert("RGB"),
-                           f"{key}.{'txt' if s else 'json'}": label}
-                for name, value in members.items():
-                    if isinstance(value, Image.Image):
-                        out = io.BytesIO()
-                        value.save(out, format="JPEG")
-                        data = out.getvalue()
-                    else:
-                        data = value.encode() if name.endswith(".txt") else json.dumps({"label": value}).encode()
+                out = io.BytesIO()
+                Image.open(io.BytesIO(png(i))).convert("RGB").save(out, format="JPEG")
+                members = {f"{key}.jpg": out.getvalue(),
+                           f"{key}.{'txt' if s else 'json'}": label.encode() if s else json.dumps(
+                               {"label": label}).encode()}
+                for name, data in members.items():
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     shards = scan_shards(store, ["foreign/00000.tar", "foreign/00001.tar"])
     assert [s.samples for s in shards] == [6, 6]
-    loader = _loader(store, shards, batch_size=3, class_names=["cat", "dog"])
+    loader = _loader(store, shards, streams=2, global_batch=4, class_names=["cat", "dog"])
     labels = {}
     for batch in loader:
         labels.update(zip(batch["key"], batch["label"].tolist()))
     assert len(labels) == 12 and loader.stats["skipped"] == 0
     assert labels["000000001"] == 0 and labels["000100000"] == 1  # cat = 0, dog = 1
-    unnamed = _loader(store, shards, batch_size=3)
     with pytest.raises(VitpipeError, match="pass class_names"):
-        _keys(unnamed)
+        _keys(_loader(store, shards, streams=2, global_batch=4))
+
+
+def test_loader_workers_and_ranks_read_disjoint_streams(store):
+    shards = make_shards(store, UNEVEN)
+    loaders = [_loader(store, shards, world_size=2, rank=r, num_workers=2) for r in range(2)]
+    streams = [set(loader.layout.rank_streams(loader.rank)) for loader in loaders]
+    assert streams == [{0, 2}, {1, 3}]
+    assert [loaders[0].layout.worker_streams(0, w) for w in range(2)] == [[0], [2]]
+    per_rank = [set(_keys(loader)) for loader in loaders]
+    assert not per_rank[0] & per_rank[1] and len(per_rank[0]) == len(per_rank[1]) == 28

@@ -145,6 +145,12 @@ def test_bad_training_configs_are_rejected_at_load():
         parse_config(config(image_size=18), source="x.yaml")
     with pytest.raises(ConfigError, match="unknown ViT variant"):
         parse_config(config(model="Z/16"), source="x.yaml")
+    # The sample order's streams default to one per loader process; they must suit the geometry.
+    with pytest.raises(ConfigError, match=r"streams 6 \(workers x loader_workers; set streams\) must be a multiple "
+                                          r"of workers \(2\) and divide global_batch \(32\)"):
+        parse_config(config(loader_workers=3), source="x.yaml")
+    with pytest.raises(ConfigError, match=r"streams 3 must be a multiple of workers \(2\)"):
+        parse_config(config(streams=3), source="x.yaml")
 
 
 def test_a_non_finite_loss_stops_the_stage_naming_the_step(ingested, tmp_path):
@@ -157,3 +163,46 @@ def test_a_non_finite_loss_stops_the_stage_naming_the_step(ingested, tmp_path):
     assert error == "training failed: non-finite loss (nan) at step 2", error
     assert "non-finite loss (nan) at step 2" in str(failed.value)
     assert not (Path(run) / "stages/pretrain/manifest.json").exists()
+
+
+def test_class_sorted_folders_give_mixed_micro_batches_in_the_pretrain_stage(tmp_path):
+    """An ImageFolder listed by key gives shards of one class each; the stage's micro-batches (from
+    its sample ledger) must still hold about as many classes as a random draw."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(1000):
+        folder = tmp_path / "digits" / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).resize((16, 16))
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="PNG")
+        (folder / f"{i:04d}.png").write_bytes(buf.getvalue())
+    raw = {"name": "mix", "seed": 1, "ray": {"include_dashboard": False}, "stages": {
+        "ingest": {"type": "ingest", "params": {"source": "imagefolder", "path": str(tmp_path / "digits"),
+                                                "shard_samples": 20}},
+        "pretrain": {"type": "pretrain", "inputs": {"data": "ingest"}, "params": {
+            **TINY, "steps": 10, "global_batch": 32, "micro_batch": 16, "streams": 16, "open_shards": 4,
+            "shuffle_buffer": 64, "ledger": True, "tensorboard": False, "log_every": 5, "checkpoint_every": 10}}}}
+    run = tmp_path / "run"
+    run_pipeline(parse_config(raw), str(run), RayExecutor())
+    manifest = json.loads((run / "stages/ingest/manifest.json").read_text())
+    label_of, classes_per_shard = {}, []
+    for shard in manifest["result"]["splits"]["train"]["shards"]:
+        with tarfile.open(run / "stages/ingest" / shard["path"]) as tar:
+            labels = {m.name[:-4]: int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")}
+        label_of.update(labels)
+        classes_per_shard.append(len(set(labels.values())))
+    # What the loader is up against: shards of one class (two where a class ends mid-shard).
+    assert len(classes_per_shard) == 50 and max(classes_per_shard) == 2 and classes_per_shard.count(1) >= 40
+    distinct = []
+    for keys in ledgers(str(run)):
+        for start in range(0, len(keys), 16):
+            distinct.append(len({label_of[k] for k in keys[start:start + 16]}))
+    random_draw = 10 * (1 - 0.9 ** 16)  # 8.15 distinct classes in 16 random draws from 10
+    assert len(distinct) == 20 and np.mean(distinct) >= 0.9 * random_draw, distinct

@@ -12,9 +12,16 @@ from __future__ import annotations
 import io
 import tarfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import BinaryIO
 
-__all__ = ["BadShard", "split_key", "ShardTarWriter", "iter_tar_samples"]
+__all__ = ["ShardInfo", "BadShard", "split_key", "ShardTarWriter", "iter_tar_samples"]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the storage it is read from
+    samples: int  # as its ingest manifest counts them
 
 
 class BadShard(ValueError):

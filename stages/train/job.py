@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import StorageSettings
-from stages.data.loader import ShardInfo
+from stages.data.order import OrderSpec
+from stages.data.tarshards import ShardInfo
 from stages.model.handoff import HandoffRef
 from stages.model.vit import ViTConfig
 from stages.train.geometry import BatchGeometry
@@ -54,13 +55,20 @@ class ScheduleSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """The training stream: shards of an ingest stage and their augmentation."""
+    """The training stream: shards of an ingest stage, their order (``stages.data.order``, seeded
+    with the job's seed) and augmentation, and the loader processes per rank."""
 
     uri: str
     shards: tuple[ShardInfo, ...]
     crop_scale: tuple[float, float]
     hflip: bool
     loader_workers: int
+    streams: int = 8
+    open_shards: int = 4
+    shuffle_buffer: int = 512
+
+    def order(self, seed: int) -> OrderSpec:
+        return OrderSpec(seed, self.streams, self.open_shards, self.shuffle_buffer)
 
 
 @dataclass(frozen=True)

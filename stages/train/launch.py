@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pipeline.config import StorageSettings
 from pipeline.errors import VitpipeError
 from pipeline.stage import StageContext
-from stages.data.loader import ShardInfo
+from stages.data.tarshards import ShardInfo
 from stages.model.handoff import HANDOFF_FILES
 from stages.model.vit import ViTConfig, count_params
 from stages.records import TrainResult
@@ -68,7 +68,8 @@ def training_job(ctx: StageContext, p: TrainParams, model: ViTConfig, optimizer:
         label=ctx.name, seed=ctx.seed, model=model, optimizer=optimizer,
         schedule=ScheduleSpec(p.steps, p.warmup_steps, p.decay),
         batch=BatchGeometry(p.global_batch, p.micro_batch),
-        data=DataSpec(data_uri, tuple(shards), (p.crop_scale_min, 1.0), p.hflip, p.loader_workers),
+        data=DataSpec(data_uri, tuple(shards), (p.crop_scale_min, 1.0), p.hflip, p.loader_workers, p.order_streams,
+                      p.open_shards, p.shuffle_buffer),
         distributed=DistributedSpec(p.zero_stage, p.precision, p.grad_comm_fp32, p.offload_optimizer, p.offload_params,
                                     p.use_gpu, ACCELERATORS[p.gpu].peak_flops if p.use_gpu else None),
         checkpoints=CheckpointPolicy(p.checkpoint_every, p.keep_checkpoints),

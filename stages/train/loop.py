@@ -95,10 +95,11 @@ def train(job: TrainJob, worker: WorkerContext) -> None:
 
 
 def _make_loader(job: TrainJob, worker: WorkerContext, geometry: StepGeometry) -> ShardLoader:
-    return ShardLoader(open_storage(job.data.uri, job.output.storage), job.data.shards,
-                       batch_size=geometry.micro_batch, image_size=job.model.image_size, train=True, seed=job.seed,
-                       rank=worker.rank, world_size=worker.world_size, num_workers=job.data.loader_workers,
-                       crop_scale=job.data.crop_scale, hflip=job.data.hflip, pin_memory=worker.device.type == "cuda")
+    return ShardLoader(open_storage(job.data.uri, job.output.storage), job.data.shards, job.data.order(job.seed),
+                       global_batch=geometry.global_batch, micro_batch=geometry.micro_batch,
+                       image_size=job.model.image_size, world_size=worker.world_size, rank=worker.rank,
+                       num_workers=job.data.loader_workers, crop_scale=job.data.crop_scale, hflip=job.data.hflip,
+                       pin_memory=worker.device.type == "cuda")
 
 
 def _record_placement(out: Storage, worker: WorkerContext) -> None:

@@ -45,6 +45,11 @@ class TrainParams(StageParams):
     offload_optimizer: bool = Field(default=False, description="optimizer state in CPU memory (ZeRO 1-3)")
     offload_params: bool = Field(default=False, description="parameters in CPU memory (ZeRO-3 only)")
     loader_workers: int = Field(default=0, ge=0)
+    streams: int | None = Field(default=None, ge=1, description="canonical streams of the sample order, a multiple "
+                                "of workers dividing global_batch (default: workers x loader_workers; pin it to "
+                                "resume on another number of workers)")
+    open_shards: int = Field(default=4, ge=1, description="shards each stream reads at once (mixes class-sorted shards)")
+    shuffle_buffer: int = Field(default=512, ge=1, description="samples each stream shuffles among")
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     max_failures: int = Field(default=2, ge=0, description="worker faults Ray Train recovers from")
@@ -52,9 +57,19 @@ class TrainParams(StageParams):
     tensorboard: bool = Field(default=True, description="write TensorBoard event files under tensorboard/")
     ledger: bool = Field(default=False, description="record every sample key consumed (audits exact resume)")
 
+    @property
+    def order_streams(self) -> int:
+        """The streams of the sample order: as set, else one per loader process of every worker."""
+        return self.streams or self.workers * max(1, self.loader_workers)
+
     @model_validator(mode="after")
     def _check_training(self) -> TrainParams:
         accumulation_steps(self.global_batch, self.micro_batch, self.workers)  # raises a one-line ValueError
+        streams = self.order_streams
+        if streams % self.workers or self.global_batch % streams:
+            given = "" if self.streams else " (workers x loader_workers; set streams)"
+            raise ValueError(f"streams {streams}{given} must be a multiple of workers ({self.workers}) and divide "
+                             f"global_batch ({self.global_batch})")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
         if self.offload_params and self.zero_stage != 3:

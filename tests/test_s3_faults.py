@@ -1,0 +1,56 @@
+"""S3 faults are not data faults: a proxy in front of the moto server cuts, refuses and stalls object
+reads; the loader still yields exactly what it yields without faults, and a permanent fault is one
+line naming the object."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import StorageError
+from pipeline.storage import S3Storage, read_retries
+from tests.test_loader import _loader, make_shards
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from faultproxy import FaultProxy  # noqa: E402
+
+
+def _stream(loader) -> list[tuple[str, torch.Tensor]]:
+    return [(k, img) for b in loader for k, img in zip(b["key"], b["image"])]
+
+
+def test_the_loader_reads_through_cuts_refusals_and_stalls_exactly(s3_endpoint, s3_bucket):
+    direct = S3Storage(f"s3://{s3_bucket}/data", endpoint_url=s3_endpoint)
+    shards = make_shards(direct, [9, 7, 8, 8])
+    expected = _stream(_loader(direct, shards, global_batch=8, streams=4))
+
+    with FaultProxy(s3_endpoint, cut=0.25, error=0.15, stall=0.1, stall_s=1.5, seed=7) as proxy:
+        faulty = S3Storage(f"s3://{s3_bucket}/data", endpoint_url=proxy.url, read_timeout_s=0.4, read_retries=8)
+        retried_before = read_retries()
+        loader = _loader(faulty, shards, global_batch=8, streams=4)
+        got = _stream(loader)
+        retried = read_retries() - retried_before
+    injected = {k: proxy.counts[k] for k in ("cut", "error", "stall")}
+    assert injected["cut"] >= 3 and injected["error"] >= 1 and injected["stall"] >= 1, proxy.counts
+    assert [k for k, _ in got] == [k for k, _ in expected]  # the same samples, in the same order...
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))  # ...with the same crops
+    assert loader.stats["skipped"] == 0
+    # Each cut or stall was survived by reading on from the byte reached (refusals: by botocore).
+    assert retried == injected["cut"] + injected["stall"], (retried, proxy.counts)
+
+
+def test_a_permanent_fault_ends_in_one_line_naming_the_object(s3_endpoint, s3_bucket):
+    direct = S3Storage(f"s3://{s3_bucket}/data", endpoint_url=s3_endpoint)
+    shards = make_shards(direct, [4, 4])
+    with FaultProxy(s3_endpoint, permanent=shards[1].path) as proxy:
+        faulty = S3Storage(f"s3://{s3_bucket}/data", endpoint_url=proxy.url, read_timeout_s=0.4, read_retries=2)
+        with pytest.raises(StorageError) as failed:
+            list(_loader(faulty, shards, global_batch=4, streams=2))
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message.startswith(f"s3://{s3_bucket}/data/{shards[1].path}: reading failed 2 times in a row at byte ")
+    assert message.endswith("; giving up")
+    assert proxy.counts["permanent"] == 3  # the first read and two retries
