@@ -3,10 +3,14 @@
 It relays HTTP/1.1 requests to an upstream endpoint and, for object GETs (not listings, not
 HEADs), injects, by a seeded draw per request:
 
-- ``cut``: the response headers and half the body, then the connection closes (a reset mid-body);
+- ``cut``: the response headers and part of the body, then the connection closes (a reset mid-body);
 - ``error``: a ``503 SlowDown`` instead of the response (before anything is read upstream);
-- ``stall``: the headers and half the body, then nothing for ``stall_s`` seconds (a read timeout);
+- ``stall``: the headers and part of the body, then nothing for ``stall_s`` seconds (a read timeout);
 - ``latency_s`` before every request is forwarded (a far-away endpoint), fault or not.
+
+"Part of the body" is half of it, or its first ``cut_at`` bytes when given. ``script`` replaces
+the draw: the n-th object GET gets ``script[n]`` (``None``: no fault; past its end: none), for a
+test that needs to know exactly which faults a single sequential reader meets.
 
 ``permanent`` names a key substring whose GETs always lose the connection right after the
 headers (no byte of the body gets through). ``counts`` says what was injected.
@@ -81,7 +85,8 @@ def _read_chunked(sock: socket.socket, pending: bytearray) -> bytes:
 
 class FaultProxy:
     def __init__(self, upstream: str, *, cut: float = 0.0, error: float = 0.0, stall: float = 0.0,
-                 stall_s: float = 2.0, latency_s: float = 0.0, seed: int = 0, permanent: str | None = None) -> None:
+                 stall_s: float = 2.0, latency_s: float = 0.0, seed: int = 0, permanent: str | None = None,
+                 cut_at: int | None = None, script: list[str | None] | None = None) -> None:
         parts = urlsplit(upstream)
         if parts.hostname not in ("127.0.0.1", "localhost"):
             raise ValueError(f"upstream must be on loopback, got {upstream}")
@@ -90,6 +95,10 @@ class FaultProxy:
         self.stall_s = stall_s
         self.latency_s = latency_s
         self.permanent = permanent
+        self.cut_at = cut_at
+        if script is not None and not set(script) <= {None, *self.rates}:
+            raise ValueError(f"script faults must be among {sorted(self.rates)} or None, got {script}")
+        self._script = list(script) if script is not None else None
         self.counts: collections.Counter[str] = collections.Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -135,6 +144,11 @@ class FaultProxy:
             if self.permanent and self.permanent.encode() in path:
                 self.counts["permanent"] += 1
                 return "permanent"
+            if self._script is not None:
+                kind = self._script.pop(0) if self._script else None
+                if kind is not None:
+                    self.counts[kind] += 1
+                return kind
             draw = self._rng.random()
             for kind, rate in self.rates.items():
                 if draw < rate:
@@ -176,11 +190,15 @@ class FaultProxy:
                 if fault == "permanent":
                     client.sendall(response_head)
                     return
-                if fault in ("cut", "stall") and len(response_body) > 1:
-                    client.sendall(response_head + response_body[: len(response_body) // 2])
-                    if fault == "stall":
-                        self._stopping.wait(self.stall_s)
-                    return  # closing mid-body
+                if fault in ("cut", "stall"):
+                    passed = len(response_body) // 2 if self.cut_at is None else self.cut_at
+                    if 0 < passed < len(response_body):
+                        client.sendall(response_head + response_body[:passed])
+                        if fault == "stall":
+                            self._stopping.wait(self.stall_s)
+                        return  # closing mid-body
+                    with self._lock:  # too short a body to fault mid-way: counted as what it was
+                        self.counts[fault] -= 1
                 client.sendall(response_head + response_body)
         except OSError:
             return

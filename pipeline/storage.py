@@ -22,6 +22,7 @@ import hashlib
 import io
 import logging
 import os
+import random
 import shutil
 import tempfile
 import threading
@@ -330,6 +331,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 _CLIENT_LOCK = threading.Lock()
+_RETRIES_LOCK = threading.Lock()
 _RETRY_COUNT = 0  # reads resumed after a transient fault, in this process (tests and logs read it)
 
 
@@ -338,13 +340,18 @@ def read_retries() -> int:
     return _RETRY_COUNT
 
 
+def _count_retry() -> None:
+    global _RETRY_COUNT
+    with _RETRIES_LOCK:  # reader threads count at once
+        _RETRY_COUNT += 1
+
+
 def _is_transient(err: BaseException) -> bool:
     """A fault of the connection or the service, not of the data: worth reading again."""
     from botocore import exceptions as bex
 
     if isinstance(err, (bex.ReadTimeoutError, bex.ResponseStreamingError, bex.IncompleteReadError,
-                        bex.ConnectionClosedError, bex.EndpointConnectionError, bex.ConnectTimeoutError,
-                        ConnectionError, TimeoutError)):
+                        bex.ConnectionError, ConnectionError, TimeoutError)):
         return True
     try:
         from urllib3.exceptions import HTTPError as Urllib3Error
@@ -363,11 +370,13 @@ def _is_transient(err: BaseException) -> bool:
 class _ResilientBody(io.RawIOBase):
     """An S3 object's bytes as a stream that survives the connection.
 
-    A timeout, reset or 5xx in the middle of the body is not a property of the data: the object
-    is opened again from the byte reached (a ``Range`` GET, pinned to the first response's ETag
-    so a replaced object is never spliced in), after a backoff, until ``retries`` attempts in a
-    row have made no progress; then one ``StorageError`` names the object and the byte. A body
-    that really ends early is left to the caller (for a tar, a truncated shard).
+    A timeout, reset or 5xx — opening the object or in the middle of its body — is not a property
+    of the data: the object is opened again from the byte reached (a ``Range`` GET, pinned to the
+    first response's ETag so a replaced object is never spliced in), after a jittered backoff,
+    until ``retries`` attempts in a row have failed without a byte of progress, or ``retries x 8``
+    reopens in all (a connection that keeps dropping after a few bytes); then one
+    ``StorageError`` names the object and the byte. A body that really ends early is left to the
+    caller (for a tar, a truncated shard).
     """
 
     def __init__(self, storage: S3Storage, key: str, uri: str, retries: int) -> None:
@@ -377,58 +386,76 @@ class _ResilientBody(io.RawIOBase):
         self._retries = retries
         self._offset = 0
         self._failures = 0  # in a row, without a byte of progress
+        self._reopens = 0
         self._etag: str | None = None
-        self._length = 0
-        self._body: Any = None
+        self._length: int | None = None  # None: unknown, read to the end of the body
+        self._body: Any = _FailedBody(None)
         self._open()
 
-    def _open(self) -> None:
-        with _s3_errors(self._uri):
-            response = self._storage.client.get_object(Bucket=self._storage.bucket, Key=self._key)
-        self._etag, self._length = response.get("ETag"), int(response.get("ContentLength", 0))
-        self._body = response["Body"]
+    def _get(self) -> Any:
+        kwargs: dict[str, Any] = {"Bucket": self._storage.bucket, "Key": self._key}
+        if self._offset:
+            kwargs["Range"] = f"bytes={self._offset}-"
+        if self._etag:
+            kwargs["IfMatch"] = self._etag
+        return self._storage.client.get_object(**kwargs)
 
-    def _reopen(self) -> None:
-        """From the byte reached, of the same object version; a fault here is read on like one mid-body."""
+    def _open(self) -> None:
+        """Open (or reopen from the byte reached); a transient fault is left for the next read to retry."""
         try:
-            response = self._storage.client.get_object(Bucket=self._storage.bucket, Key=self._key,
-                                                       Range=f"bytes={self._offset}-", IfMatch=self._etag)
-        except Exception as err:  # noqa: BLE001 - transient: the next read raises it and counts it
-            if not _is_transient(err):
-                with _s3_errors(self._uri):  # one line for what a user can fix (the object changed, ...)
+            response = self._get()
+        except Exception as err:  # noqa: BLE001 - sorted: transient faults are retried by readinto
+            from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+            # An endpoint never reached (after botocore's own retries) is a wrong address: say so.
+            unreachable = self._etag is None and isinstance(err, (EndpointConnectionError, ConnectTimeoutError))
+            if unreachable or not _is_transient(err):
+                with _s3_errors(self._uri):  # one line for what a user can fix (no object, no access, changed)
                     raise
+                raise
             self._body = _FailedBody(err)
             return
+        if self._etag is None:
+            self._etag = response.get("ETag")
+            length = response.get("ContentLength")
+            self._length = None if length is None else int(length)
         self._body = response["Body"]
 
     def readable(self) -> bool:
         return True
 
+    def _fault(self, err: BaseException) -> None:
+        self._failures += 1
+        self._reopens += 1
+        if self._failures > self._retries or self._reopens > 8 * max(1, self._retries):
+            raise StorageError(f"{self._uri}: reading failed {self._failures} times in a row at byte {self._offset}"
+                               f"{'' if self._length is None else f' of {self._length}'} ({type(err).__name__}); "
+                               "giving up") from None
+        _count_retry()
+        log.warning("%s: %s at byte %d; reading on (attempt %d of %d)", self._uri, type(err).__name__,
+                    self._offset, self._failures, self._retries)
+        with contextlib.suppress(Exception):
+            self._body.close()
+        time.sleep(min(2.0, 0.05 * 2 ** (self._failures - 1)) * random.uniform(0.5, 1.5))  # apart, not in step
+        self._open()
+
     def readinto(self, buffer: Any) -> int:
-        global _RETRY_COUNT
         view = memoryview(buffer).cast("B")
         while True:
-            if self._offset >= self._length:
+            if self._length is not None and self._offset >= self._length:
                 return 0
             try:
                 data = self._body.read(len(view))
-            except Exception as err:  # noqa: BLE001 - sorted below: transient faults are retried
+            except Exception as err:  # noqa: BLE001 - sorted: transient faults are retried
                 if not _is_transient(err):
                     raise
-                self._failures += 1
-                if self._failures > self._retries:
-                    raise StorageError(f"{self._uri}: reading failed {self._retries} times in a row at byte "
-                                       f"{self._offset} of {self._length} ({type(err).__name__}); giving up") from None
-                _RETRY_COUNT += 1
-                log.warning("%s: %s at byte %d; reading on (attempt %d of %d)", self._uri, type(err).__name__,
-                            self._offset, self._failures, self._retries)
-                with contextlib.suppress(Exception):
-                    self._body.close()
-                time.sleep(min(2.0, 0.05 * 2 ** (self._failures - 1)))
-                self._reopen()
+                self._fault(err)
                 continue
-            if not data:  # the server closed the body early without an error: read on from here
-                self._body = _FailedBody(ConnectionError(f"body ended at byte {self._offset}"))
+            if not data:
+                if self._length is None:
+                    return 0  # no length was given: the end of the body is the end
+                # The server closed the body early without an error: read on from here.
+                self._fault(ConnectionError(f"body ended at byte {self._offset}"))
                 continue
             view[: len(data)] = data
             self._offset += len(data)
@@ -444,11 +471,11 @@ class _ResilientBody(io.RawIOBase):
 class _FailedBody:
     """Stands in for a body that could not be (re)opened: its next read raises the fault."""
 
-    def __init__(self, err: BaseException) -> None:
+    def __init__(self, err: BaseException | None) -> None:
         self._err = err
 
     def read(self, n: int) -> bytes:
-        raise self._err
+        raise self._err or ConnectionError("not opened")
 
     def close(self) -> None:
         pass
@@ -519,21 +546,24 @@ class S3Storage(Storage):
         self.read_timeout_s = read_timeout_s
         self.read_retries = read_retries
         self._client: Any = None
+        self._client_pid = 0
 
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r}, endpoint_url={self.endpoint_url!r})"
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_client"] = None
+        state["_client"], state["_client_pid"] = None, 0
         return state
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            with _CLIENT_LOCK:  # reader threads ask at once: one client, made once (boto3's are thread-safe)
-                if self._client is None:
-                    self._client = self._make_client()
+        # One client per process (boto3's are thread-safe, but a client forked into a DataLoader
+        # worker shares its parent's pooled connections), made once even when threads ask at once.
+        if self._client is None or self._client_pid != os.getpid():
+            with _CLIENT_LOCK:
+                if self._client is None or self._client_pid != os.getpid():
+                    self._client, self._client_pid = self._make_client(), os.getpid()
         return self._client
 
     def _make_client(self) -> Any:
@@ -563,7 +593,7 @@ class S3Storage(Storage):
     def child(self, rel: str) -> S3Storage:
         clone = S3Storage.__new__(S3Storage)
         clone.__dict__.update(self.__getstate__())
-        clone._client = self._client
+        clone._client, clone._client_pid = self._client, self._client_pid
         clone.prefix = self._key(rel)
         clone.uri = f"s3://{self.bucket}/{clone.prefix}"
         return clone

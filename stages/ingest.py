@@ -6,8 +6,9 @@ Output (under the stage folder)::
     shards/train-000000.json  the shard's stats; written after the tar, so it marks it complete
     classes.json              {"classes": [names in index order]}
 
-Shard contents are planned before any image is read (sorted keys, fixed shard boundaries), so the
-same input and config give the same shards, byte for byte, however many workers write them. A
+Shard contents are planned before any image is read (keys sorted, then put in an order seeded by
+the run's seed so that every shard mixes classes; fixed shard boundaries), so the same input and
+config give the same shards, byte for byte, however many workers write them. A
 re-run of an interrupted ingest keeps every shard whose stats file exists and writes only the rest.
 Bad inputs are skipped with a reason (listed in the manifest); the stage fails when more than
 ``max_skip_fraction`` of the inputs are skipped.
@@ -30,6 +31,7 @@ from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageParams
 from pipeline.storage import Storage
 from stages.data.images import EXTENSION_OF, IMAGE_EXTENSIONS, BadImage, check_image, open_image, reencode
+from stages.data.order import order_rng
 from stages.data.sources import SPLIT_NAMES, Source, SourceItem, make_source
 from stages.data.tarshards import ShardTarWriter
 from stages.records import IngestResult, ShardRecord, SplitRecord
@@ -49,6 +51,8 @@ class IngestParams(StageParams):
     max_side: int = Field(default=512, ge=16, description="reencode: shorter side at most this")
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     validate_images: bool = Field(default=True, description="decode every image to catch corrupt ones (copy mode)")
+    shuffle: bool = Field(default=True, description="cut shards from a seeded permutation of the listing, so each "
+                                                    "mixes classes (not for source: webdataset, read shard by shard)")
     max_skip_fraction: float = Field(default=0.01, ge=0, le=1)
     workers: int = Field(default=2, ge=1, description="shard-writing Ray tasks in flight")
 
@@ -118,17 +122,27 @@ def sort_labels(labels: Iterable[str]) -> list[str]:
     return sorted(labels)
 
 
-def plan_shards(items: Iterable[SourceItem], shard_samples: int, shard_bytes: int | None = None) -> list[ShardPlan]:
-    """Fixed shard boundaries: per split (train, val, test, others), items sorted by key, a new
-    shard every ``shard_samples`` items or when known sizes would pass ``shard_bytes``."""
+def plan_shards(items: Iterable[SourceItem], shard_samples: int, shard_bytes: int | None = None,
+                shuffle_seed: int | None = None) -> list[ShardPlan]:
+    """Fixed shard boundaries: per split (train, val, test, others), items sorted by key — then,
+    with ``shuffle_seed``, put in a permutation seeded by it and the split — and a new shard every
+    ``shard_samples`` items or when known sizes would pass ``shard_bytes``.
+
+    Shuffling matters because listings sort by key, which for class folders means by class: cut in
+    that order, every shard holds one class. Seeded, the same input and config still give the
+    same shards, byte for byte.
+    """
     by_split: dict[str, list[SourceItem]] = {}
     for item in items:
         by_split.setdefault(item.split, []).append(item)
     plans = []
     for split in sorted(by_split, key=_split_rank):
+        ordered = sorted(by_split[split], key=lambda i: i.key)
+        if shuffle_seed is not None:
+            order_rng("ingest", shuffle_seed, split).shuffle(ordered)
         groups: list[list[SourceItem]] = [[]]
         size = 0
-        for item in sorted(by_split[split], key=lambda i: i.key):
+        for item in ordered:
             current = groups[-1]
             if current and (len(current) >= shard_samples or (shard_bytes and size + (item.size or 0) > shard_bytes)):
                 groups.append([])
@@ -230,7 +244,8 @@ class Ingest(Stage):
         if unknown:
             raise VitpipeError(f"labels {unknown[:5]} are not in the source's class list")
         class_index = {name: i for i, name in enumerate(names)}
-        plans = plan_shards(kept, p.shard_samples, p.shard_bytes)
+        shuffle = ctx.seed if p.shuffle and source.random_access else None
+        plans = plan_shards(kept, p.shard_samples, p.shard_bytes, shuffle_seed=shuffle)
         ctx.logger.info("%d inputs -> %d shards (%d skipped before reading)", len(listed), len(plans), len(skipped))
 
         encoding = (p.mode, p.max_side, p.jpeg_quality, p.validate_images)

@@ -76,6 +76,19 @@ def test_plan_is_sorted_per_split_with_fixed_boundaries():
     assert [len(p.items) for p in by_bytes] == [2, 2, 2, 2, 2]
 
 
+def test_shards_of_a_class_sorted_listing_mix_classes_when_shuffled():
+    # Ten classes of 20, listed by key (so by class), cut into shards of 20.
+    items = [_item(f"c{c}/img{i:02d}", label=str(c)) for c in range(10) for i in range(20)]
+    sorted_plans = plan_shards(items, shard_samples=20)
+    assert [len({i.label for i in p.items}) for p in sorted_plans] == [1] * 10  # one class each
+    plans = plan_shards(items, shard_samples=20, shuffle_seed=3)
+    assert all(len({i.label for i in p.items}) >= 5 for p in plans), [len({i.label for i in p.items}) for p in plans]
+    assert sorted(i.key for p in plans for i in p.items) == sorted(i.key for i in items)  # a permutation
+    assert [[i.key for i in p.items] for p in plan_shards(items[::-1], 20, shuffle_seed=3)] == \
+        [[i.key for i in p.items] for p in plans]  # from the keys and the seed alone, not the listing's order
+    assert plan_shards(items, 20, shuffle_seed=4)[0].items != plans[0].items
+
+
 def test_numeric_labels_keep_numeric_order():
     assert sort_labels({"10", "2", "1"}) == ["1", "2", "10"]
     assert sort_labels({"cat", "10", "2"}) == ["10", "2", "cat"]
@@ -170,7 +183,7 @@ def test_digits_ingest_is_deterministic_and_readable_by_plain_tools(tmp_path):
     triples = [names[i:i + 3] for i in range(0, len(names), 3)]
     keys = [t[0].rsplit(".", 1)[0] for t in triples]
     assert all(t == [f"{k}.cls", f"{k}.json", f"{k}.png"] for k, t in zip(keys, triples))
-    assert keys == sorted(keys) and all(k.startswith("digits-") for k in keys)
+    assert keys != sorted(keys) and all(k.startswith("digits-") for k in keys)  # a seeded shuffle of the listing
     # plain webdataset
     import webdataset as wds
 

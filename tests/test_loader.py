@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.errors import VitpipeError
 from pipeline.storage import LocalStorage, S3Storage
-from stages.data.loader import ShardInfo, ShardLoader
+from stages.data.loader import UNREADABLE, ShardInfo, ShardLoader
 from stages.data.order import OrderSpec
 from stages.data.tarshards import ShardTarWriter
 
@@ -93,7 +93,7 @@ def test_an_epoch_covers_every_sample_at_most_once_and_epochs_differ(store):
     assert len(e1) == 56 and e0 != e1
 
 
-@pytest.mark.parametrize("world,workers", [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (4, 0), (4, 1)])
+@pytest.mark.parametrize("world,workers", [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (4, 0), (4, 1), (4, 2)])
 def test_every_global_step_holds_the_same_samples_for_any_world_size(store, world, workers):
     shards = make_shards(store, UNEVEN)
     reference = _steps([_loader(store, shards)], epochs=2)
@@ -102,7 +102,7 @@ def test_every_global_step_holds_the_same_samples_for_any_world_size(store, worl
     assert _steps(loaders, epochs=2) == reference
     # The same crops too: augmentation depends on (seed, epoch, key), not on who decodes.
     one = {k: img for b in _loader(store, shards) for k, img in zip(b["key"], b["image"])}
-    many = {k: img for r in range(world) for b in _loader(store, shards, world_size=world, rank=r)
+    many = {k: img for r in range(world) for b in _loader(store, shards, world_size=world, rank=r, num_workers=workers)
             for k, img in zip(b["key"], b["image"])}
     assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
 
@@ -178,16 +178,32 @@ def test_geometry_that_cannot_work_fails_at_start(store):
         _loader(store, shards, global_batch=32)
 
 
-def test_damaged_samples_are_recorded_and_replaced_in_their_batch(store):
+def test_damaged_samples_are_recorded_and_left_out_in_their_place(store):
     shards = make_shards(store, [6, 6], corrupt={"s00-002", "s01-004"})
     loader = _loader(store, shards, streams=2, global_batch=4)
     batches = list(loader)
-    keys = _keys(batches)
     assert len(batches) == 3 and all(len(b["key"]) == 4 for b in batches)  # sizes kept
-    assert "s00-002" not in keys and "s01-004" not in keys and len(set(keys)) == 10  # two stand-ins repeat
+    labels = {k: label for b in batches for k, label in zip(b["key"], b["label"].tolist())}
+    assert len(labels) == 12  # every sample in its place...
+    assert labels["s00-002"] == labels["s01-004"] == UNREADABLE  # ...the damaged ones marked for the loss to skip
+    assert all(v >= 0 for k, v in labels.items() if k not in ("s00-002", "s01-004"))
     assert loader.stats["skipped"] == 2
     assert {s["key"] for s in loader.skipped_examples} == {"s00-002", "s01-004"}
     assert all(s["reason"] == "undecodable image (unrecognised format)" for s in loader.skipped_examples)
+
+
+def test_damaged_samples_do_not_change_a_step_on_another_world_size(store):
+    shards = make_shards(store, UNEVEN, corrupt={"s00-002", "s03-000", "s07-009"})
+
+    def labelled(loaders: list[ShardLoader]) -> list[collections.Counter]:
+        steps = []
+        for per_rank in zip(*[list(loader) for loader in loaders]):
+            steps.append(collections.Counter((k, v) for b in per_rank for k, v in zip(b["key"], b["label"].tolist())))
+        return steps
+
+    one = labelled([_loader(store, shards)])
+    two = labelled([_loader(store, shards, world_size=2, rank=r) for r in range(2)])
+    assert one == two and sum(c[(k, UNREADABLE)] for c in one for k in ("s00-002", "s03-000", "s07-009")) == 3
 
 
 def test_a_truncated_shard_reports_each_missing_sample(store, tmp_path):
@@ -279,3 +295,28 @@ def test_loader_workers_and_ranks_read_disjoint_streams(store):
     assert [loaders[0].layout.worker_streams(0, w) for w in range(2)] == [[0], [2]]
     per_rank = [set(_keys(loader)) for loader in loaders]
     assert not per_rank[0] & per_rank[1] and len(per_rank[0]) == len(per_rank[1]) == 28
+
+
+def test_a_stream_resumes_at_any_position_including_its_buffer_drain(store):
+    """Every start position of every stream (filling, steady and draining buffer; resampled too)
+    gives the rest of the uninterrupted stream, and that is the pure order's."""
+    from stages.data.order import epoch_pieces, stream_order
+    from stages.data.streams import StreamReader
+
+    shards = make_shards(store, UNEVEN)
+    counts = [s.samples for s in shards]
+    for spec in (OrderSpec(seed=3, streams=3, open_shards=2, shuffle_buffer=4),
+                 OrderSpec(seed=1, streams=2, open_shards=3, shuffle_buffer=40),  # drains a whole stream
+                 OrderSpec(seed=1, streams=3, open_shards=2, shuffle_buffer=4, resampled=True)):
+        pieces = epoch_pieces(counts, spec, 1)
+        for c in range(spec.streams):
+            pure = list(stream_order(pieces[c], spec, 1, c))
+            for start in range(len(pure) + 1):
+                rest = [(i, s.slot) for i, s in StreamReader(store, shards, pieces[c], spec, 1, c, start=start)]
+                assert rest == list(enumerate(pure))[start:], (spec, c, start)
+
+
+def test_resampled_epochs_keep_their_length_with_shards_of_any_size(store):
+    shards = make_shards(store, [12, 12, 12, 2, 2])  # draws of the small ones would shorten an epoch
+    loader = _loader(store, shards, resampled=True, streams=2, global_batch=4)
+    assert [len(_keys(loader)) for _ in range(6)] == [40] * 6  # 40 = 4 x (40 // 4): every epoch, in full

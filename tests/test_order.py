@@ -113,3 +113,11 @@ def test_the_ranks_and_workers_of_any_world_size_split_each_step_the_same_way(wo
         parts = [step_slots(t, layout.worker_streams(r, w)) for r in range(world) for w in range(workers)]
         assert sum(map(collections.Counter, parts), collections.Counter()) == reference
         assert sum(len(p) for p in parts) == 16
+
+
+def test_a_resampled_epoch_has_as_many_samples_as_the_shards_whatever_is_drawn():
+    counts = [100] * 9 + [7]
+    for epoch in range(50):
+        pieces = epoch_pieces(counts, OrderSpec(seed=1, streams=4, resampled=True), epoch)
+        sizes = [sum(p.samples for p in stream) for stream in pieces]
+        assert sum(sizes) == 907 and max(sizes) - min(sizes) <= 1, (epoch, sizes)

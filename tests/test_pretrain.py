@@ -184,8 +184,9 @@ def test_class_sorted_folders_give_mixed_micro_batches_in_the_pretrain_stage(tmp
         image.convert("RGB").save(buf, format="PNG")
         (folder / f"{i:04d}.png").write_bytes(buf.getvalue())
     raw = {"name": "mix", "seed": 1, "ray": {"include_dashboard": False}, "stages": {
+        # shuffle: false keeps the listing's (class) order in the shards, as other tools' shards may be.
         "ingest": {"type": "ingest", "params": {"source": "imagefolder", "path": str(tmp_path / "digits"),
-                                                "shard_samples": 20}},
+                                                "shard_samples": 20, "shuffle": False}},
         "pretrain": {"type": "pretrain", "inputs": {"data": "ingest"}, "params": {
             **TINY, "steps": 10, "global_batch": 32, "micro_batch": 16, "streams": 16, "open_shards": 4,
             "shuffle_buffer": 64, "ledger": True, "tensorboard": False, "log_every": 5, "checkpoint_every": 10}}}}

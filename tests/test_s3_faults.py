@@ -38,8 +38,30 @@ def test_the_loader_reads_through_cuts_refusals_and_stalls_exactly(s3_endpoint, 
     assert [k for k, _ in got] == [k for k, _ in expected]  # the same samples, in the same order...
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))  # ...with the same crops
     assert loader.stats["skipped"] == 0
-    # Each cut or stall was survived by reading on from the byte reached (refusals: by botocore).
-    assert retried == injected["cut"] + injected["stall"], (retried, proxy.counts)
+    # Every resumed read answered an injected cut or stall. Not every fault is met: a reader that
+    # stops at its piece's end before the byte where a response was cut never sees the cut, and
+    # which request draws which fault depends on thread timing. The exact count is pinned below,
+    # with one sequential reader and scripted faults.
+    assert 1 <= retried <= injected["cut"] + injected["stall"], (retried, proxy.counts)
+
+
+def test_each_cut_and_stall_is_read_through_once_from_the_byte_reached(s3_endpoint, s3_bucket):
+    direct = S3Storage(f"s3://{s3_bucket}/data", endpoint_url=s3_endpoint)
+    shards = make_shards(direct, [12])  # one reader, reading the whole object in order
+    expected = _stream(_loader(direct, shards, global_batch=4, streams=1, open_shards=1))
+    script = ["cut", "error", "stall", "cut"]  # each 2 KiB into the body from the byte reached
+    with FaultProxy(s3_endpoint, script=script, cut_at=2048, stall_s=1.5) as proxy:
+        faulty = S3Storage(f"s3://{s3_bucket}/data", endpoint_url=proxy.url, read_timeout_s=0.4, read_retries=2)
+        retried_before = read_retries()
+        got = _stream(_loader(faulty, shards, global_batch=4, streams=1, open_shards=1))
+        retried = read_retries() - retried_before
+    assert [k for k, _ in got] == [k for k, _ in expected]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))
+    assert (proxy.counts["cut"], proxy.counts["error"], proxy.counts["stall"]) == (2, 1, 1)
+    # The refusal is retried by botocore; each cut and the stall by one GET from the byte reached:
+    # the first GET (cut), a reopen (503), botocore's retry of it (stall), a reopen (cut), a reopen.
+    assert retried == 3
+    assert proxy.counts["object_gets"] == 5
 
 
 def test_a_permanent_fault_ends_in_one_line_naming_the_object(s3_endpoint, s3_bucket):
@@ -51,6 +73,6 @@ def test_a_permanent_fault_ends_in_one_line_naming_the_object(s3_endpoint, s3_bu
             list(_loader(faulty, shards, global_batch=4, streams=2))
     message = str(failed.value)
     assert "\n" not in message
-    assert message.startswith(f"s3://{s3_bucket}/data/{shards[1].path}: reading failed 2 times in a row at byte ")
+    assert message.startswith(f"s3://{s3_bucket}/data/{shards[1].path}: reading failed 3 times in a row at byte ")
     assert message.endswith("; giving up")
     assert proxy.counts["permanent"] == 3  # the first read and two retries

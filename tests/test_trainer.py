@@ -312,3 +312,30 @@ def test_two_ranks_pass_the_nccl_device_guard_deepspeed_collectives_included(dig
     expected = {2: {"all_reduce", "broadcast", "all_gather_into_tensor"},
                 3: {"all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor"}}
     assert checked[0] == expected[zero], checked[0]
+
+
+def test_an_unreadable_sample_adds_nothing_and_every_sample_weighs_the_same():
+    from stages.data.loader import UNREADABLE
+    from stages.train.step import Batch, forward_backward
+
+    class Engine(torch.nn.Module):  # the step's view of DeepSpeed: call, backward
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.linear(x)
+
+        def backward(self, loss):
+            loss.backward()
+
+    torch.manual_seed(0)
+    engine, images = Engine(), torch.randn(4, 4)
+    labels = torch.tensor([0, 2, UNREADABLE, 1])
+    loss = forward_backward(engine, Batch(images, labels))
+    readable = torch.nn.functional.cross_entropy(engine(images[[0, 1, 3]]), labels[[0, 1, 3]], reduction="sum")
+    # The three readable samples' losses, over the micro-batch's full size of four.
+    assert loss.item() == pytest.approx(readable.item() / 4)
+    full = torch.tensor([0, 2, 1, 1])
+    assert forward_backward(engine, Batch(images, full)).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(engine(images), full).item())  # nothing damaged: the mean

@@ -13,9 +13,10 @@ State is one global cursor — ``{"epoch", "step"}`` plus a signature of what de
 taken between steps; a loader restored from it, at any world size, continues the stream exactly.
 
 Damaged samples (undecodable, missing from a damaged or short shard) are recorded with their
-reason in ``stats`` and the log, and their place in the batch is taken by the nearest good sample
-of the same rank and step, so every micro-batch keeps its size (every rank must run the same
-collectives). A rank whose whole step is unreadable stops with an error instead.
+reason in ``stats`` and the log and keep their place with the label ``UNREADABLE``, which the
+training step leaves out of the loss: micro-batches keep their size (every rank runs the same
+collectives) and a step's samples stay the same for every world size. A rank whose whole step
+is unreadable stops with an error instead (something is wrong with the data, not a sample).
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ from stages.data.streams import Sample, StreamReader
 from stages.data.tarshards import ShardInfo, iter_tar_samples
 from stages.data.transforms import decode_sample, decode_train
 
-__all__ = ["ShardInfo", "ShardLoader", "label_of", "scan_shards", "sample_seed", "check_layout", "STATE_VERSION"]
+__all__ = ["UNREADABLE", "ShardInfo", "ShardLoader", "label_of", "scan_shards", "sample_seed", "check_layout",
+           "STATE_VERSION"]
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2  # 1: per-rank, per-worker positions (before the global order)
+UNREADABLE = -1  # the label of a sample that could not be read; the training step leaves it out
 
 
 def sample_seed(seed: int, epoch: int, key: str, draw: int | None = None) -> int:
@@ -201,6 +204,7 @@ class ShardLoader:
     # -- the rank's side ----------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._micro = 0  # an iteration abandoned mid-step is redone from the step's start
         if self._step >= self.steps_per_epoch:  # an epoch restored at its very end
             self._epoch, self._step = self._epoch + 1, 0
         chunks = _Chunks(self, self._epoch, self._step)
@@ -220,12 +224,14 @@ class ShardLoader:
 
     def _micro_batches(self, pieces: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         step = pieces[0]["step"]
-        positions = torch.cat([p["positions"] for p in pieces])
-        order = torch.argsort(positions)
-        images = torch.cat([p["image"] for p in pieces])[order]
-        labels = torch.cat([p["label"] for p in pieces])[order]
-        keys_all = [k for p in pieces for k in p["key"]]
-        keys = [keys_all[i] for i in order.tolist()]
+        if len(pieces) == 1:  # one worker: its chunk is already in position order
+            images, labels, keys = pieces[0]["image"], pieces[0]["label"], pieces[0]["key"]
+        else:  # interleave the workers' chunks by position
+            order = torch.argsort(torch.cat([p["positions"] for p in pieces]))
+            images = torch.cat([p["image"] for p in pieces])[order]
+            labels = torch.cat([p["label"] for p in pieces])[order]
+            keys_all = [k for p in pieces for k in p["key"]]
+            keys = [keys_all[i] for i in order.tolist()]
         skipped = [s for p in pieces for s in p["skipped"]]
         self.stats["samples"] += len(keys)
         if skipped:
@@ -233,7 +239,9 @@ class ShardLoader:
             self.skipped_examples.extend(skipped[: max(0, 20 - len(self.skipped_examples))])
             for item in skipped:
                 log.warning("skipped sample %s: %s", item["key"], item["reason"])
-            images, labels, keys = _fill_holes(images, labels, keys, self.rank, step, skipped[0])
+            if len(skipped) == len(keys):
+                raise VitpipeError(f"every sample of step {step} on rank {self.rank} is unreadable, e.g. "
+                                   f"{skipped[0]['key']}: {skipped[0]['reason']}")
         if self.pin_memory:
             images, labels = images.pin_memory(), labels.pin_memory()
         m = self.micro_batch
@@ -244,16 +252,21 @@ class ShardLoader:
 
     def _worker_chunks(self, epoch: int, step: int, worker: int) -> Iterator[dict[str, Any]]:
         layout, order = self.layout, self.order
-        pieces = epoch_pieces([s.samples for s in self.shards], order, epoch)
         mine = layout.worker_streams(self.rank, worker)
+        pieces = epoch_pieces([s.samples for s in self.shards], order, epoch)
+        own = {c: pieces[c] for c in mine}
+        del pieces  # the other streams' pieces: at 300k shards, tens of MB per loader process
         per_stream = layout.per_stream
-        readers = {c: StreamReader(self.storage, self.shards, pieces[c], order, epoch, c, start=step * per_stream)
-                   for c in mine}
-        streams = {c: iter(reader) for c, reader in readers.items()}
+        readers: dict[int, StreamReader] = {}
         try:
+            for c in mine:
+                readers[c] = StreamReader(self.storage, self.shards, own[c], order, epoch, c, start=step * per_stream)
+            streams = {c: iter(reader) for c, reader in readers.items()}
             for t in range(step, self.steps_per_epoch):
+                # In position order (q * streams + c grows with q, then c): one worker's chunk is
+                # its rank's share of the step as it stands, with no reordering copy.
                 yield self._decode_chunk(t, epoch, [(q * order.streams + c, next(streams[c])[1])
-                                                    for c in mine for q in range(per_stream)])
+                                                    for q in range(per_stream) for c in mine])
         finally:
             for reader in readers.values():
                 reader.close()
@@ -261,7 +274,7 @@ class ShardLoader:
     def _decode_chunk(self, step: int, epoch: int, samples: list[tuple[int, Sample]]) -> dict[str, Any]:
         size = self.image_size
         images = np.zeros((len(samples), size, size, 3), dtype=np.uint8)
-        labels = np.full(len(samples), -1, dtype=np.int64)
+        labels = np.full(len(samples), UNREADABLE, dtype=np.int64)
         keys, skipped = [], []
         for i, (_, sample) in enumerate(samples):
             keys.append(sample.key)
@@ -275,24 +288,8 @@ class ShardLoader:
                         decode_train, size=size, rng=rng, scale=self.crop_scale, hflip=self.hflip))
                 except Exception as err:  # noqa: BLE001 - a corrupt sample is recorded, not fatal
                     reason = " ".join(str(err).split()) or type(err).__name__
-                    labels[i] = -1
+                    labels[i] = UNREADABLE
             if reason is not None:
                 skipped.append({"key": sample.key, "reason": reason})
         return {"step": step, "positions": torch.tensor([j for j, _ in samples], dtype=torch.int64),
                 "image": torch.from_numpy(images), "label": torch.from_numpy(labels), "key": keys, "skipped": skipped}
-
-
-def _fill_holes(images: torch.Tensor, labels: torch.Tensor, keys: list[str], rank: int, step: int,
-                example: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Unreadable samples (label -1) take the place of the nearest good one before them (else after)."""
-    good = (labels >= 0).nonzero().flatten().tolist()
-    if not good:
-        raise VitpipeError(f"every sample of step {step} on rank {rank} is unreadable, e.g. {example['key']}: "
-                           f"{example['reason']}")
-    source, g = [], 0
-    for i in range(len(keys)):
-        while g + 1 < len(good) and good[g + 1] <= i:
-            g += 1
-        source.append(good[g])
-    index = torch.tensor(source)
-    return images[index], labels[index], [keys[j] for j in source]

@@ -5,7 +5,8 @@ it, so a run can continue on another number of workers and still see every sampl
 often as an uninterrupted one (mosaicml streaming's "canonical nodes", over plain tar shards):
 
 1. **Pieces.** Each epoch the shards are permuted with ``(seed, epoch)`` (``resampled``: drawn
-   with replacement), their samples laid end to end and cut into ``streams`` contiguous ranges of
+   with replacement until the epoch has as many samples as the shards, the last draw cut there),
+   their samples laid end to end and cut into ``streams`` contiguous ranges of
    equal size (±1). A stream's range is a list of pieces ``(shard, start, stop)``; a shard is only
    split where a range boundary falls, so with fewer shards than streams (CIFAR's 20 shards on
    128 GPUs) several streams read parts of one shard.
@@ -62,7 +63,7 @@ class OrderSpec:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Piece:
     shard: int  # index into the run's shard list
     start: int  # first sample (by position in the tar)
@@ -74,7 +75,7 @@ class Piece:
         return self.stop - self.start
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Slot:
     """One sample's place: the ``index``-th sample of ``shard``, in the ``draw``-th draw of the epoch."""
 
@@ -89,17 +90,25 @@ def epoch_pieces(counts: Sequence[int], spec: OrderSpec, epoch: int) -> list[lis
     if n == 0:
         raise ValueError("no shards")
     rng = order_rng("shards", spec.seed, epoch)
+    total = sum(counts)
     if spec.resampled:
-        shards = [rng.randrange(n) for _ in range(n)]
+        # Draws with replacement until the epoch holds as many samples as the shards do, the last
+        # draw cut there: every epoch has the same length whatever the shards' sizes.
+        shards, lengths, drawn = [], [], 0
+        while drawn < total:
+            shard = rng.randrange(n)
+            shards.append(shard)
+            lengths.append(min(counts[shard], total - drawn))
+            drawn += lengths[-1]
     else:
         shards = list(range(n))
         rng.shuffle(shards)
-    total = sum(counts[s] for s in shards)
+        lengths = [counts[s] for s in shards]
     bounds = [total * c // spec.streams for c in range(spec.streams + 1)]
     pieces: list[list[Piece]] = [[] for _ in range(spec.streams)]
     offset, stream = 0, 0
-    for draw, shard in enumerate(shards):
-        start, end = offset, offset + counts[shard]
+    for draw, (shard, length) in enumerate(zip(shards, lengths)):
+        start, end = offset, offset + length
         while start < end:
             while bounds[stream + 1] <= start:  # skip streams whose range ends here (empty ones too)
                 stream += 1

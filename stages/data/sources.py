@@ -58,6 +58,10 @@ class SourceItem:
 class Source:
     """Lists items and reads their bytes. Subclasses must be picklable (sent to Ray tasks)."""
 
+    # Whether items can be read one by one at no extra cost (files, rows), so that a shard may
+    # gather them from anywhere in the listing; a source of tar shards streams each one whole.
+    random_access: bool = True
+
     def items(self) -> list[SourceItem]:
         raise NotImplementedError
 
@@ -210,6 +214,8 @@ class ListSource(Source):
 
 
 class WebDatasetSource(_StorageSource):
+    random_access = False  # a shard mixing samples of many source shards would stream all of them
+
     """Existing shards under ``root`` (every ``*.tar``), in name order."""
 
     def _shards(self) -> list[str]:

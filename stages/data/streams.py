@@ -1,10 +1,11 @@
 """Reading one canonical stream (:mod:`stages.data.order`) from tar shards, from any position.
 
-A stream's pieces are read by :class:`PieceReader` threads that stream the tar as its bytes
-arrive (local files or S3 bodies that survive faults, ``pipeline.storage``) into small queues,
-and start ``read_ahead`` pieces before they are needed, so the first byte of the next shard is
-rarely waited for. :class:`StreamReader` takes samples from them in the stream's read order and
-releases them through the stream's shuffle buffer: the same samples, in the same order, as
+A stream's pieces are read by :class:`PieceReader` objects that stream the tar as its bytes
+arrive (local files, or S3 bodies that survive faults: ``pipeline.storage``); on remote storage
+each runs in a thread filling a small queue, and ``read_ahead`` pieces are started before they
+are needed, so the first byte of the next shard is rarely waited for. :class:`StreamReader`
+takes samples from them in the stream's read order and releases them through the stream's
+shuffle buffer: the same samples, in the same order, as
 :func:`~stages.data.order.stream_order` computes from the shard sizes alone.
 
 Resuming at stream index ``i`` replays the shuffle on sample *slots* (no data read) to find what
@@ -41,18 +42,45 @@ class Sample:
 
 
 class PieceReader:
-    """The samples ``piece.start .. piece.stop - 1`` of one shard, read by a thread into a queue."""
+    """The samples ``piece.start .. piece.stop - 1`` of one shard.
 
-    def __init__(self, storage: Storage, info: ShardInfo, piece: Piece, queue_size: int = 16) -> None:
+    ``threaded``: a thread reads ahead into a small queue — for remote storage, where the first
+    byte of a shard and every refill of the connection's buffer take a round trip. On a local
+    disk the page cache answers at once, and a thread would only contend for the GIL with the
+    decoding, so the samples are read as they are taken.
+    """
+
+    def __init__(self, storage: Storage, info: ShardInfo, piece: Piece, threaded: bool,
+                 queue_size: int = 16) -> None:
         self.piece = piece
         self._storage = storage
         self._info = info
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._samples = self._read()
+        self._queue: queue.Queue | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name=f"read {info.path}", daemon=True)
-        self._thread.start()
+        if threaded:
+            self._queue = queue.Queue(maxsize=queue_size)
+            threading.Thread(target=self._fill, name=f"read {info.path}", daemon=True).start()
+
+    def _read(self) -> Iterator[Sample]:
+        piece, info = self.piece, self._info
+        position, problem = 0, None
+        try:
+            with self._storage.open_read(info.path) as f:
+                for key, files in iter_tar_samples(f, name=info.path):
+                    if position >= piece.stop:
+                        break
+                    if position >= piece.start:  # earlier samples belong to another piece: read, not decoded
+                        yield Sample(Slot(piece.shard, position, piece.draw), key, files)
+                    position += 1
+        except BadShard as err:  # damaged data: its remaining samples are recorded, not read
+            problem = str(err)
+        for missing in range(max(position, piece.start), piece.stop):
+            reason = problem or f"{info.path}: the shard ends after {position} samples, {info.samples} expected"
+            yield Sample(Slot(piece.shard, missing, piece.draw), f"{info.path}#{missing}", None, reason)
 
     def _put(self, item: object) -> bool:
+        assert self._queue is not None
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -61,32 +89,23 @@ class PieceReader:
                 continue
         return False
 
-    def _read(self) -> None:
-        piece, info = self.piece, self._info
-        position, problem = 0, None
+    def _fill(self) -> None:
+        last: object = _END
         try:
-            with self._storage.open_read(info.path) as f:
-                for key, files in iter_tar_samples(f, name=info.path):
-                    if position >= piece.stop:
-                        break
-                    if position >= piece.start:  # earlier samples belong to another piece: skipped unread
-                        slot = Slot(piece.shard, position, piece.draw)
-                        if not self._put(Sample(slot, key, files)):
-                            return
-                    position += 1
-        except BadShard as err:  # damaged data: its remaining samples are recorded, not read
-            problem = str(err)
-        except Exception as err:  # noqa: BLE001 - a storage failure reaches the consumer, who raises it
-            self._put(err)
-            return
-        for missing in range(max(position, piece.start), piece.stop):
-            reason = problem or f"{info.path}: the shard ends after {position} samples, {info.samples} expected"
-            if not self._put(Sample(Slot(piece.shard, missing, piece.draw), f"{info.path}#{missing}", None, reason)):
-                return
-        self._put(_END)
+            for sample in self._samples:
+                if not self._put(sample):
+                    return
+        except BaseException as err:  # noqa: BLE001 - a storage failure reaches the consumer, who raises it
+            last = err
+        finally:
+            self._samples.close()  # the open object, now
+        self._put(last)  # the consumer never waits on a thread that is gone
 
     def take(self) -> Sample:
-        item = self._queue.get()
+        if self._queue is None:
+            item: object = next(self._samples, _END)
+        else:
+            item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
         if item is _END:
@@ -95,6 +114,8 @@ class PieceReader:
 
     def close(self) -> None:
         self._stop.set()
+        if self._queue is None:
+            self._samples.close()
 
 
 class StreamReader:
@@ -103,6 +124,7 @@ class StreamReader:
     def __init__(self, storage: Storage, shards: Sequence[ShardInfo], pieces: Sequence[Piece], spec: OrderSpec,
                  epoch: int, stream: int, start: int = 0, read_ahead: int = 2) -> None:
         self._storage = storage
+        self._remote = storage.local_path() is None  # read ahead in threads only where reads wait
         self._shards = shards
         self._pieces = list(pieces)
         self._spec = spec
@@ -113,14 +135,18 @@ class StreamReader:
         self._buffer = ShuffleBuffer(spec.shuffle_buffer, order_rng("buffer", spec.seed, epoch, stream))
         self._drain: Iterator[object] | None = None
         self._index = start
-        if start:
-            self._resume(start)
-        self._start_ahead()
+        try:
+            if start:
+                self._resume(start)
+            self._start_ahead()
+        except BaseException:
+            self.close()  # no reader thread outlives a failed start
+            raise
 
     # -- readers ---------------------------------------------------------------------------------
 
     def _start_reader(self, piece: Piece) -> PieceReader:
-        reader = PieceReader(self._storage, self._shards[piece.shard], piece)
+        reader = PieceReader(self._storage, self._shards[piece.shard], piece, threaded=self._remote)
         self._readers[(piece.shard, piece.draw)] = reader
         return reader
 
@@ -168,6 +194,7 @@ class StreamReader:
         for slot in self._buffer.items:
             held.setdefault((slot.shard, slot.draw), set()).add(slot.index)
         found: dict[Slot, Sample] = {}
+        refill: list[tuple[PieceReader, int, set[int], bool]] = []
         for index, piece in enumerate(self._pieces):
             key = (piece.shard, piece.draw)
             if key not in cursors:
@@ -176,14 +203,17 @@ class StreamReader:
             cursor, wanted = cursors[key], held.get(key, set())
             if cursor == piece.stop and not wanted:
                 continue  # read and released entirely
-            reader = self._start_reader(piece)
-            for _ in range(piece.start, cursor if cursor < piece.stop else max(wanted) + 1):
+            # Every piece to read again is started before any is consumed: on S3 they load together.
+            finished = cursor == piece.stop
+            refill.append((self._start_reader(piece), max(wanted) + 1 if finished else cursor, wanted, finished))
+        for reader, until, wanted, finished in refill:
+            for _ in range(reader.piece.start, until):
                 sample = reader.take()
                 if sample.slot.index in wanted:
                     found[sample.slot] = sample
-            if cursor == piece.stop:
+            if finished:
                 reader.close()
-                del self._readers[key]
+                del self._readers[(reader.piece.shard, reader.piece.draw)]
         self._buffer.items[:] = [found[slot] for slot in self._buffer.items]
 
     # -- iteration -------------------------------------------------------------------------------

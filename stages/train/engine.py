@@ -69,6 +69,20 @@ def _load_pretrained(model: ViT, task: FinetuneTask, job: TrainJob, worker: Work
         dist.broadcast(tensor.data, src=0)
 
 
+def _skip_cpu_inference_comm_build() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce.
+
+    DeepSpeed 0.19 builds that C++ op with g++ when its communication backend starts, unless
+    ``deepspeed.ops.__compatible_ops__`` says the op is unusable (``build_shm_op``). Only its
+    *inference* all-reduce uses the op; training's collectives go through torch.distributed. The
+    build cost ~50 s on 2 busy cores at the start of a stage, again for every new environment
+    path (a fresh clone, a new venv). An empty table also skips probing every op at import.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {}
+
+
 def build_engine(job: TrainJob, worker: WorkerContext) -> tuple[Any, StepGeometry]:
     """(DeepSpeed engine, the geometry resolved for this world size)."""
     try:
@@ -77,6 +91,7 @@ def build_engine(job: TrainJob, worker: WorkerContext) -> tuple[Any, StepGeometr
         raise VitpipeError(f"cannot train on {worker.world_size} worker(s): {err}") from None
     if worker.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        _skip_cpu_inference_comm_build()
     # DeepSpeed 0.19.8 calls torch.distributed collectives that torch has renamed; torch warns at
     # every call, i.e. several lines per step on every rank.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

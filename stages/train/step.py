@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from stages.data.loader import UNREADABLE
 from stages.data.transforms import to_model_input
 
 __all__ = ["Batch", "DataFeed", "forward_backward", "train_step"]
@@ -65,8 +66,16 @@ class DataFeed:
 
 
 def forward_backward(engine: Any, batch: Batch) -> torch.Tensor:
-    """One micro-batch: the loss (fp32 logits), its gradients accumulated; returns the detached loss."""
-    loss = F.cross_entropy(engine(batch.images).float(), batch.labels)
+    """One micro-batch: the loss (fp32 logits), its gradients accumulated; returns the detached loss.
+
+    Samples the loader could not read carry the label ``UNREADABLE``: they add nothing to the loss or
+    the gradient. The sum is divided by the micro-batch's full size, not by the samples read, so
+    every sample weighs the same in the global step whichever rank it landed on (and with nothing
+    damaged this is the mean).
+    """
+    labels = batch.labels
+    logits = engine(batch.images).float()
+    loss = F.cross_entropy(logits, labels, ignore_index=UNREADABLE, reduction="sum") / len(labels)
     engine.backward(loss)
     return loss.detach()
 
