@@ -9,8 +9,10 @@ Execution goes through an :class:`Executor` (Ray tasks in :mod:`cluster.executor
 stages are submitted together and run concurrently as far as the cluster's resources allow.
 Before a stage runs, its old manifest is removed, so a crash mid-stage can never leave an old
 manifest describing new, half-written outputs. The stage folder itself is kept when the same
-fingerprint is being retried (so a stage can resume from its own checkpoints) and wiped when
-the config changed.
+fingerprint is being retried (so a stage can resume from its own checkpoints; execution params
+such as worker counts are not part of the fingerprint). When the result-defining config changed
+or ``--from`` forces a re-run, the folder's outputs and checkpoints are never deleted: they are
+moved to ``stages/NAME.previous/`` (one generation is kept), and the run's events say so.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,20 +28,23 @@ from typing import Any, Literal, Protocol
 
 from pipeline import dag
 from pipeline.config import RunConfig, StageResources
-from pipeline.errors import ConfigError, StageFailedError
+from pipeline.errors import ConfigError, StageFailedError, StorageError
 from pipeline.events import EventLog
-from pipeline.fingerprint import stage_fingerprints
+from pipeline.fingerprint import accepted_fingerprints, result_params, stage_fingerprint, stage_fingerprints
 from pipeline.lock import RunLock, acquire_run_lock
 from pipeline.manifest import MANIFEST_NAME, Manifest, manifest_digest, read_manifest, verify_outputs
 from pipeline.runner import StageResult, StageTask, stage_folder
-from pipeline.state import RunState, load_state, save_state
+from pipeline.state import RunState, StageState, load_state, save_state
 from pipeline.storage import Storage, open_storage
 
-__all__ = ["CONFIG_FILE", "StagePlan", "plan_run", "Executor", "RunSummary", "run_pipeline", "read_run_config"]
+__all__ = ["CONFIG_FILE", "PREVIOUS_SUFFIX", "SET_ASIDE_FILE", "StagePlan", "plan_run", "Executor", "RunSummary",
+           "run_pipeline", "read_run_config"]
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+PREVIOUS_SUFFIX = ".previous"  # stages/NAME.previous/: a stage's outputs before it re-ran
+SET_ASIDE_FILE = "SET_ASIDE.json"  # written into it once every object is there
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,23 @@ class StagePlan:
     fingerprint: str
 
 
+def _changed_params(type_name: str, params: Mapping[str, Any], manifest: Manifest) -> list[str]:
+    """The result-defining params that differ from those a committed stage ran with, by name."""
+    try:
+        old = result_params(manifest.type, manifest.params)
+    except ValueError:  # recorded by a version whose params no longer validate (pydantic's errors are ValueErrors)
+        return ["params of an older version"]
+    new = result_params(type_name, params)
+    return sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+
+
+def _older_fingerprint_holds(manifest: Manifest, seed: int) -> bool:
+    """Whether a manifest from before execution params left the fingerprint (it hashed every
+    param) was made with this seed: its fingerprint recomputed from what it recorded matches."""
+    inputs = {role: record.fingerprint for role, record in manifest.inputs.items()}
+    return manifest.fingerprint == stage_fingerprint(manifest.type, manifest.params, seed, inputs)
+
+
 def plan_run(
     config: RunConfig,
     fingerprints: Mapping[str, str],
@@ -56,12 +79,14 @@ def plan_run(
     only: Collection[str] = (),
     from_stages: Collection[str] = (),
     broken: Mapping[str, str] | None = None,
+    accepted: Mapping[str, Collection[str]] | None = None,
 ) -> list[StagePlan]:
     """Decide, in topological order, which stages run and why.
 
     ``only``: run exactly these stages (their inputs must be complete); leave the rest.
     ``from_stages``: force these stages and everything downstream of them to run.
     ``broken``: stages whose committed outputs failed verification, with the reason.
+    ``accepted``: per stage, other fingerprints that mean the same config (an older version's).
     """
     graph = {name: list(spec.inputs.values()) for name, spec in config.stages.items()}
     for name in (*only, *from_stages):
@@ -76,10 +101,12 @@ def plan_run(
         fp = fingerprints[name]
         manifest = manifests.get(name)
         reason = None
+        same_config = manifest is not None and (
+            manifest.fingerprint == fp or manifest.fingerprint in (accepted or {}).get(name, ()))
         if manifest is None:
             reason = "not run yet"
-        elif manifest.fingerprint != fp:
-            reason = "config changed"
+        elif not same_config and (changed := _changed_params(spec.type, spec.params, manifest)):
+            reason = f"config changed ({', '.join(changed)})"
         elif name in broken:
             reason = f"outputs damaged: {broken[name]}"
         else:
@@ -92,6 +119,8 @@ def plan_run(
                     reason = f"input {upstream!r} changed"
                 if reason:
                     break
+            if reason is None and not same_config and not _older_fingerprint_holds(manifest, config.seed):
+                reason = "config changed (the seed)"  # neither its params nor its inputs differ
         if name in forced:
             reason = "forced by --from"
         if only:
@@ -208,6 +237,7 @@ class _Driver:
         self.events = EventLog(storage, config.name)
         self.state: RunState = load_state(storage, config.name)
         self._resumed: dict[str, bool] = {}
+        self.accepted: dict[str, frozenset[str]] = {}  # per stage: the fingerprints of this config
 
     def _save(self) -> None:
         save_state(self.storage, self.state)
@@ -216,15 +246,16 @@ class _Driver:
         config, storage = self.config, self.storage
         storage.write_text(CONFIG_FILE, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
         fps = stage_fingerprints(config)
+        self.accepted = accepted_fingerprints(config)
         manifests = {name: read_manifest(storage.child(stage_folder(name))) for name in config.stages}
         broken = {}
         if verify:
             for name, manifest in manifests.items():
-                if manifest is not None and manifest.fingerprint == fps[name]:
+                if manifest is not None and manifest.fingerprint in self.accepted[name]:
                     problems = verify_outputs(storage.child(stage_folder(name)), manifest)
                     if problems:
                         broken[name] = problems[0]
-        plans = plan_run(config, fps, manifests, only, from_stages, broken)
+        plans = plan_run(config, fps, manifests, only, from_stages, broken, self.accepted)
         to_run = [p for p in plans if p.action == "run"]
         summary = RunSummary(storage.uri)
         self.events.emit("run_started", uri=storage.uri,
@@ -288,22 +319,70 @@ class _Driver:
         return summary
 
     def _prepare(self, p: StagePlan) -> None:
-        """Remove the old commit record; wipe the folder unless the same attempt is being resumed."""
+        """Remove the old commit record; move the folder aside unless the same attempt is resumed."""
         stage_storage = self.storage.child(stage_folder(p.name))
-        stage_storage.delete(MANIFEST_NAME)
         st = self.state.stage(p.name)
+        self._settle_set_aside(p.name, st)
         resumable = (
-            st.fingerprint == p.fingerprint
+            st.fingerprint in self.accepted[p.name]
             and st.status in ("running", "interrupted", "failed", "pending", "blocked")
             and p.reason != "forced by --from"
         )
-        if not resumable:
-            stage_storage.delete_prefix()
+        if resumable:
+            stage_storage.delete(MANIFEST_NAME)
+        else:
+            self._set_aside(p, st)
             st.attempts = 0
         st.status, st.fingerprint, st.error = "pending", p.fingerprint, None
         st.started = st.finished = None
         st.duration_s = None
         self._resumed[p.name] = resumable and st.attempts > 0
+
+    def _set_aside(self, p: StagePlan, st: StageState) -> None:
+        """Move whatever the stage's folder holds to ``stages/NAME.previous/``, replacing the
+        generation before: copy everything (hard links on a disk, server-side copies on S3), write
+        the marker, then remove the originals, the commit record first.
+
+        Crash-safe with :meth:`_settle_set_aside`: a token is saved in the run state before
+        anything moves and written into the marker once the copy is complete."""
+        folder = stage_folder(p.name)
+        aside = folder + PREVIOUS_SUFFIX
+        if not self.storage.list(folder):
+            return
+        st.setting_aside = uuid.uuid4().hex
+        self._save()
+        self.storage.delete_prefix(aside)
+        copied = self.storage.copy_prefix(folder, aside)
+        self.storage.write_text(f"{aside}/{SET_ASIDE_FILE}", json.dumps({
+            "token": st.setting_aside, "stage": p.name, "reason": p.reason, "fingerprint": st.fingerprint,
+            "status": st.status, "objects": copied, "time": _now()}, indent=2) + "\n")
+        self._remove_originals(folder)
+        st.setting_aside = None
+        log.warning("stage %s: %s; its previous outputs (%d files) are kept in %s", p.name, p.reason, copied,
+                    self.storage.uri_of(aside))
+        self.events.emit("stage_set_aside", stage=p.name, reason=p.reason, to=aside, objects=copied)
+
+    def _settle_set_aside(self, name: str, st: StageState) -> None:
+        """Finish what a driver that died while setting a stage's folder aside began: with the
+        copy complete (the marker holds the token), remove the originals; otherwise the originals
+        were never touched and stay where they are."""
+        if st.setting_aside is None:
+            return
+        folder = stage_folder(name)
+        if self._set_aside_token(f"{folder}{PREVIOUS_SUFFIX}/{SET_ASIDE_FILE}") == st.setting_aside:
+            self._remove_originals(folder)
+            st.fingerprint = None  # nothing is left to resume from
+        st.setting_aside = None
+
+    def _remove_originals(self, folder: str) -> None:
+        self.storage.delete(f"{folder}/{MANIFEST_NAME}")  # first: no commit record over a half-removed folder
+        self.storage.delete_prefix(folder)
+
+    def _set_aside_token(self, marker: str) -> str | None:
+        try:
+            return json.loads(self.storage.read_text(marker)).get("token")
+        except (StorageError, ValueError, AttributeError):  # absent or unreadable: the copy did not finish
+            return None
 
     def _submit(self, p: StagePlan, fps: Mapping[str, str], available: Mapping[str, Manifest]) -> Any:
         spec = self.config.stages[p.name]

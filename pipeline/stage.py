@@ -28,7 +28,19 @@ __all__ = ["StageParams", "Stage", "StageInput", "StageContext", "Progress"]
 
 
 class StageParams(StrictModel):
-    """Base of every stage's params model (strict, no unknown keys)."""
+    """Base of every stage's params model (strict, no unknown keys).
+
+    ``execution_params`` names the params that change how a stage runs but not what it produces
+    (workers, cadences, retry budgets, ...). They are left out of the stage's fingerprint, so a
+    resume that changes one continues the stage from its checkpoints instead of re-running it.
+    """
+
+    execution_params: ClassVar[frozenset[str]] = frozenset()
+
+    def result_params(self) -> dict[str, Any]:
+        """The params that decide the stage's result, as JSON (what its fingerprint hashes)."""
+        data = self.model_dump(mode="json")
+        return {name: value for name, value in data.items() if name not in self.execution_params}
 
 
 class Stage:

@@ -29,6 +29,9 @@ class StageState(BaseModel):
     duration_s: float | None = None
     error: str | None = None
     attempts: int = 0
+    # Set while the stage's previous outputs are being moved aside (see the engine's _set_aside):
+    # a driver that dies in the middle leaves it for the next one to finish the move.
+    setting_aside: str | None = None
 
 
 class RunState(BaseModel):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 from pipeline import dag
-from pipeline.engine import read_run_config
-from pipeline.fingerprint import stage_fingerprints
+from pipeline.engine import PREVIOUS_SUFFIX, SET_ASIDE_FILE, read_run_config
+from pipeline.fingerprint import accepted_fingerprints
 from pipeline.lock import is_run_locked
 from pipeline.manifest import read_manifest
 from pipeline.runner import stage_folder
@@ -26,6 +27,7 @@ class StatusRow:
     outputs: int
     output_bytes: int
     error: str
+    previous: str = ""  # where its outputs from before a re-run are kept, and why they were moved
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -34,7 +36,7 @@ class StatusRow:
 def collect_status(storage: Storage) -> tuple[str, list[StatusRow]]:
     """The run's name and one row per stage, in topological order."""
     config = read_run_config(storage)
-    fps = stage_fingerprints(config)
+    accepted = accepted_fingerprints(config)
     state = load_state(storage, config.name)
     live = is_run_locked(storage)
     graph = {name: list(spec.inputs.values()) for name, spec in config.stages.items()}
@@ -44,7 +46,7 @@ def collect_status(storage: Storage) -> tuple[str, list[StatusRow]]:
         st = state.stages.get(name)
         manifest = read_manifest(storage.child(stage_folder(name)))
         recorded = st.status if st else "pending"
-        if manifest is not None and manifest.fingerprint == fps[name]:
+        if manifest is not None and manifest.fingerprint in accepted[name]:
             status = "done"
         elif recorded in ("running", "pending") and not live and st is not None and st.started:
             status = "interrupted"
@@ -64,8 +66,21 @@ def collect_status(storage: Storage) -> tuple[str, list[StatusRow]]:
             outputs=len(outputs),
             output_bytes=sum(o.size for o in outputs),
             error=(st.error or "") if st and status in ("failed", "interrupted", "blocked") else "",
+            previous=_set_aside_note(storage, name),
         ))
     return config.name, rows
+
+
+def _set_aside_note(storage: Storage, name: str) -> str:
+    marker = f"{stage_folder(name)}{PREVIOUS_SUFFIX}/{SET_ASIDE_FILE}"
+    if not storage.exists(marker):
+        return ""
+    try:
+        record = json.loads(storage.read_text(marker))
+        why = f" ({record['reason']}, {record['time']})"
+    except (ValueError, KeyError, TypeError):
+        why = ""
+    return f"{storage.uri_of(stage_folder(name) + PREVIOUS_SUFFIX)}{why}"
 
 
 def collect_headlines(storage: Storage) -> list[tuple[str, str | None, list[str]]]:
@@ -106,4 +121,5 @@ def format_table(rows: list[StatusRow]) -> str:
          f"{r.outputs} ({format_bytes(r.output_bytes)})" if r.outputs else "-", r.error or "")
         for r in rows
     ]
-    return text_table(header, body)
+    notes = [f"{r.stage}: outputs from before it re-ran are kept in {r.previous}" for r in rows if r.previous]
+    return "\n".join([text_table(header, body), *notes])

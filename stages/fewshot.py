@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -46,6 +46,10 @@ class FewshotParams(StageParams):
     eval_split: str = "test"
     random_init_baseline: bool = Field(default=False, description="also evaluate the architecture at random init")
     dataset: str | None = Field(default=None, description="name in metrics and the report (default: data input)")
+
+    # Features are extracted in eval mode: how many tasks and how large their batches are changes
+    # them by float rounding at most (use_gpu does more: it extracts in bf16).
+    execution_params: ClassVar[frozenset[str]] = frozenset({"workers", "cpus_per_worker", "batch_size"})
 
 
 def extract_features(handoff: HandoffRef | None, architecture: ViTConfig, image_size: int, data_uri: str,

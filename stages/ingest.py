@@ -21,7 +21,7 @@ import logging
 import posixpath
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -55,6 +55,9 @@ class IngestParams(StageParams):
                                                     "mixes classes (not for source: webdataset, read shard by shard)")
     max_skip_fraction: float = Field(default=0.01, ge=0, le=1)
     workers: int = Field(default=2, ge=1, description="shard-writing Ray tasks in flight")
+
+    # The shards are a pure function of the listing and the other params: parallelism is not.
+    execution_params: ClassVar[frozenset[str]] = frozenset({"workers"})
 
     @model_validator(mode="after")
     def _path_needed(self) -> IngestParams:

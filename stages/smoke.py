@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 import time
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -35,6 +36,8 @@ class TransformParams(StageParams):
 
 class CombineParams(StageParams):
     work_s: float = Field(default=0.0, ge=0)
+
+    execution_params: ClassVar[frozenset[str]] = frozenset({"work_s"})  # how long it takes, not what it makes
 
 
 def _simulate_work(ctx: StageContext, seconds: float, steps: int) -> None:

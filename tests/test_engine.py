@@ -23,8 +23,9 @@ pytestmark = pytest.mark.usefixtures("ray_instance")
 
 
 def _outputs(root: Path) -> dict[str, bytes]:
+    """Every stage's outputs (not what re-runs set aside)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.name != "manifest.json" and not p.relative_to(root).parts[0].endswith(".previous")}
 
 
 def _started(uri: str) -> dict[str, str]:
@@ -58,13 +59,30 @@ def test_run_then_rerun_skips_then_config_change_reruns_downstream_only(tmp_path
     assert after["transform"] > first["transform"] and after["combine"] > first["combine"]
     rescaled = [int(x) for x in (tmp_path / "run/stages/transform/numbers.txt").read_text().split()]
     assert rescaled == [5 * x for x in numbers]
+    # What the re-run replaced is kept aside, not deleted (one generation), with why.
+    aside = tmp_path / "run/stages/transform.previous"
+    assert [int(x) for x in (aside / "numbers.txt").read_text().split()] == scaled
+    marker = json.loads((aside / "SET_ASIDE.json").read_text())
+    assert (marker["reason"], marker["status"], marker["objects"]) == ("config changed (factor)", "done", 2)
+    assert json.loads((tmp_path / "run/stages/combine.previous/SET_ASIDE.json").read_text())["reason"] == \
+        "input 'transform' re-runs"
+    assert not (tmp_path / "run/stages/generate.previous").exists()
 
-    events = [e["event"] for e in read_events(open_storage(uri))]
-    assert events.count("run_started") == 3 and events.count("stage_finished") == 5
+    # An execution param (how long combine takes) is not a config change: nothing re-runs.
+    raw = smoke_config(factor=5)
+    raw["stages"]["combine"]["params"] = {"work_s": 0.01}
+    assert run_pipeline(parse_config(raw), uri, RayExecutor()).ran == []
+
+    events = [e for e in read_events(open_storage(uri))]
+    names = [e["event"] for e in events]
+    assert names.count("run_started") == 4 and names.count("stage_finished") == 5
+    assert [(e["stage"], e["to"]) for e in events if e["event"] == "stage_set_aside"] == [
+        ("transform", "stages/transform.previous"), ("combine", "stages/combine.previous")]
     _, rows = collect_status(open_storage(uri))
     assert [(r.stage, r.state) for r in rows] == [("generate", "done"), ("transform", "done"), ("combine", "done")]
     table = format_table(rows)
     assert table.splitlines()[0].split() == ["STAGE", "TYPE", "STATE", "DURATION", "OUTPUTS", "ERROR"]
+    assert f"transform: outputs from before it re-ran are kept in {aside} (config changed (factor), " in table
 
 
 def test_manifest_names_every_output_with_checksums_and_inputs(tmp_path):
@@ -91,6 +109,8 @@ def test_deleted_output_is_detected_and_the_stage_reruns(tmp_path):
     summary = run_pipeline(parse_config(smoke_config()), uri, RayExecutor())
     assert summary.ran == ["transform", "combine"]
     assert _outputs(tmp_path / "run/stages") == before
+    aside = json.loads((tmp_path / "run/stages/transform.previous/SET_ASIDE.json").read_text())
+    assert (aside["reason"], aside["objects"]) == ("outputs damaged: numbers.txt: missing", 1)  # its manifest
 
 
 def test_failure_blocks_downstream_runs_independent_branches_and_reports_one_line(tmp_path):
@@ -145,3 +165,55 @@ def test_same_dag_on_s3(s3_endpoint, s3_bucket):
     assert again.ran == []
     changed = run_pipeline(parse_config(smoke_config(factor=5, endpoint=s3_endpoint)), uri, RayExecutor())
     assert changed.ran == ["transform", "combine"]
+
+
+def _driver_with_stage_outputs(tmp_path, files: dict[str, bytes]):
+    from pipeline.engine import _Driver
+
+    store = open_storage(str(tmp_path / "run"))
+    for rel, data in files.items():
+        store.write_bytes(f"stages/transform/{rel}", data)
+    driver = _Driver(parse_config(smoke_config()), store, executor=None, show_progress=False)
+    return driver, store
+
+
+def _tree(store, prefix: str) -> dict[str, bytes]:
+    return {o.path[len(prefix) + 1:]: store.read_bytes(o.path) for o in store.list(prefix)}
+
+
+def test_a_set_aside_cut_short_is_settled_by_the_next_driver_without_losing_a_file(tmp_path):
+    from pipeline.engine import StagePlan
+
+    files = {"manifest.json": b"{}", "numbers.txt": b"1 2 3", "checkpoints/step-1/rank0.pt": b"weights"}
+    driver, store = _driver_with_stage_outputs(tmp_path, files)
+    st = driver.state.stage("transform")
+
+    # 1. Died while copying: a token in the state, part of a copy and no marker. The originals
+    #    were never touched: they stay, and the stage may resume from them.
+    st.setting_aside, st.fingerprint = "t1", "old"
+    store.write_bytes("stages/transform.previous/numbers.txt", b"1 2 3")
+    driver._settle_set_aside("transform", st)
+    assert _tree(store, "stages/transform") == files and (st.setting_aside, st.fingerprint) == (None, "old")
+
+    # 2. A re-run sets them aside, replacing whatever was there, the commit record included.
+    driver._set_aside(StagePlan("transform", "run", "config changed (factor)", "new"), st)
+    assert _tree(store, "stages/transform.previous") == {**files, "SET_ASIDE.json": ANY_BYTES}
+    assert store.list("stages/transform") == [] and st.setting_aside is None
+
+    # 3. Died removing the originals after the copy was complete: only the removal is finished,
+    #    and nothing is left to resume from.
+    store.write_bytes("stages/transform/numbers.txt", b"1 2 3")
+    st.setting_aside = json.loads(store.read_text("stages/transform.previous/SET_ASIDE.json"))["token"]
+    driver._settle_set_aside("transform", st)
+    assert _tree(store, "stages/transform.previous") == {**files, "SET_ASIDE.json": ANY_BYTES}
+    assert store.list("stages/transform") == [] and (st.setting_aside, st.fingerprint) == (None, None)
+
+
+class _AnyBytes(bytes):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, bytes)
+
+    __hash__ = bytes.__hash__
+
+
+ANY_BYTES = _AnyBytes()

@@ -2,12 +2,12 @@
 
 import pytest
 
-from pipeline.config import parse_config
+from pipeline.config import load_config, parse_config
 from pipeline.engine import plan_run
 from pipeline.errors import ConfigError
-from pipeline.fingerprint import stage_fingerprints
+from pipeline.fingerprint import accepted_fingerprints, stage_fingerprints
 from pipeline.manifest import InputRecord, Manifest, manifest_digest
-from tests.conftest import smoke_config
+from tests.conftest import REPO, smoke_config
 
 
 def _manifests(config, fps, names=None):
@@ -54,7 +54,7 @@ def test_config_change_reruns_that_stage_and_downstream():
     new = parse_config(smoke_config(factor=5))
     plans = plan_run(new, stage_fingerprints(new), manifests)
     assert _actions(plans) == {"generate": "skip", "transform": "run", "combine": "run"}
-    assert plans[1].reason == "config changed"
+    assert plans[1].reason == "config changed (factor)"  # names the result-defining params that differ
 
 
 def test_rerun_upstream_with_same_fingerprint_invalidates_consumers():
@@ -93,3 +93,21 @@ def test_damaged_outputs_rerun_the_stage():
     plans = plan_run(config, fps, _manifests(config, fps), broken={"generate": "numbers.txt: missing"})
     assert _actions(plans) == {"generate": "run", "transform": "run", "combine": "run"}
     assert plans[0].reason == "outputs damaged: numbers.txt: missing"
+
+
+def test_manifests_of_older_versions_that_hashed_every_param_are_up_to_date():
+    config = load_config(REPO / "configs/tiny.yaml")
+    older = stage_fingerprints(config, all_params=True)  # execution params included, as before
+    assert older["pretrain"] != stage_fingerprints(config)["pretrain"]
+    manifests = _manifests(config, older)
+    plans = plan_run(config, stage_fingerprints(config), manifests, accepted=accepted_fingerprints(config))
+    assert set(_actions(plans).values()) == {"skip"}
+    # ...and stay so when only an execution param changes now (recomputed from what they recorded,
+    # their fingerprints show the same seed),
+    changed = load_config(REPO / "configs/tiny.yaml", ["pretrain.max_failures=9", "ingest.workers=1"])
+    plans = plan_run(changed, stage_fingerprints(changed), manifests, accepted=accepted_fingerprints(changed))
+    assert set(_actions(plans).values()) == {"skip"}
+    # ...but not when the seed changed.
+    reseeded = load_config(REPO / "configs/tiny.yaml", ["seed=1"])
+    plans = plan_run(reseeded, stage_fingerprints(reseeded), manifests, accepted=accepted_fingerprints(reseeded))
+    assert {p.name: p.reason for p in plans}["ingest"] == "config changed (the seed)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -107,6 +108,10 @@ def test_sigkill_driver_mid_stage_then_resume_matches_clean_run(tmp_path, backen
     last_run = events[max(i for i, e in enumerate(events) if e["event"] == "run_started"):]
     assert [e["stage"] for e in last_run if e["event"] == "stage_finished"] == ["transform", "combine"]
     assert [e["stage"] for e in last_run if e["event"] == "stage_skipped"] == ["generate"]
+    # The outputs it replaced are kept aside (server-side copies on S3), not deleted.
+    assert killed.read_bytes("stages/transform.previous/numbers.txt") == clean_out["stages/transform/numbers.txt"]
+    assert json.loads(killed.read_text("stages/transform.previous/SET_ASIDE.json"))["reason"] == \
+        "config changed (factor, work_s)"
 
     if backend == "s3":
         # Credentials never land in the run's records.

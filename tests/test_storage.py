@@ -42,6 +42,19 @@ def test_roundtrip_list_and_delete(store):
     assert store.list() == []
 
 
+def test_copy_prefix_copies_every_object_and_replaces_what_is_there(store):
+    store.write_bytes("stages/a/x.bin", b"one")
+    store.write_bytes("stages/a/ck/step-1/rank0.pt", b"two" * 1000)
+    store.write_bytes("stages/ab/y.bin", b"not under a/")
+    store.write_bytes("stages/a.previous/x.bin", b"old")
+    assert store.copy_prefix("stages/a", "stages/a.previous") == 2
+    assert {o.path: store.read_bytes(o.path) for o in store.list("stages/a.previous")} == {
+        "stages/a.previous/x.bin": b"one", "stages/a.previous/ck/step-1/rank0.pt": b"two" * 1000}
+    store.delete_prefix("stages/a")  # the copy does not depend on the original (hard links on a disk)
+    assert store.read_bytes("stages/a.previous/x.bin") == b"one"
+    assert store.copy_prefix("stages/nothing", "stages/elsewhere") == 0
+
+
 def test_failed_write_leaves_nothing_visible(store):
     store.write_text("keep.txt", "old")
     with pytest.raises(RuntimeError), store.open_write("keep.txt") as f:

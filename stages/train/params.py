@@ -7,7 +7,7 @@ geometry, schedule, distribution and checkpointing.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -56,6 +56,19 @@ class TrainParams(StageParams):
     log_every: int = Field(default=10, ge=1)
     tensorboard: bool = Field(default=True, description="write TensorBoard event files under tensorboard/")
     ledger: bool = Field(default=False, description="record every sample key consumed (audits exact resume)")
+
+    # How the stage runs, not what it learns: a resume that changes one of these continues from the
+    # checkpoints. The global batch, the sample order (streams, resolved below) and the update do
+    # not depend on them; the micro-batch only splits a global step into more or fewer pieces.
+    execution_params: ClassVar[frozenset[str]] = frozenset({
+        "workers", "use_gpu", "gpu", "cpus_per_worker", "micro_batch", "loader_workers",
+        "checkpoint_activations", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
+        "tensorboard", "ledger"})
+
+    def result_params(self) -> dict[str, Any]:
+        params = super().result_params()
+        params["streams"] = self.order_streams  # unset, it follows the workers: then they decide the order
+        return params
 
     @property
     def order_streams(self) -> int:
