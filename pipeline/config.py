@@ -118,6 +118,8 @@ class RunConfig(StrictModel):
         for name in value:
             if not name or "/" in name or name.startswith("."):
                 raise ValueError(f"bad stage name {name!r}: use letters, digits, '_', '-' and '.'")
+            if name.endswith((".previous", ".partial")):  # the folders re-runs set a stage's files aside in
+                raise ValueError(f"bad stage name {name!r}: names ending in .previous or .partial are reserved")
         return value
 
     def default_run_dir(self) -> str:

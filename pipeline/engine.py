@@ -12,7 +12,8 @@ manifest describing new, half-written outputs. The stage folder itself is kept w
 fingerprint is being retried (so a stage can resume from its own checkpoints; execution params
 such as worker counts are not part of the fingerprint). When the result-defining config changed
 or ``--from`` forces a re-run, the folder's outputs and checkpoints are never deleted: they are
-moved to ``stages/NAME.previous/`` (one generation is kept), and the run's events say so.
+moved to ``stages/NAME.previous/`` (a finished result) or ``stages/NAME.partial/`` (an
+unfinished attempt), one of each kept, and the run's events say so.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from datetime import datetime, timezone
 from typing import Any, Literal, Protocol
 
 from pipeline import dag
-from pipeline.config import RunConfig, StageResources
-from pipeline.errors import ConfigError, StageFailedError, StorageError
+from pipeline.config import RunConfig, StageResources, StageSpec
+from pipeline.errors import ConfigError, StageFailedError
 from pipeline.events import EventLog
 from pipeline.fingerprint import accepted_fingerprints, result_params, stage_fingerprint, stage_fingerprints
 from pipeline.lock import RunLock, acquire_run_lock
@@ -37,13 +38,14 @@ from pipeline.runner import StageResult, StageTask, stage_folder
 from pipeline.state import RunState, StageState, load_state, save_state
 from pipeline.storage import Storage, open_storage
 
-__all__ = ["CONFIG_FILE", "PREVIOUS_SUFFIX", "SET_ASIDE_FILE", "StagePlan", "plan_run", "Executor", "RunSummary",
-           "run_pipeline", "read_run_config"]
+__all__ = ["CONFIG_FILE", "PREVIOUS_SUFFIX", "PARTIAL_SUFFIX", "SET_ASIDE_FILE", "StagePlan", "plan_run",
+           "manifest_matches", "Executor", "RunSummary", "run_pipeline", "read_run_config"]
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
-PREVIOUS_SUFFIX = ".previous"  # stages/NAME.previous/: a stage's outputs before it re-ran
+PREVIOUS_SUFFIX = ".previous"  # stages/NAME.previous/: a stage's last finished outputs before it re-ran
+PARTIAL_SUFFIX = ".partial"  # stages/NAME.partial/: the files of its last unfinished attempt under another config
 SET_ASIDE_FILE = "SET_ASIDE.json"  # written into it once every object is there
 
 
@@ -65,11 +67,30 @@ def _changed_params(type_name: str, params: Mapping[str, Any], manifest: Manifes
     return sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
 
 
+def _config_difference(spec: StageSpec, manifest: Manifest) -> str | None:
+    """How a stage's config differs from the one its committed manifest was made with (None: the
+    type, the input roles and the result params are the same)."""
+    if manifest.type != spec.type:
+        return f"stage type changed ({manifest.type} -> {spec.type})"
+    if set(manifest.inputs) != set(spec.inputs):
+        return f"inputs changed ({', '.join(sorted(set(manifest.inputs) ^ set(spec.inputs)))})"
+    changed = _changed_params(spec.type, spec.params, manifest)
+    return f"config changed ({', '.join(changed)})" if changed else None
+
+
 def _older_fingerprint_holds(manifest: Manifest, seed: int) -> bool:
     """Whether a manifest from before execution params left the fingerprint (it hashed every
     param) was made with this seed: its fingerprint recomputed from what it recorded matches."""
     inputs = {role: record.fingerprint for role, record in manifest.inputs.items()}
     return manifest.fingerprint == stage_fingerprint(manifest.type, manifest.params, seed, inputs)
+
+
+def manifest_matches(spec: StageSpec, seed: int, fingerprints: Collection[str], manifest: Manifest) -> bool:
+    """Whether a committed manifest was made with this stage config (the inputs' own configs are
+    in ``fingerprints``; an older version's manifest is judged by what it recorded)."""
+    if manifest.fingerprint in fingerprints:
+        return True
+    return _config_difference(spec, manifest) is None and _older_fingerprint_holds(manifest, seed)
 
 
 def plan_run(
@@ -101,12 +122,12 @@ def plan_run(
         fp = fingerprints[name]
         manifest = manifests.get(name)
         reason = None
-        same_config = manifest is not None and (
-            manifest.fingerprint == fp or manifest.fingerprint in (accepted or {}).get(name, ()))
+        same_config = manifest is not None and manifest_matches(
+            spec, config.seed, {fp, *(accepted or {}).get(name, ())}, manifest)
         if manifest is None:
             reason = "not run yet"
-        elif not same_config and (changed := _changed_params(spec.type, spec.params, manifest)):
-            reason = f"config changed ({', '.join(changed)})"
+        elif not same_config and (difference := _config_difference(spec, manifest)):
+            reason = difference
         elif name in broken:
             reason = f"outputs damaged: {broken[name]}"
         else:
@@ -119,7 +140,7 @@ def plan_run(
                     reason = f"input {upstream!r} changed"
                 if reason:
                     break
-            if reason is None and not same_config and not _older_fingerprint_holds(manifest, config.seed):
+            if reason is None and not same_config:
                 reason = "config changed (the seed)"  # neither its params nor its inputs differ
         if name in forced:
             reason = "forced by --from"
@@ -251,7 +272,8 @@ class _Driver:
         broken = {}
         if verify:
             for name, manifest in manifests.items():
-                if manifest is not None and manifest.fingerprint in self.accepted[name]:
+                if manifest is not None and manifest_matches(config.stages[name], config.seed, self.accepted[name],
+                                                             manifest):
                     problems = verify_outputs(storage.child(stage_folder(name)), manifest)
                     if problems:
                         broken[name] = problems[0]
@@ -339,16 +361,20 @@ class _Driver:
         self._resumed[p.name] = resumable and st.attempts > 0
 
     def _set_aside(self, p: StagePlan, st: StageState) -> None:
-        """Move whatever the stage's folder holds to ``stages/NAME.previous/``, replacing the
-        generation before: copy everything (hard links on a disk, server-side copies on S3), write
-        the marker, then remove the originals, the commit record first.
+        """Move whatever the stage's folder holds aside: a finished result (it has a manifest) to
+        ``stages/NAME.previous/``, an unfinished attempt (checkpoints, an error) to
+        ``stages/NAME.partial/``, each replacing the one before — so a failed attempt never
+        pushes out the last finished result. Copy everything (hard links on a disk, server-side
+        copies on S3), write the marker, then remove the originals, the commit record first.
 
         Crash-safe with :meth:`_settle_set_aside`: a token is saved in the run state before
         anything moves and written into the marker once the copy is complete."""
         folder = stage_folder(p.name)
-        aside = folder + PREVIOUS_SUFFIX
-        if not self.storage.list(folder):
+        objects = self.storage.list(folder)
+        if not objects:
             return
+        finished = any(o.path == f"{folder}/{MANIFEST_NAME}" for o in objects)
+        aside = folder + (PREVIOUS_SUFFIX if finished else PARTIAL_SUFFIX)
         st.setting_aside = uuid.uuid4().hex
         self._save()
         self.storage.delete_prefix(aside)
@@ -358,20 +384,23 @@ class _Driver:
             "status": st.status, "objects": copied, "time": _now()}, indent=2) + "\n")
         self._remove_originals(folder)
         st.setting_aside = None
-        log.warning("stage %s: %s; its previous outputs (%d files) are kept in %s", p.name, p.reason, copied,
-                    self.storage.uri_of(aside))
+        log.warning("stage %s: %s; its %s (%d files) are kept in %s", p.name, p.reason,
+                    "previous outputs" if finished else "unfinished attempt's files", copied, self.storage.uri_of(aside))
         self.events.emit("stage_set_aside", stage=p.name, reason=p.reason, to=aside, objects=copied)
 
     def _settle_set_aside(self, name: str, st: StageState) -> None:
         """Finish what a driver that died while setting a stage's folder aside began: with the
-        copy complete (the marker holds the token), remove the originals; otherwise the originals
+        copy complete (a marker holds the token), remove the originals; otherwise the originals
         were never touched and stay where they are."""
         if st.setting_aside is None:
             return
         folder = stage_folder(name)
-        if self._set_aside_token(f"{folder}{PREVIOUS_SUFFIX}/{SET_ASIDE_FILE}") == st.setting_aside:
-            self._remove_originals(folder)
-            st.fingerprint = None  # nothing is left to resume from
+        for suffix in (PREVIOUS_SUFFIX, PARTIAL_SUFFIX):
+            if self._set_aside_token(f"{folder}{suffix}/{SET_ASIDE_FILE}") == st.setting_aside:
+                self._remove_originals(folder)
+                st.fingerprint = None  # nothing is left to resume from
+                log.warning("stage %s: finished setting its folder aside in %s (an earlier driver stopped "
+                            "halfway)", name, self.storage.uri_of(folder + suffix))
         st.setting_aside = None
 
     def _remove_originals(self, folder: str) -> None:
@@ -379,10 +408,12 @@ class _Driver:
         self.storage.delete_prefix(folder)
 
     def _set_aside_token(self, marker: str) -> str | None:
-        try:
-            return json.loads(self.storage.read_text(marker)).get("token")
-        except (StorageError, ValueError, AttributeError):  # absent or unreadable: the copy did not finish
+        """The marker's token; None only when there is no marker. A marker is written whole (one
+        PUT, one rename), so any failure to read it is an error to stop on: guessing "no copy"
+        would remove the only complete one."""
+        if not self.storage.exists(marker):
             return None
+        return json.loads(self.storage.read_text(marker))["token"]
 
     def _submit(self, p: StagePlan, fps: Mapping[str, str], available: Mapping[str, Manifest]) -> Any:
         spec = self.config.stages[p.name]

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from pipeline import dag
-from pipeline.engine import PREVIOUS_SUFFIX, SET_ASIDE_FILE, read_run_config
+from pipeline.engine import PARTIAL_SUFFIX, PREVIOUS_SUFFIX, SET_ASIDE_FILE, manifest_matches, read_run_config
 from pipeline.fingerprint import accepted_fingerprints
 from pipeline.lock import is_run_locked
 from pipeline.manifest import read_manifest
@@ -27,7 +27,7 @@ class StatusRow:
     outputs: int
     output_bytes: int
     error: str
-    previous: str = ""  # where its outputs from before a re-run are kept, and why they were moved
+    previous: str = ""  # where the folders set aside by re-runs are kept, and why they were moved
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -46,7 +46,7 @@ def collect_status(storage: Storage) -> tuple[str, list[StatusRow]]:
         st = state.stages.get(name)
         manifest = read_manifest(storage.child(stage_folder(name)))
         recorded = st.status if st else "pending"
-        if manifest is not None and manifest.fingerprint in accepted[name]:
+        if manifest is not None and manifest_matches(spec, config.seed, accepted[name], manifest):
             status = "done"
         elif recorded in ("running", "pending") and not live and st is not None and st.started:
             status = "interrupted"
@@ -72,15 +72,19 @@ def collect_status(storage: Storage) -> tuple[str, list[StatusRow]]:
 
 
 def _set_aside_note(storage: Storage, name: str) -> str:
-    marker = f"{stage_folder(name)}{PREVIOUS_SUFFIX}/{SET_ASIDE_FILE}"
-    if not storage.exists(marker):
-        return ""
-    try:
-        record = json.loads(storage.read_text(marker))
-        why = f" ({record['reason']}, {record['time']})"
-    except (ValueError, KeyError, TypeError):
-        why = ""
-    return f"{storage.uri_of(stage_folder(name) + PREVIOUS_SUFFIX)}{why}"
+    """'URI (why, when)' for each folder re-runs of this stage set aside, '; '-separated."""
+    notes = []
+    for suffix in (PREVIOUS_SUFFIX, PARTIAL_SUFFIX):
+        marker = f"{stage_folder(name)}{suffix}/{SET_ASIDE_FILE}"
+        if not storage.exists(marker):
+            continue
+        try:
+            record = json.loads(storage.read_text(marker))
+            why = f" ({record['reason']}, {record['time']})"
+        except (ValueError, KeyError, TypeError):
+            why = ""
+        notes.append(f"{storage.uri_of(stage_folder(name) + suffix)}{why}")
+    return "; ".join(notes)
 
 
 def collect_headlines(storage: Storage) -> list[tuple[str, str | None, list[str]]]:
@@ -121,5 +125,5 @@ def format_table(rows: list[StatusRow]) -> str:
          f"{r.outputs} ({format_bytes(r.output_bytes)})" if r.outputs else "-", r.error or "")
         for r in rows
     ]
-    notes = [f"{r.stage}: outputs from before it re-ran are kept in {r.previous}" for r in rows if r.previous]
+    notes = [f"{r.stage}: set aside by re-runs, kept in {r.previous}" for r in rows if r.previous]
     return "\n".join([text_table(header, body), *notes])

@@ -161,9 +161,10 @@ class Storage(ABC):
 
     @abstractmethod
     def copy_prefix(self, prefix: str, target: str) -> int:
-        """Copy every object under ``prefix`` to the same relative path under ``target`` (whose
-        objects are replaced); returns how many were copied. Cheap where the backend allows it:
-        hard links on a local disk, server-side copies on S3 (no byte crosses this machine)."""
+        """Copy every object under ``prefix`` to the same relative path under ``target``, replacing
+        objects at those paths (others under ``target`` stay: empty it first for an exact copy);
+        returns how many were copied. Cheap where the backend allows it: hard links on a local
+        disk, server-side copies on S3 (no byte crosses this machine)."""
 
     @abstractmethod
     def put_if_absent(self, rel: str, data: bytes) -> bool:

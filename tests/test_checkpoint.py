@@ -74,3 +74,19 @@ def test_each_rank_publishes_its_own_files_from_separate_staging(s3_endpoint, s3
     assert sorted(p.name for p in fetched.iterdir()) == [
         "COMPLETE.json", "loader-rank0.json", "loader-rank1.json", "mp_rank_00_model_states.pt",
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_a_resume_on_another_number_of_workers_is_refused_before_any_worker_starts(tmp_path):
+    from stages.train.launch import check_resume_world_size
+
+    store = CheckpointStore(LocalStorage(tmp_path / "stage"), tmp_path / "staging")
+    check_resume_world_size(store, workers=1, stage="pretrain")  # nothing to resume: fine
+    _write_step(store, 2)
+    store.commit(2, world_size=2)
+    check_resume_world_size(store, workers=2, stage="pretrain")
+    with pytest.raises(VitpipeError) as refused:
+        check_resume_world_size(store, workers=1, stage="pretrain")
+    assert str(refused.value) == (
+        "pretrain: its newest checkpoint (step 2) was written by 2 workers and this run asks for 1; resuming on "
+        "another number of workers is not supported yet: set pretrain.workers=2, or re-run the stage from scratch "
+        "with --from pretrain")

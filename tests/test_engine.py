@@ -16,7 +16,7 @@ from pipeline.events import read_events
 from pipeline.manifest import read_manifest
 from pipeline.state import load_state
 from pipeline.status import collect_status, format_table
-from pipeline.storage import open_storage
+from pipeline.storage import LocalStorage, open_storage
 from tests.conftest import smoke_config
 
 pytestmark = pytest.mark.usefixtures("ray_instance")
@@ -82,7 +82,7 @@ def test_run_then_rerun_skips_then_config_change_reruns_downstream_only(tmp_path
     assert [(r.stage, r.state) for r in rows] == [("generate", "done"), ("transform", "done"), ("combine", "done")]
     table = format_table(rows)
     assert table.splitlines()[0].split() == ["STAGE", "TYPE", "STATE", "DURATION", "OUTPUTS", "ERROR"]
-    assert f"transform: outputs from before it re-ran are kept in {aside} (config changed (factor), " in table
+    assert f"transform: set aside by re-runs, kept in {aside} (config changed (factor), " in table
 
 
 def test_manifest_names_every_output_with_checksums_and_inputs(tmp_path):
@@ -167,46 +167,92 @@ def test_same_dag_on_s3(s3_endpoint, s3_bucket):
     assert changed.ran == ["transform", "combine"]
 
 
-def _driver_with_stage_outputs(tmp_path, files: dict[str, bytes]):
+class _KilledAt(LocalStorage):
+    """A disk on which the driver process dies (KeyboardInterrupt) partway through one step of a
+    set-aside: after copying one file, or after removing one original."""
+
+    def __init__(self, root: Path, step: str) -> None:
+        super().__init__(root)
+        self.step = step
+
+    def copy_prefix(self, prefix: str, target: str) -> int:
+        if self.step == "copy":
+            first = self.list(prefix)[0]
+            self.write_bytes(target + first.path[len(prefix):], self.read_bytes(first.path))
+            raise KeyboardInterrupt("killed while copying")
+        return super().copy_prefix(prefix, target)
+
+    def delete_prefix(self, prefix: str = "") -> int:
+        if self.step == "remove" and prefix == "stages/transform":
+            self.delete(self.list(prefix)[0].path)
+            raise KeyboardInterrupt("killed while removing the originals")
+        return super().delete_prefix(prefix)
+
+
+def _driver(root: Path, step: str = ""):
     from pipeline.engine import _Driver
 
-    store = open_storage(str(tmp_path / "run"))
-    for rel, data in files.items():
-        store.write_bytes(f"stages/transform/{rel}", data)
-    driver = _Driver(parse_config(smoke_config()), store, executor=None, show_progress=False)
-    return driver, store
+    return _Driver(parse_config(smoke_config()), _KilledAt(root, step), executor=None, show_progress=False)
 
 
 def _tree(store, prefix: str) -> dict[str, bytes]:
     return {o.path[len(prefix) + 1:]: store.read_bytes(o.path) for o in store.list(prefix)}
 
 
-def test_a_set_aside_cut_short_is_settled_by_the_next_driver_without_losing_a_file(tmp_path):
+FINISHED = {"manifest.json": b"{}", "numbers.txt": b"1 2 3", "checkpoints/step-1/rank0.pt": b"weights"}
+
+
+def test_a_driver_killed_while_setting_a_folder_aside_loses_nothing(tmp_path):
     from pipeline.engine import StagePlan
 
-    files = {"manifest.json": b"{}", "numbers.txt": b"1 2 3", "checkpoints/step-1/rank0.pt": b"weights"}
-    driver, store = _driver_with_stage_outputs(tmp_path, files)
-    st = driver.state.stage("transform")
+    root, plan = tmp_path / "run", StagePlan("transform", "run", "config changed (factor)", "new")
+    store = LocalStorage(root)
+    for rel, data in FINISHED.items():
+        store.write_bytes(f"stages/transform/{rel}", data)
 
-    # 1. Died while copying: a token in the state, part of a copy and no marker. The originals
-    #    were never touched: they stay, and the stage may resume from them.
-    st.setting_aside, st.fingerprint = "t1", "old"
-    store.write_bytes("stages/transform.previous/numbers.txt", b"1 2 3")
-    driver._settle_set_aside("transform", st)
-    assert _tree(store, "stages/transform") == files and (st.setting_aside, st.fingerprint) == (None, "old")
+    # 1. Killed while copying: the next driver (reading state.json afresh) leaves the originals
+    #    where they are — the stage may still resume from them.
+    killed = _driver(root, "copy")
+    killed.state.stage("transform").fingerprint = "old"
+    with pytest.raises(KeyboardInterrupt):
+        killed._set_aside(plan, killed.state.stage("transform"))
+    successor = _driver(root)
+    st = successor.state.stage("transform")
+    assert st.setting_aside is not None  # recorded before anything moved
+    successor._settle_set_aside("transform", st)
+    assert _tree(store, "stages/transform") == FINISHED and (st.setting_aside, st.fingerprint) == (None, "old")
+    successor._save()
 
-    # 2. A re-run sets them aside, replacing whatever was there, the commit record included.
-    driver._set_aside(StagePlan("transform", "run", "config changed (factor)", "new"), st)
-    assert _tree(store, "stages/transform.previous") == {**files, "SET_ASIDE.json": ANY_BYTES}
-    assert store.list("stages/transform") == [] and st.setting_aside is None
-
-    # 3. Died removing the originals after the copy was complete: only the removal is finished,
-    #    and nothing is left to resume from.
-    store.write_bytes("stages/transform/numbers.txt", b"1 2 3")
-    st.setting_aside = json.loads(store.read_text("stages/transform.previous/SET_ASIDE.json"))["token"]
-    driver._settle_set_aside("transform", st)
-    assert _tree(store, "stages/transform.previous") == {**files, "SET_ASIDE.json": ANY_BYTES}
+    # 2. Killed while removing the originals after the copy was complete: the next driver only
+    #    finishes the removal; the copy is whole, and nothing is left to resume from.
+    killed = _driver(root, "remove")
+    with pytest.raises(KeyboardInterrupt):
+        killed._set_aside(plan, killed.state.stage("transform"))
+    assert store.list("stages/transform")  # some originals are still there
+    successor = _driver(root)
+    st = successor.state.stage("transform")
+    successor._settle_set_aside("transform", st)
+    assert _tree(store, "stages/transform.previous") == {**FINISHED, "SET_ASIDE.json": ANY_BYTES}
     assert store.list("stages/transform") == [] and (st.setting_aside, st.fingerprint) == (None, None)
+
+
+def test_a_failed_attempt_never_pushes_out_the_last_finished_result(tmp_path):
+    from pipeline.engine import StagePlan
+
+    root = tmp_path / "run"
+    store, driver = LocalStorage(root), _driver(tmp_path / "run")
+    st = driver.state.stage("transform")
+    for rel, data in FINISHED.items():
+        store.write_bytes(f"stages/transform/{rel}", data)
+    driver._set_aside(StagePlan("transform", "run", "config changed (factor)", "y"), st)
+    # An attempt under another config fails (no manifest), then the config changes again.
+    store.write_bytes("stages/transform/error.txt", b"Traceback ...")
+    store.write_bytes("stages/transform/checkpoints/step-1/rank0.pt", b"other weights")
+    driver._set_aside(StagePlan("transform", "run", "config changed (factor)", "z"), st)
+    assert _tree(store, "stages/transform.previous") == {**FINISHED, "SET_ASIDE.json": ANY_BYTES}
+    assert _tree(store, "stages/transform.partial") == {
+        "error.txt": b"Traceback ...", "checkpoints/step-1/rank0.pt": b"other weights", "SET_ASIDE.json": ANY_BYTES}
+    assert store.list("stages/transform") == []
 
 
 class _AnyBytes(bytes):

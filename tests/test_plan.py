@@ -111,3 +111,13 @@ def test_manifests_of_older_versions_that_hashed_every_param_are_up_to_date():
     reseeded = load_config(REPO / "configs/tiny.yaml", ["seed=1"])
     plans = plan_run(reseeded, stage_fingerprints(reseeded), manifests, accepted=accepted_fingerprints(reseeded))
     assert {p.name: p.reason for p in plans}["ingest"] == "config changed (the seed)"
+
+
+def test_an_input_removed_from_a_stage_re_runs_it_even_when_its_params_are_unchanged():
+    raw = smoke_config()
+    raw["stages"]["combine"]["inputs"] = ["transform", "generate"]
+    old = parse_config(raw)
+    manifests = _manifests(old, stage_fingerprints(old))
+    new = parse_config(smoke_config())  # combine reads transform only now
+    plans = plan_run(new, stage_fingerprints(new), manifests, accepted=accepted_fingerprints(new))
+    assert {p.name: (p.action, p.reason) for p in plans}["combine"] == ("run", "inputs changed (generate)")

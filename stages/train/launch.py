@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config import StorageSettings
@@ -21,6 +22,7 @@ from stages.data.tarshards import ShardInfo
 from stages.model.handoff import HANDOFF_FILES
 from stages.model.vit import ViTConfig, count_params
 from stages.records import TrainResult
+from stages.train.checkpoint import CheckpointStore
 from stages.train.geometry import BatchGeometry
 from stages.train.hardware import ACCELERATORS
 from stages.train.job import (
@@ -79,6 +81,18 @@ def training_job(ctx: StageContext, p: TrainParams, model: ViTConfig, optimizer:
     )
 
 
+def check_resume_world_size(store: CheckpointStore, workers: int, stage: str) -> None:
+    """Refuse, before any worker starts, to resume a checkpoint written by another number of
+    workers (``workers`` is an execution param, so a resume may change it; loading would fail
+    on every rank, and Ray Train would retry that deterministic failure ``max_failures`` times)."""
+    steps = store.steps()
+    written_by = store.world_size(steps[-1]) if steps else None
+    if written_by is not None and written_by != workers:
+        raise VitpipeError(f"{stage}: its newest checkpoint (step {steps[-1]}) was written by {written_by} workers and "
+                           f"this run asks for {workers}; resuming on another number of workers is not supported yet: "
+                           f"set {stage}.workers={written_by}, or re-run the stage from scratch with --from {stage}")
+
+
 def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> list[StepRecord]:
     """Train on ``p.workers`` Ray Train workers; record the outputs; return the metrics history."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -87,6 +101,11 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> list[StepR
     from stages.train.loop import ray_train_entry
 
     staging = tempfile.mkdtemp(prefix=f"vitpipe-{ctx.name}-")
+    try:
+        check_resume_world_size(CheckpointStore(ctx.out, Path(staging)), p.workers, ctx.name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     trainer = TorchTrainer(
         ray_train_entry,
         train_loop_config={"job": replace(job, output=replace(job.output, staging=staging))},
