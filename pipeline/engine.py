@@ -39,7 +39,7 @@ from pipeline.state import RunState, StageState, load_state, save_state
 from pipeline.storage import Storage, open_storage
 
 __all__ = ["CONFIG_FILE", "PREVIOUS_SUFFIX", "PARTIAL_SUFFIX", "SET_ASIDE_FILE", "StagePlan", "plan_run",
-           "manifest_matches", "Executor", "RunSummary", "run_pipeline", "read_run_config"]
+           "matching_manifests", "Executor", "RunSummary", "run_pipeline", "read_run_config"]
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,27 @@ def _older_fingerprint_holds(manifest: Manifest, seed: int) -> bool:
     return manifest.fingerprint == stage_fingerprint(manifest.type, manifest.params, seed, inputs)
 
 
-def manifest_matches(spec: StageSpec, seed: int, fingerprints: Collection[str], manifest: Manifest) -> bool:
-    """Whether a committed manifest was made with this stage config (the inputs' own configs are
-    in ``fingerprints``; an older version's manifest is judged by what it recorded)."""
-    if manifest.fingerprint in fingerprints:
-        return True
-    return _config_difference(spec, manifest) is None and _older_fingerprint_holds(manifest, seed)
+def matching_manifests(config: RunConfig, accepted: Mapping[str, Collection[str]],
+                       manifests: Mapping[str, Manifest | None]) -> set[str]:
+    """The stages whose committed manifest was made with this config, their inputs' included.
+
+    ``accepted``: per stage, the fingerprints that mean its current config (a fingerprint covers
+    the inputs' fingerprints too). A manifest whose fingerprint is not among them — one from a
+    version that hashed every param — is judged by what it recorded: the same type, input roles,
+    result params and seed, and inputs that are the upstream manifests now there and match too.
+    """
+    graph = {name: list(spec.inputs.values()) for name, spec in config.stages.items()}
+    matched: set[str] = set()
+    for name in dag.topological_order(graph):
+        spec, manifest = config.stages[name], manifests.get(name)
+        if manifest is None:
+            continue
+        if manifest.fingerprint in accepted[name] or (
+                _config_difference(spec, manifest) is None and _older_fingerprint_holds(manifest, config.seed)
+                and all(upstream in matched and manifest.inputs[role].fingerprint == manifests[upstream].fingerprint
+                        for role, upstream in spec.inputs.items())):
+            matched.add(name)
+    return matched
 
 
 def plan_run(
@@ -115,6 +130,8 @@ def plan_run(
             raise ConfigError(f"no stage named {name!r} (stages: {', '.join(config.stages)})")
     forced = dag.downstream_closure(graph, from_stages) if from_stages else set()
     broken = broken or {}
+    matched = matching_manifests(
+        config, {stage: {fingerprints[stage], *(accepted or {}).get(stage, ())} for stage in config.stages}, manifests)
     runs: set[str] = set()
     plans: list[StagePlan] = []
     for name in dag.topological_order(graph):
@@ -122,8 +139,7 @@ def plan_run(
         fp = fingerprints[name]
         manifest = manifests.get(name)
         reason = None
-        same_config = manifest is not None and manifest_matches(
-            spec, config.seed, {fp, *(accepted or {}).get(name, ())}, manifest)
+        same_config = name in matched
         if manifest is None:
             reason = "not run yet"
         elif not same_config and (difference := _config_difference(spec, manifest)):
@@ -271,9 +287,9 @@ class _Driver:
         manifests = {name: read_manifest(storage.child(stage_folder(name))) for name in config.stages}
         broken = {}
         if verify:
+            matched = matching_manifests(config, self.accepted, manifests)
             for name, manifest in manifests.items():
-                if manifest is not None and manifest_matches(config.stages[name], config.seed, self.accepted[name],
-                                                             manifest):
+                if manifest is not None and name in matched:
                     problems = verify_outputs(storage.child(stage_folder(name)), manifest)
                     if problems:
                         broken[name] = problems[0]

@@ -6,7 +6,13 @@ import json
 from dataclasses import asdict, dataclass
 
 from pipeline import dag
-from pipeline.engine import PARTIAL_SUFFIX, PREVIOUS_SUFFIX, SET_ASIDE_FILE, manifest_matches, read_run_config
+from pipeline.engine import (
+    PARTIAL_SUFFIX,
+    PREVIOUS_SUFFIX,
+    SET_ASIDE_FILE,
+    matching_manifests,
+    read_run_config,
+)
 from pipeline.fingerprint import accepted_fingerprints
 from pipeline.lock import is_run_locked
 from pipeline.manifest import read_manifest
@@ -36,17 +42,18 @@ class StatusRow:
 def collect_status(storage: Storage) -> tuple[str, list[StatusRow]]:
     """The run's name and one row per stage, in topological order."""
     config = read_run_config(storage)
-    accepted = accepted_fingerprints(config)
     state = load_state(storage, config.name)
     live = is_run_locked(storage)
     graph = {name: list(spec.inputs.values()) for name, spec in config.stages.items()}
+    manifests = {name: read_manifest(storage.child(stage_folder(name))) for name in config.stages}
+    matched = matching_manifests(config, accepted_fingerprints(config), manifests)
     rows = []
     for name in dag.topological_order(graph):
         spec = config.stages[name]
         st = state.stages.get(name)
-        manifest = read_manifest(storage.child(stage_folder(name)))
+        manifest = manifests[name]
         recorded = st.status if st else "pending"
-        if manifest is not None and manifest_matches(spec, config.seed, accepted[name], manifest):
+        if name in matched:
             status = "done"
         elif recorded in ("running", "pending") and not live and st is not None and st.started:
             status = "interrupted"

@@ -686,13 +686,20 @@ class S3Storage(Storage):
         return len(objects)
 
     def copy_prefix(self, prefix: str, target: str) -> int:
+        from concurrent.futures import ThreadPoolExecutor
+
         objects = self.list(prefix)
         base, into = _clean_rel(prefix), _clean_rel(target)
-        for obj in objects:
+
+        def copy(obj: ObjectInfo) -> None:
             with _s3_errors(self.uri_of(obj.path)):
                 # Managed copy: server-side, multipart past the threshold (objects over 5 GB need it).
                 self.client.copy({"Bucket": self.bucket, "Key": self._key(obj.path)}, self.bucket,
                                  self._key(into + obj.path[len(base):]), Config=self._transfer_config())
+
+        # Several at once: a checkpoint of many ranks is hundreds of objects, each a round trip or more.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(copy, objects))
         return len(objects)
 
     def put_if_absent(self, rel: str, data: bytes) -> bool:

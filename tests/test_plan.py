@@ -121,3 +121,22 @@ def test_an_input_removed_from_a_stage_re_runs_it_even_when_its_params_are_uncha
     new = parse_config(smoke_config())  # combine reads transform only now
     plans = plan_run(new, stage_fingerprints(new), manifests, accepted=accepted_fingerprints(new))
     assert {p.name: (p.action, p.reason) for p in plans}["combine"] == ("run", "inputs changed (generate)")
+
+
+def test_a_manifest_matches_only_while_the_manifests_it_consumed_match_too():
+    from pipeline.engine import matching_manifests
+
+    old = parse_config(smoke_config())
+    manifests = _manifests(old, stage_fingerprints(old))
+    assert matching_manifests(old, accepted_fingerprints(old), manifests) == {"generate", "transform", "combine"}
+    raw = smoke_config()
+    raw["stages"]["generate"]["params"]["records"] = 10  # transform's and combine's own configs are unchanged
+    new = parse_config(raw)
+    assert matching_manifests(new, accepted_fingerprints(new), manifests) == set()
+    # Older manifests (every param hashed) of a whole chain still match:
+    tiny = load_config(REPO / "configs/tiny.yaml")
+    older = _manifests(tiny, stage_fingerprints(tiny, all_params=True))
+    now = load_config(REPO / "configs/tiny.yaml", ["pretrain.max_failures=9", "ingest.workers=1"])
+    assert matching_manifests(now, accepted_fingerprints(now), older) == set(now.stages)
+    reseeded = load_config(REPO / "configs/tiny.yaml", ["seed=1"])
+    assert matching_manifests(reseeded, accepted_fingerprints(reseeded), older) == set()
