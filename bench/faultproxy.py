@@ -13,7 +13,11 @@ the draw: the n-th object GET gets ``script[n]`` (``None``: no fault; past its e
 test that needs to know exactly which faults a single sequential reader meets.
 
 ``permanent`` names a key substring whose GETs always lose the connection right after the
-headers (no byte of the body gets through). ``counts`` says what was injected.
+headers (no byte of the body gets through). ``reject=(status, code)`` answers *every* request
+(HEAD, GET, PUT, LIST) with that S3 error instead of forwarding it (an S3 that denies access or
+refuses expired credentials; a HEAD's answer has no body, as on S3). ``hold`` names a request
+substring (e.g. ``partNumber=``) whose requests get no answer until the proxy stops: a writer
+stuck mid-upload, to be killed there. ``counts`` says what was injected.
 Only loopback addresses are used; it stops with :meth:`stop`.
 """
 
@@ -32,6 +36,16 @@ _SLOW_DOWN = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xm
               b"Content-Length: %d\r\n\r\n%s")
 _SLOW_DOWN_BODY = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>"
                    b"<Message>injected by faultproxy</Message></Error>")
+
+
+_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 500: b"Internal Server Error"}
+
+
+def _error_response(status: int, code: str, with_body: bool) -> bytes:
+    body = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>%s</Code><Message>injected by faultproxy"
+            b"</Message></Error>" % code.encode()) if with_body else b""
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, _REASONS.get(status, b"Error"), len(body), body))
 
 
 def _read_head(sock: socket.socket, pending: bytearray) -> bytes | None:
@@ -86,7 +100,8 @@ def _read_chunked(sock: socket.socket, pending: bytearray) -> bytes:
 class FaultProxy:
     def __init__(self, upstream: str, *, cut: float = 0.0, error: float = 0.0, stall: float = 0.0,
                  stall_s: float = 2.0, latency_s: float = 0.0, seed: int = 0, permanent: str | None = None,
-                 cut_at: int | None = None, script: list[str | None] | None = None) -> None:
+                 cut_at: int | None = None, script: list[str | None] | None = None,
+                 reject: tuple[int, str] | None = None, hold: str | None = None) -> None:
         parts = urlsplit(upstream)
         if parts.hostname not in ("127.0.0.1", "localhost"):
             raise ValueError(f"upstream must be on loopback, got {upstream}")
@@ -96,6 +111,8 @@ class FaultProxy:
         self.latency_s = latency_s
         self.permanent = permanent
         self.cut_at = cut_at
+        self.reject = reject
+        self.hold = hold
         if script is not None and not set(script) <= {None, *self.rates}:
             raise ValueError(f"script faults must be among {sorted(self.rates)} or None, got {script}")
         self._script = list(script) if script is not None else None
@@ -168,6 +185,16 @@ class FaultProxy:
                 method, target = head.split(b" ", 2)[:2]
                 length = int(_header(head, b"content-length") or 0)
                 body = _read_exact(client, from_client, length) if length else b""
+                if self.reject is not None:
+                    with self._lock:
+                        self.counts["rejected"] += 1
+                    client.sendall(_error_response(*self.reject, with_body=method != b"HEAD"))
+                    continue
+                if self.hold is not None and self.hold.encode() in target:
+                    with self._lock:
+                        self.counts["held"] += 1
+                    self._stopping.wait()
+                    return
                 fault = self._fault(method, target)
                 if self.latency_s:
                     time.sleep(self.latency_s)

@@ -6,8 +6,10 @@ job runs exactly what was validated here. The job's driver is ``vitpipe run`` on
 
 Secrets never travel with a job: Ray shows a job's entrypoint, metadata and ``runtime_env`` to
 anyone who can read its dashboard. Only an allow-list of non-secret environment variables is
-forwarded, ``--env`` refuses secret-looking names, and S3 credentials must come from the cluster's
-nodes (instance profile, IRSA, or the environment of ``ray start``).
+forwarded (:func:`cluster.runtime.forwarded_env`), ``--env`` refuses secret-looking names and
+values that look like credentials (:mod:`pipeline.redaction`), the job's metadata is checked the
+same way, and S3 credentials must come from the cluster's nodes (instance profile, IRSA, or the
+environment of ``ray start``).
 
 Ray 2.60 clusters may require token authentication. The token is read from ``RAY_AUTH_TOKEN``,
 the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token`` and sent as a Bearer header.
@@ -28,13 +30,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cluster.runtime import forwarded_env
 from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.errors import VitpipeError
+from pipeline.redaction import secret_kind
 from pipeline.tables import text_table
 
 __all__ = [
-    "FORWARDED_ENV",
     "auth_token",
     "build_runtime_env",
     "job_client",
@@ -44,13 +47,11 @@ __all__ = [
     "job_logs",
     "follow_logs",
     "stop_job",
-    "check_env_name",
+    "check_job_env",
 ]
 
 log = logging.getLogger(__name__)
 
-# Non-secret settings worth carrying from the submitting shell into the job.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "DS_ACCELERATOR")
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|SESSION|API_KEY", re.I)
 _PACKAGES = ("pipeline", "stages", "cluster")
 CONFIG_NAME = "pipeline.json"
@@ -94,26 +95,43 @@ def job_client(address: str) -> Any:
         raise VitpipeError(f"cannot reach the Ray dashboard at {address}: {first}") from None
 
 
-def check_env_name(name: str) -> None:
+_NOT_SENT = ("secrets are not sent with jobs (Ray shows a job's environment and metadata to anyone who can "
+             "read the dashboard); give the cluster's nodes the credential instead (instance profile, IRSA, "
+             "or the environment of `ray start`)")
+
+
+def check_job_env(name: str, value: str) -> None:
+    """Refuse a secret-looking name, or a value shaped like a credential (never echoing it)."""
     if _SECRET_NAME.search(name):
-        raise VitpipeError(
-            f"--env {name}: secrets are not sent with jobs (Ray shows a job's environment to anyone who can "
-            "read the dashboard); give the cluster's nodes the credential instead (instance profile, IRSA, "
-            "or the environment of `ray start`)"
-        )
+        raise VitpipeError(f"--env {name}: {_NOT_SENT}")
+    kind = secret_kind(value)
+    if kind:
+        raise VitpipeError(f"--env {name}: the value looks like {kind}; {_NOT_SENT}")
 
 
-def build_runtime_env(staging_dir: str, extra_env: list[str]) -> dict[str, Any]:
-    """The job's runtime_env: our packages, the staged config, non-secret env vars."""
-    root = Path(__file__).resolve().parent.parent
-    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+def _check_metadata(metadata: dict[str, str]) -> None:
+    for key, value in metadata.items():
+        kind = secret_kind(value)
+        if kind:
+            raise VitpipeError(f"job metadata {key}: the value looks like {kind}; {_NOT_SENT}")
+
+
+def job_env_vars(extra_env: list[str]) -> dict[str, str]:
+    """The job's environment: forwarded settings, then ``--env KEY=VALUE`` items, each checked."""
+    env_vars = forwarded_env()
     env_vars["PYTHONUNBUFFERED"] = "1"
     for item in extra_env:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise VitpipeError(f"--env {item!r}: expected KEY=VALUE")
-        check_env_name(name)
+            raise VitpipeError(f"--env {name or item!r}: expected KEY=VALUE")
+        check_job_env(name, value)
         env_vars[name] = value
+    return env_vars
+
+
+def build_runtime_env(staging_dir: str, env_vars: dict[str, str]) -> dict[str, Any]:
+    """The job's runtime_env: our packages, the staged config, checked env vars."""
+    root = Path(__file__).resolve().parent.parent
     return {
         "working_dir": staging_dir,
         "py_modules": [str(root / pkg) for pkg in _PACKAGES],
@@ -145,14 +163,17 @@ def submit_pipeline(address: str, config: RunConfig, run_dir: str | None = None,
                     extra_env: list[str] | None = None, python: str = "python") -> str:
     """Submit ``config`` as a Ray job; returns the job id."""
     run_uri = _resolve_run_dir(address, config, run_dir)
+    # Everything the job would publish is checked before the cluster is contacted.
+    env_vars = job_env_vars(extra_env or [])
+    metadata = {METADATA_KEY: config.name, "vitpipe_run_dir": run_uri, "vitpipe_version": __version__}
+    _check_metadata(metadata)
     client = job_client(address)
     with tempfile.TemporaryDirectory(prefix="vitpipe-job-") as staging:
         staged = config.to_dict()
         staged["ray"]["address"] = None  # the job's driver joins the cluster it runs on (RAY_ADDRESS)
         Path(staging, CONFIG_NAME).write_text(json.dumps(staged, indent=2))
-        runtime_env = build_runtime_env(staging, extra_env or [])
+        runtime_env = build_runtime_env(staging, env_vars)
         entrypoint = f"{python} -m pipeline.cli run {CONFIG_NAME} --run-dir {shlex.quote(run_uri)}"
-        metadata = {METADATA_KEY: config.name, "vitpipe_run_dir": run_uri, "vitpipe_version": __version__}
         job_id = _submit_with_retry(client, address, entrypoint=entrypoint, runtime_env=runtime_env,
                                     metadata=metadata)
     log.info("submitted %s as job %s (run dir %s)", config.name, job_id, run_uri)

@@ -2,6 +2,12 @@
 
 The embedded instance binds its dashboard to 127.0.0.1 only. Inside a Ray job (``vitpipe
 submit``), ``RAY_ADDRESS`` is set and the driver joins that cluster instead.
+
+Joining a cluster, the driver hands its stage tasks the few settings they need to reach the
+same storage (:data:`FORWARDED_ENV`: the S3 endpoint and region, DeepSpeed's accelerator) in the
+job's ``runtime_env``: tasks on other nodes run in those nodes' environments, which need not have
+them. Credentials are never forwarded; they come from each node (instance profile, IRSA, or the
+environment of ``ray start``).
 """
 
 from __future__ import annotations
@@ -13,10 +19,28 @@ from collections.abc import Iterator
 
 from pipeline.config import RaySettings
 from pipeline.errors import VitpipeError
+from pipeline.redaction import secret_kind
 
-__all__ = ["ray_runtime", "resolve_address", "quiet_train_cleaner"]
+__all__ = ["FORWARDED_ENV", "forwarded_env", "ray_runtime", "resolve_address", "quiet_train_cleaner"]
 
 log = logging.getLogger(__name__)
+
+_JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job manager for a job's driver
+
+# Non-secret settings the stage tasks need wherever they run.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "DS_ACCELERATOR")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The :data:`FORWARDED_ENV` variables set here; one that carries a credential (an endpoint URL
+    with a password) is refused in one line naming it."""
+    found = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    for name, value in found.items():
+        kind = secret_kind(value)
+        if kind:
+            raise VitpipeError(f"{name}: the value looks like {kind}; it would be shown to anyone who can read "
+                               "the Ray dashboard; give the cluster's nodes the credential instead")
+    return found
 
 
 def quiet_train_cleaner() -> None:
@@ -41,7 +65,10 @@ def ray_runtime(settings: RaySettings, address: str | None = None) -> Iterator[s
     kwargs = {"namespace": "vitpipe", "log_to_driver": True, "logging_level": logging.WARNING}
     try:
         if target:
-            ray.init(address=target, **kwargs)
+            # Inside a Ray job the job's runtime_env already carries them (``vitpipe submit``), and
+            # Ray refuses a driver runtime_env that repeats a job's variable.
+            in_job = _JOB_CONFIG_VAR in os.environ
+            ray.init(address=target, runtime_env=None if in_job else {"env_vars": forwarded_env()}, **kwargs)
             where = f"Ray cluster at {target}"
         else:
             # address="local" always starts a fresh instance; a bare ray.init() would silently

@@ -19,6 +19,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.config import RunConfig, StorageSettings, load_config, parse_config
 from pipeline.errors import VitpipeError
+from pipeline.logsetup import configure_logging
 from pipeline.overrides import apply_overrides
 from pipeline.registry import PlanOptions
 from pipeline.storage import open_storage
@@ -36,6 +37,7 @@ examples:
   vitpipe status runs/tiny                           what each stage did
   vitpipe resume runs/tiny                           finish an interrupted run
   vitpipe run configs/tiny.yaml --from finetune      re-run finetune and everything after it
+  vitpipe gc runs/tiny                               what the run no longer needs (--yes removes it)
   vitpipe submit configs/tiny.yaml --address http://HEAD:8265   run it as a Ray job
   vitpipe plan configs/tiny.yaml --nodes 4 --gpus-per-node 8     memory per ZeRO stage, throughput, data plane
 """
@@ -104,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("gc", help="list (and with --yes remove) what a run no longer needs",
+                       description="List what a run no longer needs: unfinished uploads of killed writers (S3 "
+                                   "bills them until aborted), temp files, uncommitted checkpoints older than the "
+                                   "newest committed one, stage folders kept aside by a re-run, and a stale S3 "
+                                   "lock. Committed outputs are never touched; nothing is done while a driver "
+                                   "runs the run.")
+    p.add_argument("run", help="run directory or s3:// URI")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--yes", action="store_true", help="remove what is listed (default: only list it)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("validate", help="check a config (schema, stage params, graph) without running it")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -151,8 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    configure_logging(level)
     # Third-party libraries stay at WARNING unless -v.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "ray"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -235,6 +247,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"run {name} ({args.run})")
         print(format_table(rows))
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline.gc import find_leftovers, format_leftovers, remove_leftovers
+    from pipeline.status import format_bytes
+    from stages.train.checkpoint import abandoned_checkpoint_folders
+
+    run = _run_storage(args.run, args.endpoint_url)
+    leftovers = find_leftovers(run, finders=[abandoned_checkpoint_folders])
+    total = sum(item.size for item in leftovers)
+    if args.json:
+        print(json.dumps({"run": args.run, "removed": bool(args.yes and leftovers), "leftovers": [
+            {"kind": i.kind, "path": i.path, "size": i.size, "detail": i.detail} for i in leftovers]}, indent=2))
+    elif not leftovers:
+        print(f"{args.run}: nothing to collect")
+    else:
+        print(format_leftovers(leftovers))
+    if leftovers and args.yes:
+        remove_leftovers(run, leftovers)
+        if not args.json:
+            print(f"removed {len(leftovers)} leftover(s), {format_bytes(total)}")
+    elif leftovers and not args.json:
+        print(f"{len(leftovers)} leftover(s), {format_bytes(total)}; `vitpipe gc {args.run} --yes` removes them")
     return 0
 
 
@@ -335,6 +371,7 @@ COMMANDS = {
     "run": _cmd_run,
     "resume": _cmd_resume,
     "status": _cmd_status,
+    "gc": _cmd_gc,
     "validate": _cmd_validate,
     "plan": _cmd_plan,
     "submit": _cmd_submit,

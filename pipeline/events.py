@@ -7,6 +7,7 @@ import threading
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.redaction import redact
 from pipeline.storage import Storage
 
 __all__ = ["EVENTS_FILE", "EventLog", "read_events"]
@@ -29,7 +30,7 @@ class EventLog:
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "run": self._run,
                   "event": event, **fields}
-        line = json.dumps(record, sort_keys=False, default=str) + "\n"
+        line = redact(json.dumps(record, sort_keys=False, default=str)) + "\n"
         with self._lock:
             if self._local_path is not None:
                 self._local_path.parent.mkdir(parents=True, exist_ok=True)

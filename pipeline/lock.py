@@ -25,7 +25,7 @@ from typing import Any
 from pipeline.errors import RunLockedError
 from pipeline.storage import Storage
 
-__all__ = ["RunLock", "acquire_run_lock", "is_run_locked", "LOCAL_LOCK_FILE", "S3_LOCK_FILE"]
+__all__ = ["RunLock", "acquire_run_lock", "is_run_locked", "stale_lock_holder", "LOCAL_LOCK_FILE", "S3_LOCK_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,18 @@ class RunLock:
 def acquire_run_lock(storage: Storage, stale_after: float = 90.0) -> RunLock:
     """Take the run lock or raise :class:`RunLockedError` naming the holder."""
     return RunLock(storage, stale_after=stale_after).acquire()
+
+
+def stale_lock_holder(storage: Storage, stale_after: float = 90.0) -> str | None:
+    """Who held an S3 run lock whose holder is dead (its heartbeat stopped), or None when there is
+    no such lock. A local lock cannot go stale: the kernel drops an flock with its holder."""
+    if storage.local_path() is not None or not storage.exists(S3_LOCK_FILE):
+        return None
+    try:
+        info = json.loads(storage.read_text(S3_LOCK_FILE))
+    except ValueError:
+        info = {}
+    return _describe(info) if _holder_is_dead(info, stale_after) else None
 
 
 def is_run_locked(storage: Storage, stale_after: float = 90.0) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.redaction import redact
 from pipeline.storage import Storage
 
 __all__ = [
@@ -66,7 +67,9 @@ class Manifest(BaseModel):
     timings: dict[str, Any] = Field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+        # Masked here, not at write time, so the digest downstream stages record is that of the
+        # text on storage.
+        return redact(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)) + "\n"
 
     def output(self, path: str) -> OutputEntry | None:
         return next((o for o in self.outputs if o.path == path), None)

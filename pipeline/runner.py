@@ -20,6 +20,7 @@ from typing import Any
 from pipeline import registry
 from pipeline.config import StorageSettings
 from pipeline.errors import VitpipeError
+from pipeline.logsetup import configure_logging
 from pipeline.manifest import InputRecord, Manifest, commit_manifest, manifest_digest, package_versions
 from pipeline.stage import StageContext, StageInput
 from pipeline.storage import open_storage
@@ -66,6 +67,10 @@ def _now() -> str:
 
 
 def _one_line(err: BaseException) -> str:
+    # A Ray task the stage started failed: its text carries the remote traceback; say what the
+    # task raised instead (Ray keeps it as ``cause``).
+    while type(err).__name__.startswith("RayTaskError") and isinstance(getattr(err, "cause", None), BaseException):
+        err = err.cause  # type: ignore[attr-defined]
     if isinstance(err, VitpipeError):
         text = str(err)
     else:
@@ -75,8 +80,7 @@ def _one_line(err: BaseException) -> str:
 
 def execute_stage(task: StageTask) -> StageResult:
     """Run the stage described by ``task`` and commit its manifest; never raises for stage errors."""
-    # Ray prefixes each worker line with the task name and pid; keep ours short after it.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     started_wall = _now()
     started = time.perf_counter()
     settings = StorageSettings(**task.storage_settings)

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from pipeline.redaction import redact
 from pipeline.storage import Storage
 
 __all__ = ["STATE_FILE", "StageStatus", "StageState", "RunState", "load_state", "save_state"]
@@ -52,4 +53,5 @@ def load_state(storage: Storage, run_name: str) -> RunState:
 
 
 def save_state(storage: Storage, state: RunState) -> None:
-    storage.write_text(STATE_FILE, json.dumps(state.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+    # Errors quote URIs and messages from libraries: mask any credential they carry.
+    storage.write_text(STATE_FILE, redact(json.dumps(state.model_dump(mode="json"), indent=2, sort_keys=True)) + "\n")

@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -38,6 +39,7 @@ from pipeline.errors import StorageError
 
 __all__ = [
     "ObjectInfo",
+    "UnfinishedWrite",
     "WrittenObject",
     "Storage",
     "LocalStorage",
@@ -59,6 +61,17 @@ class ObjectInfo:
 
     path: str
     size: int
+
+
+@dataclass(frozen=True)
+class UnfinishedWrite:
+    """A write that never committed (its writer died): an S3 multipart upload that was neither
+    completed nor aborted (S3 keeps, and bills, its parts until then), or a local temp file."""
+
+    path: str  # the object it was to become, relative to the storage root
+    size: int  # bytes held
+    started: str  # ISO time, or "" when unknown
+    upload_id: str = ""  # S3 only
 
 
 @dataclass
@@ -177,6 +190,15 @@ class Storage(ABC):
     @abstractmethod
     def download_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
         """Copy an object to a local file (atomically replacing it)."""
+
+    @abstractmethod
+    def unfinished_writes(self, prefix: str = "") -> list[UnfinishedWrite]:
+        """Writes under ``prefix`` that never committed. Only meaningful when no writer is alive
+        (the caller holds the run lock): a live writer's upload looks the same."""
+
+    @abstractmethod
+    def discard(self, write: UnfinishedWrite) -> None:
+        """Remove an unfinished write (abort the upload, delete the temp file)."""
 
     def local_path(self, rel: str = "") -> Path | None:
         """The filesystem path of ``rel`` when this storage is local, else None."""
@@ -340,6 +362,23 @@ class LocalStorage(Storage):
         with self.open_read(rel) as src, LocalStorage(target.parent).open_write(target.name) as dst:
             shutil.copyfileobj(src, dst, _CHUNK)
 
+    def unfinished_writes(self, prefix: str = "") -> list[UnfinishedWrite]:
+        found = []
+        for dirpath, _dirs, files in os.walk(self._path(prefix)):
+            for name in files:
+                if name.startswith(".") and _TMP_MARK in name:  # open_write's ".NAME.tmp-XXXXXXXX"
+                    full = Path(dirpath) / name
+                    target = full.with_name(name[1:name.rindex(_TMP_MARK)]).relative_to(self.root).as_posix()
+                    with contextlib.suppress(FileNotFoundError):
+                        stat = full.stat()
+                        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime))
+                        found.append(UnfinishedWrite(target, stat.st_size, started, upload_id=name))
+        return sorted(found, key=lambda w: w.path)
+
+    def discard(self, write: UnfinishedWrite) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self._path(write.path).parent / write.upload_id).unlink()
+
 
 def _fsync_dir(path: Path) -> None:
     # Makes the rename itself durable: without it a crash can lose a "committed" manifest.
@@ -352,6 +391,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 _CLIENT_LOCK = threading.Lock()
+_BUCKETS_SEEN: set[str] = set()  # buckets known to exist, in this process
 _RETRIES_LOCK = threading.Lock()
 _RETRY_COUNT = 0  # reads resumed after a transient fault, in this process (tests and logs read it)
 
@@ -502,37 +542,77 @@ class _FailedBody:
         pass
 
 
-_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
-               "InvalidToken", "AuthorizationHeaderMalformed", "403", "Forbidden"}
+_EXPIRED = {"ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "RequestExpired"}
+_REJECTED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "InvalidClientTokenId",
+             "AuthorizationHeaderMalformed"}
+_DENIED = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403", "Forbidden"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_CODE_IN_TEXT = re.compile(r"An error occurred \((\w+)\)")
+
+
+def _error_code(err: BaseException) -> str | None:
+    """The S3 error code of a botocore ClientError, or of boto3's transfer errors (which wrap one,
+    or only quote its code: ``S3UploadFailedError: ... An error occurred (NoSuchBucket) ...``)."""
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", "")) or None
+    found = _CODE_IN_TEXT.search(str(err))
+    return found.group(1) if found else None
+
+
+def explain_s3_error(uri: str, err: BaseException) -> StorageError | None:
+    """One line saying what went wrong with ``uri`` and what to do, for the errors a user can fix
+    (and any other S3 error code); None for what is not an S3 error at all."""
+    from botocore import exceptions as bex
+
+    bucket = uri[5:].split("/", 1)[0]
+    # boto3's transfer manager raises its own error over the botocore one: explain the cause.
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, bex.BotoCoreError | bex.ClientError) and _error_code(cause) is None:
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    if isinstance(cause, bex.NoCredentialsError):
+        return StorageError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                            "AWS_PROFILE, or use an instance/pod role")
+    if isinstance(cause, bex.EndpointConnectionError | bex.ConnectTimeoutError):
+        endpoint = getattr(cause, "kwargs", {}).get("endpoint_url", "the S3 endpoint")
+        return StorageError(f"{uri}: cannot reach {endpoint}; check storage.endpoint_url / AWS_ENDPOINT_URL")
+    code = _error_code(cause)
+    if code is None:
+        return None
+    if code == "NoSuchBucket":
+        return StorageError(f"{uri}: bucket {bucket!r} does not exist; create it or correct the run location")
+    if code in _MISSING:
+        return StorageError(f"{uri}: no such object")
+    if code in _EXPIRED:
+        return StorageError(f"{uri}: the AWS credentials have expired ({code}); refresh them (a new session "
+                            "token, `aws sso login`, the pod's role) and resume")
+    if code in _REJECTED:
+        return StorageError(f"{uri}: S3 rejected the AWS credentials ({code}); check AWS_ACCESS_KEY_ID / "
+                            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and that they belong to this endpoint")
+    if code in _DENIED:
+        return StorageError(f"{uri}: access denied ({code}); the credentials lack permission here: check the "
+                            "IAM and bucket policy (s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject)")
+    if code == "400":  # a HEAD has no body, so no code: expired credentials are the usual cause
+        return StorageError(f"{uri}: S3 refused the request (400 Bad Request, no detail on a HEAD); expired "
+                            "credentials are the usual cause: refresh them and resume")
+    message = getattr(cause, "response", {}).get("Error", {}).get("Message", "") if hasattr(cause, "response") else ""
+    return StorageError(f"{uri}: S3 error {code}{': ' + message if message else ''}")
 
 
 @contextlib.contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
-    """Translate boto errors a user can act on into one-line StorageErrors."""
-    from botocore import exceptions as bex
-
+    """Translate S3 errors into one-line StorageErrors (anything else passes through)."""
     try:
         yield
-    except bex.NoCredentialsError:
-        raise StorageError(
-            f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE, or use an instance/pod role"
-        ) from None
-    except (bex.EndpointConnectionError, bex.ConnectTimeoutError) as err:
-        endpoint = getattr(err, "kwargs", {}).get("endpoint_url", "the S3 endpoint")
-        raise StorageError(f"{uri}: cannot reach {endpoint}; check storage.endpoint_url / AWS_ENDPOINT_URL") from None
-    except bex.ClientError as err:
-        code = str(err.response.get("Error", {}).get("Code", ""))
-        if code in ("NoSuchBucket",):
-            bucket = uri[5:].split("/", 1)[0]
-            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
-        if code in ("NoSuchKey", "404", "NotFound"):
-            raise StorageError(f"{uri}: no such object") from None
-        if code in _AUTH_CODES:
-            raise StorageError(
-                f"{uri}: access denied ({code}); check the AWS credentials and the bucket policy"
-            ) from None
-        raise StorageError(f"{uri}: S3 error {code}: {err.response.get('Error', {}).get('Message', '')}") from None
+    except StorageError:
+        raise
+    except Exception as err:
+        explained = explain_s3_error(uri, err)
+        if explained is None:
+            raise
+        raise explained from None
 
 
 class S3Storage(Storage):
@@ -629,10 +709,29 @@ class S3Storage(Storage):
             try:
                 head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
             except ClientError as err:
-                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                if err.response.get("Error", {}).get("Code") in _MISSING:
+                    # A HEAD's 404 has no body: it may be the bucket that is missing, which must
+                    # not read as "no such object" (a run would start over in a bucket that is not there).
+                    self._check_bucket(self.uri_of(rel))
                     return None
                 raise
         return int(head["ContentLength"])
+
+    def _check_bucket(self, uri: str) -> None:
+        """Raise a one-line error about ``uri`` if the bucket does not exist (asked once per process
+        and bucket)."""
+        from botocore.exceptions import ClientError
+
+        if self.bucket in _BUCKETS_SEEN:
+            return
+        with _s3_errors(uri):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as err:
+                if _error_code(err) in _MISSING:
+                    raise ClientError({"Error": {"Code": "NoSuchBucket"}}, "HeadBucket") from None
+                raise
+        _BUCKETS_SEEN.add(self.bucket)
 
     def open_read(self, rel: str) -> BinaryIO:
         body = _ResilientBody(self, self._key(rel), self.uri_of(rel), self.read_retries)
@@ -721,6 +820,34 @@ class S3Storage(Storage):
         with _s3_errors(self.uri_of(rel)):
             self.client.upload_file(str(local_path), self.bucket, self._key(rel), Config=self._transfer_config())
         return WrittenObject(path=_clean_rel(rel), size=size, sha256=digest)
+
+    def unfinished_writes(self, prefix: str = "") -> list[UnfinishedWrite]:
+        key_prefix = self._key(prefix)
+        if key_prefix:
+            key_prefix += "/"
+        root = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        with _s3_errors(self.uri_of(prefix)):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                     Prefix=key_prefix):
+                for upload in page.get("Uploads", ()):
+                    parts = self.client.get_paginator("list_parts").paginate(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    size = sum(part["Size"] for page_ in parts for part in page_.get("Parts", ()))
+                    started = upload["Initiated"].strftime("%Y-%m-%dT%H:%M:%SZ") if upload.get("Initiated") else ""
+                    found.append(UnfinishedWrite(upload["Key"][len(root):], size, started, upload["UploadId"]))
+        return sorted(found, key=lambda w: w.path)
+
+    def discard(self, write: UnfinishedWrite) -> None:
+        from botocore.exceptions import ClientError
+
+        with _s3_errors(self.uri_of(write.path)):
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(write.path),
+                                                   UploadId=write.upload_id)
+            except ClientError as err:
+                if _error_code(err) != "NoSuchUpload":  # gone already: nothing left to remove
+                    raise
 
     def download_file(self, rel: str, local_path: str | os.PathLike[str]) -> None:
         target = Path(local_path)

@@ -8,7 +8,7 @@ from tests.conftest import run_cli
 def test_every_command_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "resume", "status", "validate", "plan", "submit", "jobs", "logs", "stop"}
+    assert set(sub.choices) == {"run", "resume", "status", "gc", "validate", "plan", "submit", "jobs", "logs", "stop"}
     for name, p in sub.choices.items():
         assert p.format_help().startswith(f"usage: vitpipe {name}"), name
     top = run_cli("--help")

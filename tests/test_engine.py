@@ -263,3 +263,18 @@ class _AnyBytes(bytes):
 
 
 ANY_BYTES = _AnyBytes()
+
+
+def test_a_failed_ray_task_inside_a_stage_is_reported_as_what_it_raised_not_its_traceback():
+    import ray
+
+    from pipeline.errors import StorageError
+    from pipeline.runner import _one_line
+
+    @ray.remote
+    def write_shard() -> None:
+        raise StorageError("s3://b/run/shard.tar: cannot reach http://127.0.0.1:1; check AWS_ENDPOINT_URL")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        ray.get(write_shard.remote())
+    assert _one_line(err.value) == "s3://b/run/shard.tar: cannot reach http://127.0.0.1:1; check AWS_ENDPOINT_URL"

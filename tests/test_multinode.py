@@ -1,20 +1,21 @@
-"""Pretraining across two Ray nodes (``ray.cluster_utils.Cluster``), one worker per node, ZeRO-2."""
+"""Pretraining across two Ray nodes (``ray.cluster_utils.Cluster``), one worker per node, ZeRO-2,
+with the run on S3 and the S3 endpoint known only to the driver (``vitpipe run --address``)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli_env
+from pipeline.storage import S3Storage
+from tests.conftest import REPO, S3_KEY_ID, cli_env
 
 pytestmark = pytest.mark.slow
 
 
-def test_zero2_on_two_nodes_learns_with_disjoint_samples(tmp_path):
+def test_zero2_on_two_nodes_on_s3_learns_with_disjoint_samples(tmp_path, s3_endpoint, s3_bucket):
     config = {
         "name": "two-nodes", "seed": 3,
         "stages": {
@@ -27,20 +28,25 @@ def test_zero2_on_two_nodes_learns_with_disjoint_samples(tmp_path):
                 "ledger": True, "tensorboard": False, "log_every": 5}},
         },
     }
-    run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "tests.multinode_driver", str(run), json.dumps(config)],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
+    run_uri, result_file = f"s3://{s3_bucket}/two-nodes", tmp_path / "result.json"
+    env = cli_env()
+    env.pop("AWS_ENDPOINT_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "tests.multinode_driver", run_uri, json.dumps(config), s3_endpoint,
+                           str(result_file)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert json.loads((tmp_path / "run.result.json").read_text())["nodes"] == 2
+    result = json.loads(result_file.read_text())
+    assert result["nodes"] == 2
+    # The endpoint reached the second node through the job's runtime_env; the driver's key id did not.
+    assert result["seen"] == {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": S3_KEY_ID}
 
-    out = run / "stages/pretrain"
-    placement = json.loads((out / "workers.json").read_text())
+    out = S3Storage(f"{run_uri}/stages/pretrain", endpoint_url=s3_endpoint)
+    placement = json.loads(out.read_text("workers.json"))
     assert len({w["node_id"] for w in placement}) == 2, placement  # one worker on each node
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in out.read_text("metrics.jsonl").splitlines()]
     first, last = sum(h["loss"] for h in history[:5]) / 5, sum(h["loss"] for h in history[-5:]) / 5
     assert last < first - 0.1, (first, last)
-    rank0, rank1 = (json.loads((out / f"ledger/rank{r}.json").read_text()) for r in range(2))
+    rank0, rank1 = (json.loads(out.read_text(f"ledger/rank{r}.json")) for r in range(2))
     assert len(rank0) == len(rank1) == 40 * 16
     first_epoch = 30 * 16  # within the first epoch (each rank holds >= 590 of the 1297 train samples)
     assert not set(rank0[:first_epoch]) & set(rank1[:first_epoch])  # the nodes read disjoint samples
-    assert (Path(out) / "model.safetensors").exists()
+    assert out.exists("model.safetensors")

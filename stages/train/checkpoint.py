@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.errors import VitpipeError
 from pipeline.storage import Storage, sha256_stream
 
-__all__ = ["CheckpointStore", "COMPLETE", "step_name"]
+__all__ = ["CheckpointStore", "COMPLETE", "step_name", "abandoned_checkpoints", "abandoned_checkpoint_folders"]
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +147,28 @@ class CheckpointStore:
         steps = self.steps()
         if not steps:
             return
-        keep_steps = set(steps[-keep:])
-        newest = steps[-1]
-        names = {o.path.split("/")[1] for o in self.storage.list(ROOT) if o.path.count("/") >= 2}
-        for name in names:
-            m = _STEP.match(name)
-            if not m:
-                continue
-            step = int(m.group(1))
-            if step not in keep_steps and step < newest:
-                self.storage.delete_prefix(f"{ROOT}/{name}")
-                if self.remote:
-                    shutil.rmtree(self.staging / ROOT / name, ignore_errors=True)
+        for step in [*steps[:-keep], *abandoned_checkpoints(self.storage)]:
+            self.storage.delete_prefix(f"{ROOT}/{step_name(step)}")
+            if self.remote:
+                shutil.rmtree(self.staging / ROOT / step_name(step), ignore_errors=True)
+
+
+def abandoned_checkpoints(stage: Storage) -> list[int]:
+    """Steps of uncommitted checkpoint folders (no ``COMPLETE.json``: their writers died) older than
+    the newest committed checkpoint: no resume can ever use them. A newer one may still be being
+    written by a live run, so it is left alone."""
+    committed: set[int] = set()
+    seen: set[int] = set()
+    for obj in stage.list(ROOT):
+        parts = obj.path.split("/")
+        if len(parts) >= 3 and (m := _STEP.match(parts[1])):
+            seen.add(int(m.group(1)))
+            if len(parts) == 3 and parts[2] == COMPLETE:
+                committed.add(int(m.group(1)))
+    newest = max(committed, default=-1)
+    return sorted(step for step in seen - committed if step < newest)
+
+
+def abandoned_checkpoint_folders(stage: Storage) -> list[str]:
+    """:func:`abandoned_checkpoints` as folders relative to the stage folder (for ``vitpipe gc``)."""
+    return [f"{ROOT}/{step_name(step)}" for step in abandoned_checkpoints(stage)]

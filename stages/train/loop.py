@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.logsetup import configure_logging
 from pipeline.storage import Storage, open_storage
 from stages.data.loader import ShardLoader
 from stages.model.handoff import save_handoff
@@ -130,7 +131,7 @@ def ray_train_entry(config: dict[str, Any]) -> None:
     import ray
     import ray.train.torch
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     job: TrainJob = config["job"]
     device = ray.train.torch.get_device() if job.distributed.use_gpu else torch.device("cpu")
     train(job, current_worker(device, ray.get_runtime_context().get_node_id()))
