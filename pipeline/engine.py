@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 from pipeline import dag
 from pipeline.config import RunConfig, StageResources, StageSpec
-from pipeline.errors import ConfigError, StageFailedError
+from pipeline.errors import ConfigError, RunLockLostError, StageFailedError
 from pipeline.events import EventLog
 from pipeline.fingerprint import accepted_fingerprints, result_params, stage_fingerprint, stage_fingerprints
 from pipeline.lock import RunLock, acquire_run_lock
@@ -261,13 +261,15 @@ def run_pipeline(
     Ray, so a second driver is refused at once); it is released on return either way.
     """
     storage = open_storage(run_uri, config.storage)
-    with lock or acquire_run_lock(storage):
-        return _Driver(config, storage, executor, show_progress).run(only, from_stages, verify)
+    with lock or acquire_run_lock(storage) as held:
+        return _Driver(config, storage, executor, show_progress, held).run(only, from_stages, verify)
 
 
 class _Driver:
-    def __init__(self, config: RunConfig, storage: Storage, executor: Executor, show_progress: bool) -> None:
+    def __init__(self, config: RunConfig, storage: Storage, executor: Executor, show_progress: bool,
+                 lock: RunLock) -> None:
         self.config = config
+        self.lock = lock
         self.storage = storage
         self.executor = executor
         self.show_progress = show_progress
@@ -277,6 +279,7 @@ class _Driver:
         self.accepted: dict[str, frozenset[str]] = {}  # per stage: the fingerprints of this config
 
     def _save(self) -> None:
+        self.lock.check()  # a driver that lost the run writes nothing more
         save_state(self.storage, self.state)
 
     def run(self, only: Collection[str], from_stages: Collection[str], verify: bool) -> RunSummary:
@@ -332,9 +335,16 @@ class _Driver:
                         raise RuntimeError(f"scheduler stalled with pending stages {[p.name for p in pending]}")
                     continue
                 for handle, result in self.executor.wait(list(running), timeout=1.0):
+                    self.lock.check()
                     p = running.pop(handle)
                     self._finish(p, result, summary, available)
                     bar.advance(f"{p.name} {'done' if result.ok else 'failed'}")
+                self.lock.check()
+        except RunLockLostError:
+            # Another driver may own the run now: stop our stage tasks and write nothing at all.
+            for handle in running:
+                self.executor.cancel(handle)
+            raise
         except BaseException as err:
             # Ctrl-C / SIGTERM (or a driver bug): stop stage tasks, record them as interrupted.
             for handle, p in running.items():

@@ -7,7 +7,7 @@ no traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["VitpipeError", "ConfigError", "StorageError", "RunLockedError", "StageFailedError"]
+__all__ = ["VitpipeError", "ConfigError", "StorageError", "RunLockedError", "RunLockLostError", "StageFailedError"]
 
 
 class VitpipeError(Exception):
@@ -28,6 +28,10 @@ class RunLockedError(VitpipeError):
     """Another live process is running the same run directory."""
 
     exit_code = 3
+
+
+class RunLockLostError(RunLockedError):
+    """This driver's run lock was taken or could not be renewed: it stopped writing to the run."""
 
 
 class StageFailedError(VitpipeError):

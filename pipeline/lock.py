@@ -6,6 +6,11 @@
 - On S3 the lock is an object ``RUN/.lock.json`` created with a conditional PUT (``If-None-Match:
   *``) and refreshed by a heartbeat thread. A lock whose heartbeat is older than ``stale_after``
   seconds belongs to a dead driver and is taken over.
+
+A holder can lose an S3 lock: another driver took it over (this one looked dead: a long network
+partition, a suspended laptop), or renewals kept failing until others may take it. Then the lock
+is *lost*: :meth:`RunLock.check` raises :class:`~pipeline.errors.RunLockLostError`, and the driver
+stops its stage tasks and writes nothing more — two drivers writing one run would corrupt it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.errors import RunLockedError
+from pipeline.errors import RunLockedError, RunLockLostError
 from pipeline.storage import Storage
 
 __all__ = ["RunLock", "acquire_run_lock", "is_run_locked", "stale_lock_holder", "LOCAL_LOCK_FILE", "S3_LOCK_FILE"]
@@ -81,6 +86,13 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._info: dict[str, Any] = {}
+        self._lost: str | None = None  # why the lock was lost; None while held
+
+    def check(self) -> None:
+        """Raise :class:`RunLockLostError` if this holder has lost the lock (call before writing)."""
+        if self._lost is not None:
+            raise RunLockLostError(f"{self.storage.uri}: {self._lost}; this driver stopped without writing more. "
+                                   f"`vitpipe resume {self.storage.uri}` continues once the other driver is done")
 
     def acquire(self) -> RunLock:
         local = self.storage.local_path(LOCAL_LOCK_FILE)
@@ -141,20 +153,31 @@ class RunLock:
             return {}
 
     def _heartbeat(self) -> None:
+        renewed = time.monotonic()
+        # Past this without a renewal, another driver may judge the lock stale and take it (its
+        # clock and ours differ, so one beat of margin): stop before that can happen.
+        give_up_after = max(self.stale_after - self.heartbeat_every, self.heartbeat_every)
         while not self._stop.wait(self.heartbeat_every):
             try:
                 current = self._read_remote()
-            except Exception:  # noqa: BLE001 - transient storage error: try again next beat
-                log.warning("%s: could not read the run lock; retrying", self.storage.uri, exc_info=True)
-                continue
-            if current.get("owner") != self.owner:
-                log.error("%s: the run lock was taken by %s", self.storage.uri, _describe(current))
-                return
-            self._info["heartbeat"] = time.time()
-            try:
+                if current.get("owner") != self.owner:
+                    self._lose(f"the run lock was taken over by {_describe(current) if current else 'nobody'}")
+                    return
+                self._info["heartbeat"] = time.time()
                 self.storage.write_text(S3_LOCK_FILE, json.dumps(self._info))
-            except Exception:  # noqa: BLE001 - transient; next beat retries
-                log.warning("%s: lock heartbeat failed", self.storage.uri, exc_info=True)
+                renewed = time.monotonic()
+            except Exception as err:  # noqa: BLE001 - transient storage error: the next beat retries
+                unrenewed = time.monotonic() - renewed
+                if unrenewed >= give_up_after:
+                    self._lose(f"the run lock could not be renewed for {unrenewed:.0f}s ({type(err).__name__}); "
+                               "another driver may take it over")
+                    return
+                log.warning("%s: could not renew the run lock (%s); retrying", self.storage.uri,
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+    def _lose(self, reason: str) -> None:
+        self._lost = reason
+        log.error("%s: %s; stopping", self.storage.uri, reason)
 
     def release(self) -> None:
         if self._fd is not None:

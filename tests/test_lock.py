@@ -101,3 +101,78 @@ def test_local_lock_file_records_the_holder(tmp_path):
     with acquire_run_lock(store):
         info = json.loads((tmp_path / "run/.lock").read_text())
         assert info["pid"] == os.getpid()
+
+
+class _Partitioned(S3Storage):
+    """An S3 storage whose writes fail once ``cut`` is set (a driver cut off from S3)."""
+
+    cut = False
+
+    def write_text(self, rel: str, text: str):
+        if self.cut:
+            raise ConnectionError("network unreachable")
+        return super().write_text(rel, text)
+
+
+def test_a_lock_taken_over_or_not_renewed_is_lost_and_check_raises(s3_endpoint, s3_bucket):
+    from pipeline.errors import RunLockLostError
+
+    store = S3Storage(f"s3://{s3_bucket}/taken", endpoint_url=s3_endpoint)
+    lock = RunLock(store, stale_after=60, heartbeat_every=0.1).acquire()
+    try:
+        lock.check()  # held: no error
+        store.write_text(S3_LOCK_FILE, json.dumps({"owner": "successor", "pid": 1, "host": "elsewhere",
+                                                   "heartbeat": time.time()}))
+        wait_for(lambda: lock._lost is not None, timeout=10)
+        with pytest.raises(RunLockLostError, match="run lock was taken over by pid 1 on elsewhere"):
+            lock.check()
+    finally:
+        lock.release()
+    assert json.loads(store.read_text(S3_LOCK_FILE))["owner"] == "successor"  # the successor's lock stays
+
+    cut = _Partitioned(f"s3://{s3_bucket}/cut", endpoint_url=s3_endpoint)
+    lock = RunLock(cut, stale_after=1.0, heartbeat_every=0.2).acquire()
+    try:
+        cut.cut = True
+        started = time.monotonic()
+        wait_for(lambda: lock._lost is not None, timeout=10)
+        assert 0.7 <= time.monotonic() - started < 3  # given up before the lock could look stale (1 s)
+        with pytest.raises(RunLockLostError, match=r"could not be renewed for \d+s \(ConnectionError\)"):
+            lock.check()
+    finally:
+        lock.release()
+
+
+def test_a_driver_that_loses_the_run_stops_writing_and_its_successor_resumes(ray_instance, s3_endpoint, s3_bucket):
+    from cluster.executor import RayExecutor
+    from pipeline.config import parse_config
+    from pipeline.engine import run_pipeline
+    from pipeline.errors import RunLockLostError
+    from tests.conftest import smoke_config
+
+    uri = f"s3://{s3_bucket}/lost"
+    store = S3Storage(uri, endpoint_url=s3_endpoint)
+    config = parse_config(smoke_config(endpoint=s3_endpoint, work_s=3.0))
+    lock = RunLock(store, stale_after=60, heartbeat_every=0.2).acquire()
+
+    def take_over_once_transform_runs() -> None:
+        wait_for(lambda: store.exists("state.json") and '"running"' in store.read_text("state.json"), timeout=60)
+        store.write_text(S3_LOCK_FILE, json.dumps({"owner": "successor", "pid": 1, "host": "elsewhere",
+                                                   "heartbeat": time.time()}))
+
+    import threading
+
+    thief = threading.Thread(target=take_over_once_transform_runs)
+    thief.start()
+    with pytest.raises(RunLockLostError, match="taken over by pid 1 on elsewhere since .*; this driver stopped"):
+        run_pipeline(config, uri, RayExecutor(), lock=lock)
+    thief.join()
+    state, events = store.read_text("state.json"), store.read_text("events.jsonl")
+    time.sleep(4)  # the 3 s stage, had it not been stopped, would have finished and committed by now
+    assert store.read_text("state.json") == state and store.read_text("events.jsonl") == events
+    assert not any(o.path.endswith("manifest.json") for o in store.list("stages/transform"))
+    assert '"running"' in state  # what it recorded before the loss is left as it was
+
+    store.delete(S3_LOCK_FILE)  # the other driver is done (or found dead): a successor resumes cleanly
+    summary = run_pipeline(parse_config(smoke_config(endpoint=s3_endpoint)), uri, RayExecutor())
+    assert summary.ok and "transform" in summary.ran
