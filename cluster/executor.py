@@ -49,6 +49,9 @@ class RayExecutor:
             results.append((ref, result))
         return results
 
+    def capacity(self) -> list[dict[str, float]] | None:
+        return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
     def cancel(self, handle: Any) -> None:
         try:
             ray.cancel(handle, force=True)

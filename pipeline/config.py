@@ -96,6 +96,8 @@ class RaySettings(StrictModel):
     num_gpus: int | None = Field(default=None, ge=0)
     include_dashboard: bool = True
     dashboard_port: int | None = Field(default=None, ge=1, le=65535)
+    # A cluster that adds nodes on demand: a stage asking for more than it has now is not refused.
+    autoscaling: bool = False
 
 
 class RunConfig(StrictModel):

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol
 
-from pipeline import dag
+from pipeline import dag, registry
 from pipeline.config import RunConfig, StageResources, StageSpec
-from pipeline.errors import ConfigError, RunLockLostError, StageFailedError
+from pipeline.errors import ConfigError, RunLockLostError, StageFailedError, VitpipeError
 from pipeline.events import EventLog
 from pipeline.fingerprint import accepted_fingerprints, result_params, stage_fingerprint, stage_fingerprints
 from pipeline.lock import RunLock, acquire_run_lock
 from pipeline.manifest import MANIFEST_NAME, Manifest, manifest_digest, read_manifest, verify_outputs
+from pipeline.preflight import infeasible_reason, task_demand
 from pipeline.runner import StageResult, StageTask, stage_folder
 from pipeline.state import RunState, StageState, load_state, save_state
 from pipeline.storage import Storage, open_storage
@@ -193,6 +194,10 @@ class Executor(Protocol):
 
     def cancel(self, handle: Any) -> None: ...
 
+    def capacity(self) -> list[dict[str, float]] | None:
+        """Each live node's total resources (None: unknown, nothing is checked)."""
+        ...
+
 
 @dataclass
 class RunSummary:
@@ -298,6 +303,7 @@ class _Driver:
                         broken[name] = problems[0]
         plans = plan_run(config, fps, manifests, only, from_stages, broken, self.accepted)
         to_run = [p for p in plans if p.action == "run"]
+        self._preflight(to_run)  # before anything is moved or written
         summary = RunSummary(storage.uri)
         self.events.emit("run_started", uri=storage.uri,
                          plan={p.name: {"action": p.action, "reason": p.reason} for p in plans})
@@ -365,6 +371,23 @@ class _Driver:
             detail = f"stage {first[0]!r} failed: {first[1]}" if first else "some stages were blocked"
             raise StageFailedError(f"{storage.uri}: {detail} (see `vitpipe status {storage.uri}`)")
         return summary
+
+    def _preflight(self, to_run: Sequence[StagePlan]) -> None:
+        """Refuse at once a stage the cluster can never run (Ray would queue it forever)."""
+        if self.config.ray.autoscaling or not to_run:
+            return
+        nodes = self.executor.capacity()
+        if nodes is None:
+            return
+        for p in to_run:
+            spec = self.config.stages[p.name]
+            stage_cls = registry.find_stage(spec.type)
+            if stage_cls is None or spec.resources is None:
+                continue
+            demand = stage_cls.resource_demand(stage_cls.Params.model_validate(spec.params))
+            reason = infeasible_reason(p.name, task_demand(spec.resources), demand, nodes)
+            if reason:
+                raise VitpipeError(reason)
 
     def _prepare(self, p: StagePlan) -> None:
         """Remove the old commit record; move the folder aside unless the same attempt is resumed."""

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from pipeline.config import StageResources, StorageSettings, StrictModel
 from pipeline.manifest import MANIFEST_NAME, Manifest, OutputEntry
+from pipeline.preflight import ResourceDemand
 from pipeline.storage import Storage, WrittenObject, sha256_stream
 
 __all__ = ["StageParams", "Stage", "StageInput", "StageContext", "Progress"]
@@ -55,6 +56,12 @@ class Stage:
     @classmethod
     def default_resources(cls) -> StageResources:
         return StageResources()
+
+    @classmethod
+    def resource_demand(cls, params: StageParams) -> ResourceDemand:
+        """What the stage's own Ray work (workers, tasks it starts) needs, for the driver's preflight
+        check; nothing beyond its task by default."""
+        return ResourceDemand()
 
     def run(self, ctx: StageContext) -> None:  # pragma: no cover - interface
         raise NotImplementedError

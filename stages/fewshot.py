@@ -20,6 +20,7 @@ from pydantic import Field
 
 from pipeline.config import StageResources, StorageSettings
 from pipeline.errors import VitpipeError
+from pipeline.preflight import ResourceDemand
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageParams
 from stages.data.evalset import ShardSlice, split_samples
@@ -103,6 +104,12 @@ class Fewshot(Stage):
     @classmethod
     def default_resources(cls) -> StageResources:
         return StageResources(cpus=0)  # the extraction tasks take the CPUs
+
+    @classmethod
+    def resource_demand(cls, params: StageParams) -> ResourceDemand:
+        p: FewshotParams = params  # type: ignore[assignment]
+        return ResourceDemand(bundles=({"CPU": p.cpus_per_worker, "GPU": 1.0 if p.use_gpu else 0.0},),
+                              label="extraction task")
 
     def run(self, ctx: StageContext) -> None:
         import ray

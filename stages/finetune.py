@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from pipeline.config import StageResources
 from pipeline.errors import VitpipeError
+from pipeline.preflight import ResourceDemand
 from pipeline.registry import register_stage
-from pipeline.stage import Stage, StageContext
+from pipeline.stage import Stage, StageContext, StageParams
 from stages.data.loader import check_layout
 from stages.data.order import OrderSpec
 from stages.model.transfer import transfer_config
@@ -23,7 +24,7 @@ from stages.records import EvalRecord, IngestResult, handoff_of, read_result
 from stages.train.job import EvalSpec, FinetuneTask, OptimizerSpec
 from stages.train.launch import run_training, train_result, training_job
 from stages.train.loop import EVAL_FILE
-from stages.train.params import FinetuneParams
+from stages.train.params import FinetuneParams, worker_demand
 
 __all__ = ["Finetune"]
 
@@ -36,6 +37,10 @@ class Finetune(Stage):
     @classmethod
     def default_resources(cls) -> StageResources:
         return StageResources(cpus=0)  # the Ray Train workers hold the resources
+
+    @classmethod
+    def resource_demand(cls, params: StageParams) -> ResourceDemand:
+        return worker_demand(params)  # type: ignore[arg-type]
 
     def run(self, ctx: StageContext) -> None:
         p: FinetuneParams = ctx.params  # type: ignore[assignment]

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config import StageResources
 from pipeline.errors import VitpipeError
+from pipeline.preflight import ResourceDemand
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageParams
 from pipeline.storage import Storage
@@ -39,6 +40,8 @@ from stages.records import IngestResult, ShardRecord, SplitRecord
 __all__ = ["IngestParams", "Ingest", "ShardPlan", "ShardResult", "plan_shards", "screen_items", "write_shard"]
 
 log = logging.getLogger(__name__)
+
+_SHARD_TASK_CPUS = 1.0  # each shard-writing task decodes and encodes on one core
 
 
 class IngestParams(StageParams):
@@ -234,6 +237,10 @@ class Ingest(Stage):
         # The coordinator only plans and waits; the shard tasks take the CPUs.
         return StageResources(cpus=0)
 
+    @classmethod
+    def resource_demand(cls, params: StageParams) -> ResourceDemand:
+        return ResourceDemand(bundles=({"CPU": _SHARD_TASK_CPUS},), label="shard-writing task")
+
     def run(self, ctx: StageContext) -> None:
         import ray
 
@@ -264,7 +271,7 @@ class Ingest(Stage):
         if results:
             ctx.logger.info("resuming: %d shards already written, %d to go", len(results), len(todo))
 
-        remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+        remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(write_shard)
         source_ref = ray.put(source)
         pending: dict[object, ShardPlan] = {}
         with ctx.progress(len(plans), desc=f"{ctx.name}: shards") as bar:

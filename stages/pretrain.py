@@ -10,15 +10,16 @@ paper's recipe (AdamW, warmup then linear/cosine decay, clipping at 1), checkpoi
 from __future__ import annotations
 
 from pipeline.config import StageResources
+from pipeline.preflight import ResourceDemand
 from pipeline.registry import register_stage
-from pipeline.stage import Stage, StageContext
+from pipeline.stage import Stage, StageContext, StageParams
 from stages.data.loader import check_layout
 from stages.data.order import OrderSpec
 from stages.model.vit import count_params
 from stages.records import IngestResult, read_result
 from stages.train.job import OptimizerSpec, PretrainTask
 from stages.train.launch import run_training, train_result, training_job
-from stages.train.params import PretrainParams
+from stages.train.params import PretrainParams, worker_demand
 
 __all__ = ["Pretrain"]
 
@@ -31,6 +32,10 @@ class Pretrain(Stage):
     @classmethod
     def default_resources(cls) -> StageResources:
         return StageResources(cpus=0)  # the coordinator waits; Ray Train workers hold the resources
+
+    @classmethod
+    def resource_demand(cls, params: StageParams) -> ResourceDemand:
+        return worker_demand(params)  # type: ignore[arg-type]
 
     def run(self, ctx: StageContext) -> None:
         p: PretrainParams = ctx.params  # type: ignore[assignment]

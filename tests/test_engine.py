@@ -191,8 +191,10 @@ class _KilledAt(LocalStorage):
 
 def _driver(root: Path, step: str = ""):
     from pipeline.engine import _Driver
+    from pipeline.lock import RunLock
 
-    return _Driver(parse_config(smoke_config()), _KilledAt(root, step), executor=None, show_progress=False)
+    storage = _KilledAt(root, step)
+    return _Driver(parse_config(smoke_config()), storage, executor=None, show_progress=False, lock=RunLock(storage))
 
 
 def _tree(store, prefix: str) -> dict[str, bytes]:

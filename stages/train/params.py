@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.preflight import ResourceDemand
 from pipeline.stage import StageParams
 from stages.model.vit import ViTConfig, decode_variant
 from stages.train.geometry import accumulation_steps
@@ -130,3 +131,9 @@ class FinetuneParams(TrainParams):
     train_split: str = "train"
     eval_split: str = Field(default="test", description="the held-out split top-1 is reported on")
     dataset: str | None = Field(default=None, description="name in metrics and the report (default: data input)")
+
+
+def worker_demand(p: TrainParams) -> ResourceDemand:
+    """The Ray Train worker group: ``workers`` bundles at once, each its CPUs and (on GPUs) one GPU."""
+    bundle = {"CPU": p.cpus_per_worker, "GPU": 1.0 if p.use_gpu else 0.0}
+    return ResourceDemand(bundles=(bundle,) * p.workers, together=True, label="training worker")
