@@ -7,7 +7,8 @@ no traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["VitpipeError", "ConfigError", "StorageError", "RunLockedError", "RunLockLostError", "StageFailedError"]
+__all__ = ["VitpipeError", "ConfigError", "StorageError", "DeterministicError", "RunLockedError", "RunLockLostError",
+           "StageFailedError"]
 
 
 class VitpipeError(Exception):
@@ -22,6 +23,12 @@ class ConfigError(VitpipeError):
 
 class StorageError(VitpipeError):
     """A storage operation failed for a reason the user can act on (missing object, credentials)."""
+
+
+class DeterministicError(VitpipeError):
+    """An error that a retry would meet again (a diverged update, a damaged or untrusted checkpoint, a
+    world size the batch cannot be split over): it ends a stage at once instead of using up its
+    retry budget."""
 
 
 class RunLockedError(VitpipeError):

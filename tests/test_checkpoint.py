@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.errors import VitpipeError
 from pipeline.storage import LocalStorage, S3Storage
-from stages.train.checkpoint import COMPLETE, CheckpointStore
+from stages.train.checkpoint import COMPLETE, CheckpointDamaged, CheckpointStore
 
 
 def _write_step(store: CheckpointStore, step: int, commit: bool = True) -> None:
@@ -26,23 +26,29 @@ def store(request, tmp_path):
 
 
 def test_only_committed_checkpoints_count(store):
-    assert store.latest() is None
+    assert store.steps() == []
     _write_step(store, 2)
     _write_step(store, 4)
     _write_step(store, 6, commit=False)  # killed mid-write: no COMPLETE marker
-    assert store.steps() == [2, 4] and store.latest() == 4
-    fetched = store.fetch(4)
+    assert store.steps() == [2, 4]
+    fetched = store.fetch(4, rank=1, record=store.record(4))
     assert (fetched / "zero_pp_rank_1_optim_states.pt").read_bytes() == bytes([1, 4]) * 100
 
 
-def test_missing_or_corrupt_rank_file_is_rejected(store, tmp_path):
+def test_missing_resized_or_corrupt_files_are_named(store, tmp_path):
     _write_step(store, 2)
+    record = store.record(2)
     store.storage.write_bytes("checkpoints/step-00000002/zero_pp_rank_1_optim_states.pt", b"\x00" * 200)
-    with pytest.raises(VitpipeError, match="zero_pp_rank_1_optim_states.pt: file is corrupt"):
-        store.latest()
+    store.check_listing(2, record)  # same size: only the rank that reads the file can tell
+    store.fetch(2, rank=0, record=record)  # rank 0 never reads rank 1's file
+    with pytest.raises(CheckpointDamaged, match="zero_pp_rank_1_optim_states.pt: file is corrupt"):
+        store.fetch(2, rank=1, record=record)
+    store.storage.write_bytes("checkpoints/step-00000002/zero_pp_rank_1_optim_states.pt", b"\x00" * 10)
+    with pytest.raises(CheckpointDamaged, match="zero_pp_rank_1_optim_states.pt: 10 bytes, 200 recorded"):
+        store.check_listing(2, record)
     store.storage.delete("checkpoints/step-00000002/zero_pp_rank_1_optim_states.pt")
-    with pytest.raises(VitpipeError, match="zero_pp_rank_1_optim_states.pt: file is missing; delete"):
-        store.latest()
+    with pytest.raises(CheckpointDamaged, match="zero_pp_rank_1_optim_states.pt: file is missing"):
+        store.check_listing(2, record)
 
 
 def test_prune_keeps_the_newest(store):
@@ -68,12 +74,32 @@ def test_each_rank_publishes_its_own_files_from_separate_staging(s3_endpoint, s3
     listings = [store.publish(5, r) for r, store in enumerate(ranks)]
     assert set(listings[1]) == {"zero_pp_rank_1_mp_rank_00_optim_states.pt", "loader-rank1.json"}
     ranks[0].commit(5, {k: v for listing in listings for k, v in listing.items()})
-    fresh = CheckpointStore(storage, tmp_path / "elsewhere")
-    assert fresh.latest() == 5
-    fetched = fresh.fetch(5)
+    # Resume on another node: rank 1 reads the record and its own files and the rank-less ones, nothing else.
+    reads = _CountingS3(f"s3://{s3_bucket}/stage", endpoint_url=s3_endpoint)
+    fresh = CheckpointStore(reads, tmp_path / "elsewhere")
+    assert fresh.steps() == [5]
+    fetched = fresh.fetch(5, rank=1, record=fresh.record(5))
     assert sorted(p.name for p in fetched.iterdir()) == [
-        "COMPLETE.json", "loader-rank0.json", "loader-rank1.json", "mp_rank_00_model_states.pt",
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "loader-rank1.json", "mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert sorted(reads.gets) == ["checkpoints/step-00000005/COMPLETE.json", "checkpoints/step-00000005/loader-rank1.json",
+                                  "checkpoints/step-00000005/mp_rank_00_model_states.pt",
+                                  "checkpoints/step-00000005/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+class _CountingS3(S3Storage):
+    """Records every object this storage reads (GETs): a resume must read no other rank's files."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gets: list[str] = []
+
+    def open_read(self, rel: str):
+        self.gets.append(rel)
+        return super().open_read(rel)
+
+    def download_file(self, rel: str, local_path) -> None:
+        self.gets.append(rel)
+        super().download_file(rel, local_path)
 
 
 def test_a_resume_on_another_number_of_workers_is_refused_before_any_worker_starts(tmp_path):

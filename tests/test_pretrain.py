@@ -71,7 +71,7 @@ def _check_outputs(run: str, steps: int, batch_per_rank: int) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     paths = {o["path"] for o in manifest["outputs"]}
     assert {p.split("/")[0] for p in paths} == {"model.safetensors", "model_config.json", "metrics.jsonl",
-                                                "workers.json", "tensorboard"}
+                                                "workers.json", "attempts.jsonl", "tensorboard"}
     assert manifest["result"]["final_loss"] == history[-1]["loss"] and manifest["result"]["steps"] == steps
     assert [w["rank"] for w in json.loads((out / "workers.json").read_text())] == [0, 1]
     # TensorBoard holds the same curve as the JSONL log.
@@ -84,15 +84,23 @@ def _check_outputs(run: str, steps: int, batch_per_rank: int) -> None:
     assert abs(losses[-1].value - history[-1]["loss"]) < 1e-5
 
 
-def _kill_one_worker_after(run: str, step: int, done: threading.Event, killed: list[int]) -> None:
+def _committed_steps(run: str) -> list[int]:
+    return sorted(int(p.parent.name[5:]) for p in (Path(run) / "stages/pretrain/checkpoints").glob("step-*/COMPLETE.json"))
+
+
+def _kill_one_worker_after(run: str, step: int, done: threading.Event, killed: list[tuple[int, int]]) -> None:
+    """SIGKILL rank 1 of *this run* (its pid from the run's workers.json, checked to be a Ray Train
+    worker) once the step-``step`` checkpoint is committed; records (pid, newest committed step)."""
     marker = Path(run) / f"stages/pretrain/checkpoints/step-{step:08d}/COMPLETE.json"
     wait_for(lambda: marker.exists() or done.is_set(), timeout=600, interval=0.1, what="a checkpoint")
-    workers = [p for p in psutil.process_iter(["cmdline"])
-               if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-    final = Path(run) / "stages/pretrain/checkpoints" / "step-00000012"
-    if workers and not final.exists():
-        workers[-1].kill()  # SIGKILL
-        killed.append(workers[-1].pid)
+    placement = json.loads((Path(run) / "stages/pretrain/workers.json").read_text())
+    victim = psutil.Process(next(w["pid"] for w in placement if w["rank"] == 1))
+    assert any("RayTrainWorker" in part for part in victim.cmdline()), victim.cmdline()
+    if 12 not in _committed_steps(run):
+        victim.kill()  # SIGKILL
+        victim.wait(timeout=30)
+        # Rank 0 cannot commit another checkpoint without rank 1: the newest now is the resume point.
+        killed.append((victim.pid, _committed_steps(run)[-1]))
 
 
 def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
@@ -112,6 +120,10 @@ def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
         done.set()
         killer.join(timeout=10)
     assert killed, "no training worker was killed mid-run"
+    out = Path(faulty) / "stages/pretrain"
+    # The group restarted once, from the newest checkpoint at the kill, on the same two workers.
+    attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["world_size"], a["resumed_from"]) for a in attempts] == [(2, 0), (2, killed[0][1])], (attempts, killed)
     a, b = weights(clean), weights(faulty)
     assert a.keys() == b.keys()
     for name in a:
@@ -120,9 +132,12 @@ def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
     steps = sorted(p.name for p in (Path(faulty) / "stages/pretrain/checkpoints").iterdir() if p.name.startswith("step"))
     assert steps == ["step-00000008", "step-00000012"]  # keep_checkpoints=2
 
-    # A kill during the step-12 checkpoint write leaves its files without COMPLETE.json (and some
-    # half-written): the next run must ignore it, resume from step 8 and still end identical.
-    out = Path(faulty) / "stages/pretrain"
+    # What a driver killed during the step-12 checkpoint write leaves: the stage recorded as
+    # running, no manifest or handoff, step 12's files without COMPLETE.json (one half-written).
+    # The resume must ignore step 12, continue from step 8 and still end identical.
+    state = json.loads((Path(faulty) / "state.json").read_text())
+    state["stages"]["pretrain"].update(status="running", finished=None)
+    (Path(faulty) / "state.json").write_text(json.dumps(state))
     (out / "manifest.json").unlink()
     (out / "checkpoints/step-00000012/COMPLETE.json").unlink()
     half = max((p for p in (out / "checkpoints/step-00000012").rglob("*.pt")), key=lambda p: p.stat().st_size)
@@ -130,6 +145,8 @@ def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
     (out / "model.safetensors").unlink()
     summary = run_pipeline(parse_config(config(**params)), faulty, RayExecutor())
     assert summary.ran == ["pretrain"], summary
+    resumed = [json.loads(line)["resumed_from"] for line in (out / "attempts.jsonl").read_text().splitlines()]
+    assert resumed[-1] == 8 and len(resumed) == 3, resumed  # continued, not started over
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 13))
     c = weights(faulty)
@@ -157,12 +174,15 @@ def test_a_non_finite_loss_stops_the_stage_naming_the_step(ingested, tmp_path):
     run = fresh_run(ingested, tmp_path, "nan")
     # lr 3e37: Adam moves every weight by ~3e37 in the first step, so the second forward overflows
     # (much more and torch's Adam itself cannot represent its step size).
+    # With retries allowed: a diverged update would diverge again, so it is not retried.
     with pytest.raises(StageFailedError) as failed:
-        run_pipeline(parse_config(config(steps=6, lr=3e37, warmup_steps=0, max_failures=0)), run, RayExecutor())
+        run_pipeline(parse_config(config(steps=6, lr=3e37, warmup_steps=0, max_failures=2)), run, RayExecutor())
     error = json.loads((Path(run) / "state.json").read_text())["stages"]["pretrain"]["error"]
-    assert error == "training failed: non-finite loss (nan) at step 2", error
+    assert error == "training stopped: non-finite loss (nan) at step 2 (not retried: it would happen again)", error
     assert "non-finite loss (nan) at step 2" in str(failed.value)
     assert not (Path(run) / "stages/pretrain/manifest.json").exists()
+    starts = (Path(run) / "stages/pretrain/attempts.jsonl").read_text().splitlines()
+    assert len(starts) == 1, starts  # one start of the worker group: no retry used
 
 
 def test_class_sorted_folders_give_mixed_micro_batches_in_the_pretrain_stage(tmp_path):

@@ -339,3 +339,62 @@ def test_an_unreadable_sample_adds_nothing_and_every_sample_weighs_the_same():
     full = torch.tensor([0, 2, 1, 1])
     assert forward_backward(engine, Batch(images, full)).item() == pytest.approx(
         torch.nn.functional.cross_entropy(engine(images), full).item())  # nothing damaged: the mean
+
+
+def _step_dir(job: TrainJob, step: int) -> Path:
+    return Path(job.output.uri) / f"checkpoints/step-{step:08d}"
+
+
+def _resumed_from(job: TrainJob) -> list[int]:
+    lines = (Path(job.output.uri) / "attempts.jsonl").read_text().splitlines()
+    return [json.loads(line)["resumed_from"] for line in lines]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(process_group, digits, tmp_path, caplog):
+    clean = tiny_job(digits, tmp_path / "clean")
+    train(clean, current_worker(CPU))
+    job = tiny_job(digits, tmp_path / "damaged")
+    train(job, current_worker(CPU))  # checkpoints at steps 4 and 8
+    optim = next(_step_dir(job, 8).glob("*optim_states.pt"))
+    data = bytearray(optim.read_bytes())
+    data[-100] ^= 0xFF  # same size, other bytes: only the sha256 can tell
+    optim.write_bytes(bytes(data))
+    (Path(job.output.uri) / "model.safetensors").unlink()
+    with caplog.at_level("WARNING", logger="vitpipe.train"):
+        train(job, current_worker(CPU))
+    assert _resumed_from(job) == [0, 4]  # step 8 skipped, step 4 used; the run then trained to 8 again
+    assert f"{optim.name}: file is corrupt (size or sha256 differs from COMPLETE.json); falling back" in caplog.text
+    a = load_file(str(tmp_path / "clean/stage/model.safetensors"))
+    b = load_file(str(Path(job.output.uri) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed exactly from step 4
+
+
+class _RunsCode:
+    """Unpickling this calls open(path, "w"): what a crafted checkpoint file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_file_is_never_unpickled_beyond_tensors_and_plain_data(process_group, digits, tmp_path):
+    from stages.train.checkpoint import COMPLETE
+
+    job = tiny_job(digits, tmp_path, schedule=ScheduleSpec(4, 2, "linear"))
+    train(job, current_worker(CPU))
+    marker = tmp_path / "code-ran"
+    states = next(_step_dir(job, 4).glob("*model_states.pt"))
+    torch.save({"module": _RunsCode(marker)}, states)
+    # Whoever can write the folder can write its commit record too: the hashes match.
+    record = json.loads((_step_dir(job, 4) / COMPLETE).read_text())
+    with open(states, "rb") as f:
+        digest, size = sha256_stream(f)
+    record["files"][states.name] = {"sha256": digest, "size": size}
+    (_step_dir(job, 4) / COMPLETE).write_text(json.dumps(record))
+    (Path(job.output.uri) / "model.safetensors").unlink()
+    with pytest.raises(VitpipeError, match=r"^checkpoint step 4: a file holds objects other than tensors and plain "
+                                           r"data; refusing to unpickle it"):
+        train(job, current_worker(CPU))
+    assert not marker.exists()

@@ -7,9 +7,13 @@ Layout under the stage folder::
                                               every file of the checkpoint with its size and sha256
 
 A checkpoint directory without ``COMPLETE.json`` (a kill mid-write) is ignored; one whose files
-do not match ``COMPLETE.json`` is rejected with an error naming the file. DeepSpeed writes to a
-filesystem path: on local storage that is the stage folder itself; on S3 ranks write to a local
-staging directory, each uploads its own files, and rank 0 commits.
+do not match ``COMPLETE.json`` is damaged: a resume skips it for the previous complete one
+(:meth:`~stages.train.checkpointer.Checkpointer.restore`), with a warning naming the file.
+DeepSpeed writes to a filesystem path: on local storage that is the stage folder itself; on S3
+ranks write to a local staging directory, each uploads its own files, and rank 0 commits. On
+resume each rank reads only its own files and the rank-less ones (:func:`rank_files`), checked
+against the record as they arrive, and rank 0 checks the listing: at 128 ranks nobody downloads
+the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -19,17 +23,23 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
-from pipeline.errors import VitpipeError
+from pipeline.errors import DeterministicError
 from pipeline.storage import Storage, sha256_stream
 
-__all__ = ["CheckpointStore", "COMPLETE", "step_name", "abandoned_checkpoints", "abandoned_checkpoint_folders"]
+__all__ = ["CheckpointStore", "CheckpointDamaged", "COMPLETE", "step_name", "rank_files", "abandoned_checkpoints",
+           "abandoned_checkpoint_folders"]
 
 log = logging.getLogger(__name__)
 
 ROOT = "checkpoints"
 COMPLETE = "COMPLETE.json"
 _STEP = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointDamaged(DeterministicError):
+    """A committed checkpoint whose files do not match its commit record (missing, resized, corrupt)."""
 
 
 def step_name(step: int) -> str:
@@ -112,35 +122,48 @@ class CheckpointStore:
                 found.append(int(m.group(1)))
         return sorted(found)
 
-    def verify(self, step: int) -> None:
-        """Raise a one-line error if a committed checkpoint's files are missing or damaged."""
+    def record(self, step: int) -> dict[str, Any]:
+        """The commit record of ``step``: every file with its size and sha256, and who wrote it."""
+        return json.loads(self.storage.read_text(f"{ROOT}/{step_name(step)}/{COMPLETE}"))
+
+    def check_listing(self, step: int, record: dict[str, Any]) -> None:
+        """Every file the record names is there with its size (one LIST; no byte is read).
+        Raises :class:`CheckpointDamaged` naming the first file that is not."""
         prefix = f"{ROOT}/{step_name(step)}"
-        record = json.loads(self.storage.read_text(f"{prefix}/{COMPLETE}"))
         present = {o.path[len(prefix) + 1:]: o.size for o in self.storage.list(prefix)}
         for rel, meta in sorted(record["files"].items()):
-            where = self.storage.uri_of(f"{prefix}/{rel}")
             if rel not in present:
-                raise VitpipeError(f"checkpoint {where}: file is missing; delete {prefix} to fall back to an "
-                                   "earlier checkpoint")
-            if present[rel] != meta["size"] or self.storage.sha256(f"{prefix}/{rel}") != meta["sha256"]:
-                raise VitpipeError(f"checkpoint {where}: file is corrupt (size or sha256 differs from "
-                                   f"{COMPLETE}); delete {prefix} to fall back to an earlier checkpoint")
+                raise CheckpointDamaged(f"checkpoint {self.storage.uri_of(f'{prefix}/{rel}')}: file is missing")
+            if present[rel] != meta["size"]:
+                raise CheckpointDamaged(f"checkpoint {self.storage.uri_of(f'{prefix}/{rel}')}: {present[rel]} bytes, "
+                                        f"{meta['size']} recorded")
 
-    def latest(self) -> int | None:
-        steps = self.steps()
-        if not steps:
-            return None
-        self.verify(steps[-1])
-        return steps[-1]
-
-    def fetch(self, step: int) -> Path:
-        """A local directory holding the checkpoint (downloaded first when remote)."""
+    def fetch(self, step: int, rank: int, record: dict[str, Any]) -> Path:
+        """The local directory DeepSpeed loads ``step`` from on ``rank``, holding (at least) the files
+        this rank reads — its own shards and the rank-less ones (:func:`rank_files`) — each checked
+        against the record's sha256 as it is fetched (downloaded first when remote). The other
+        ranks' files are neither read nor downloaded: DeepSpeed loads only its own rank's.
+        Raises :class:`CheckpointDamaged` naming the first file that does not match."""
         local = self.local_dir(step)
-        if self.remote:
-            prefix = f"{ROOT}/{step_name(step)}"
-            for obj in self.storage.list(prefix):
-                self.storage.download_file(obj.path, local / obj.path[len(prefix) + 1:])
+        prefix = f"{ROOT}/{step_name(step)}"
+        for rel, meta in sorted(rank_files(record, rank).items()):
+            path = local / rel
+            if self.remote:
+                self.storage.download_file(f"{prefix}/{rel}", path)
+            try:
+                with open(path, "rb") as f:
+                    digest, size = sha256_stream(f)
+            except FileNotFoundError:
+                raise CheckpointDamaged(f"checkpoint {self.storage.uri_of(f'{prefix}/{rel}')}: file is missing") from None
+            if (size, digest) != (meta["size"], meta["sha256"]):
+                raise CheckpointDamaged(f"checkpoint {self.storage.uri_of(f'{prefix}/{rel}')}: file is corrupt (size or "
+                                        f"sha256 differs from {COMPLETE})")
         return local
+
+    def discard_local(self, step: int) -> None:
+        """Drop this rank's downloaded copy of ``step`` (remote storage; a no-op on a disk)."""
+        if self.remote:
+            shutil.rmtree(self.local_dir(step), ignore_errors=True)
 
     def prune(self, keep: int) -> None:
         """Delete all but the newest ``keep`` committed checkpoints, and older uncommitted ones."""
@@ -151,6 +174,13 @@ class CheckpointStore:
             self.storage.delete_prefix(f"{ROOT}/{step_name(step)}")
             if self.remote:
                 shutil.rmtree(self.staging / ROOT / step_name(step), ignore_errors=True)
+
+
+def rank_files(record: dict[str, Any], rank: int) -> dict[str, dict[str, Any]]:
+    """The files of a committed checkpoint that ``rank`` reads on resume: those its name says it
+    owns and the rank-less ones every rank reads (DeepSpeed's model states)."""
+    return {rel: meta for rel, meta in record["files"].items()
+            if _owner_rank(rel.rsplit("/", 1)[-1]) in (rank, None)}
 
 
 def abandoned_checkpoints(stage: Storage) -> list[int]:

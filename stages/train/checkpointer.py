@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import VitpipeError
-from stages.train.checkpoint import CheckpointStore
+from pipeline.errors import DeterministicError
+from stages.train.checkpoint import CheckpointDamaged, CheckpointStore
 from stages.train.context import WorkerContext
 from stages.train.metrics import StepRecord
 
@@ -86,26 +87,57 @@ class Checkpointer:
         return directory / f"state-rank{self.worker.rank}.json"
 
     def restore(self) -> int:
-        """Load the newest complete checkpoint into every part; returns its step (0: none, start fresh)."""
-        step = self.store.latest()
-        if step is None:
-            return 0
-        written_by = self.store.world_size(step)
-        if written_by is not None and written_by != self.worker.world_size:
-            raise VitpipeError(f"checkpoint step {step} was written by {written_by} workers and this run has "
-                               f"{self.worker.world_size}: resuming on another number of workers is not supported "
-                               f"yet; run with workers={written_by}")
-        directory = self.store.fetch(step)
-        loaded, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=True)
+        """Load the newest usable checkpoint into every part; returns its step (0: none, start fresh).
+
+        A collective: every rank fetches and checks its own files (rank 0 also the listing), and
+        the ranks agree; a damaged checkpoint is skipped for the previous complete one, with a
+        warning naming the file, so one bad write never fails every restart."""
+        damaged = []
+        for step in reversed(self.store.steps()):
+            record = self.store.record(step)
+            written_by = record.get("world_size")
+            if written_by is not None and written_by != self.worker.world_size:
+                raise DeterministicError(
+                    f"checkpoint step {step} was written by {written_by} workers and this run has "
+                    f"{self.worker.world_size}: resuming on another number of workers is not supported yet; run "
+                    f"with workers={written_by}")
+            problem = None
+            try:
+                if self.worker.is_main:
+                    self.store.check_listing(step, record)
+                directory = self.store.fetch(step, self.worker.rank, record)
+            except CheckpointDamaged as err:
+                problem = str(err)
+            if self._all_ranks_agree(problem is None):
+                self._load(step, directory)
+                return step
+            self.store.discard_local(step)
+            if problem is not None:
+                log.warning("rank %d: %s; falling back to the checkpoint before it", self.worker.rank, problem)
+            damaged.append(step)
+        if damaged:
+            raise DeterministicError(f"no usable checkpoint: steps {', '.join(map(str, damaged))} are damaged (the "
+                                     "warnings name the files); delete their folders to start the stage over")
+        return 0
+
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        flag = torch.tensor(1.0 if ok else 0.0, device=self.worker.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())  # once per checkpoint tried, at start-up
+
+    def _load(self, step: int, directory: Path) -> None:
+        try:
+            loaded, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=True)
+        except pickle.UnpicklingError as err:
+            raise DeterministicError(f"checkpoint step {step}: a file holds objects other than tensors and plain data; "
+                                     f"refusing to unpickle it ({str(err).splitlines()[0][:200]})") from None
         if loaded is None:  # DeepSpeed only warns when it finds no model states
-            raise VitpipeError(f"checkpoint step {step}: DeepSpeed found no model states in it")
+            raise DeterministicError(f"checkpoint step {step}: DeepSpeed found no model states in it")
         saved = json.loads(self._state_file(directory).read_text())
         for name, part in self.parts.items():
             part.load_state_dict(saved[name])
-        if self.store.remote:
-            shutil.rmtree(directory, ignore_errors=True)  # loaded: the local copy is no longer needed
+        self.store.discard_local(step)  # loaded: the local copy is no longer needed
         log.info("rank %d: resumed from checkpoint step %d", self.worker.rank, step)
-        return step
 
     def save(self, step: int) -> None:
         """Every rank writes its files, publishes them; rank 0 commits and prunes (a collective).
@@ -139,4 +171,4 @@ class Checkpointer:
             finite = finite * torch.isfinite(local).all()
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():  # a checkpoint waits for the device anyway
-            raise VitpipeError(f"non-finite weights after step {step}: the update diverged; not checkpointed")
+            raise DeterministicError(f"non-finite weights after step {step}: the update diverged; not checkpointed")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import VitpipeError
+from pipeline.errors import DeterministicError, VitpipeError
 from stages.model.handoff import read_handoff
 from stages.model.transfer import load_transferred
 from stages.model.vit import ViT, count_params
@@ -25,7 +25,8 @@ from stages.train.ds_config import build_deepspeed_config
 from stages.train.geometry import StepGeometry
 from stages.train.job import FinetuneTask, OptimizerSpec, TrainJob
 
-__all__ = ["param_groups", "build_optimizer", "build_engine", "set_lr", "training_dtype"]
+__all__ = ["param_groups", "build_optimizer", "build_engine", "set_lr", "training_dtype", "WeightsOnlyLoads",
+           "deepspeed_safe_globals"]
 
 
 def param_groups(model: ViT, weight_decay: float) -> list[dict[str, Any]]:
@@ -63,7 +64,7 @@ def _load_pretrained(model: ViT, task: FinetuneTask, job: TrainJob, worker: Work
     verdict = [error]
     dist.broadcast_object_list(verdict, src=0)  # every rank fails alike instead of hanging below
     if verdict[0] is not None:
-        raise VitpipeError(str(verdict[0]))
+        raise DeterministicError(str(verdict[0]))
     model.to(worker.device)
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast(tensor.data, src=0)
@@ -88,7 +89,7 @@ def build_engine(job: TrainJob, worker: WorkerContext) -> tuple[Any, StepGeometr
     try:
         geometry = job.batch.resolve(worker.world_size)
     except ValueError as err:
-        raise VitpipeError(f"cannot train on {worker.world_size} worker(s): {err}") from None
+        raise DeterministicError(f"cannot train on {worker.world_size} worker(s): {err}") from None
     if worker.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
         _skip_cpu_inference_comm_build()
@@ -111,4 +112,35 @@ def build_engine(job: TrainJob, worker: WorkerContext) -> tuple[Any, StepGeometr
         model_params=count_params(job.model))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, job.optimizer),
                                            config=config)
+    engine.checkpoint_engine = WeightsOnlyLoads(engine.checkpoint_engine)
     return engine, geometry
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """The classes DeepSpeed 0.19's checkpoints hold besides tensors and plain data (found by loading
+    ZeRO 0-3 fp32 and bf16 checkpoints with ``weights_only=True``): small records, no code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with loads that unpickle tensors and plain data only.
+
+    DeepSpeed loads its files with ``torch.load(weights_only=False)``: a checkpoint folder anyone
+    could write to (a shared bucket) could run code in every worker. Files are checked against the
+    commit record before any load (:class:`~stages.train.checkpointer.Checkpointer`); this refuses
+    whatever else a file might hold. Saving and everything else is DeepSpeed's own engine.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)

@@ -8,6 +8,7 @@ Model code never sees Ray or DeepSpeed: the loop wraps it.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config import StorageSettings
-from pipeline.errors import VitpipeError
+from pipeline.errors import DeterministicError, VitpipeError
 from pipeline.stage import StageContext
+from pipeline.storage import Storage
 from stages.data.tarshards import ShardInfo
 from stages.model.handoff import HANDOFF_FILES
 from stages.model.vit import ViTConfig, count_params
@@ -37,13 +39,17 @@ from stages.train.job import (
     TelemetrySpec,
     TrainJob,
 )
-from stages.train.loop import EVAL_FILE, WORKERS_FILE
+from stages.train.loop import ATTEMPTS_FILE, EVAL_FILE, STOPPED_FILE, WORKERS_FILE
 from stages.train.metrics import METRICS_FILE, StepRecord, read_history
 from stages.train.params import TrainParams
 
 __all__ = ["training_job", "run_training", "train_result", "worker_error_line"]
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)): (.*)$")
+
+
+def _subclass_names(cls: type) -> set[str]:
+    return {cls.__name__}.union(*(_subclass_names(sub) for sub in cls.__subclasses__()))
 
 
 def worker_error_line(text: str, limit: int = 400) -> str:
@@ -60,7 +66,8 @@ def worker_error_line(text: str, limit: int = 400) -> str:
     if found is None:
         return " ".join(text.split())[:limit]
     kind, message = found.group(1), " ".join(found.group(2).split())
-    return (message if kind == "VitpipeError" else f"{kind}: {message}")[:limit]
+    ours = kind in _subclass_names(VitpipeError)  # their messages stand alone: shown without the type
+    return (message if ours else f"{kind}: {message}")[:limit]
 
 
 def training_job(ctx: StageContext, p: TrainParams, model: ViTConfig, optimizer: OptimizerSpec, data_uri: str,
@@ -79,6 +86,13 @@ def training_job(ctx: StageContext, p: TrainParams, model: ViTConfig, optimizer:
         telemetry=TelemetrySpec(p.log_every, p.tensorboard, ctx.show_progress, p.ledger),
         task=task,
     )
+
+
+def _stopped_by(out: Storage) -> str | None:
+    """The error that ended training without retries (see :data:`~stages.train.loop.STOPPED_FILE`)."""
+    if not out.exists(STOPPED_FILE):
+        return None
+    return f"training stopped: {json.loads(out.read_text(STOPPED_FILE))['error']} (not retried: it would happen again)"
 
 
 def check_resume_world_size(store: CheckpointStore, workers: int, stage: str) -> None:
@@ -106,6 +120,7 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> list[StepR
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    ctx.out.delete(STOPPED_FILE)  # an earlier attempt's verdict: this one tries again
     trainer = TorchTrainer(
         ray_train_entry,
         train_loop_config={"job": replace(job, output=replace(job.output, staging=staging))},
@@ -118,11 +133,17 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> list[StepR
     try:
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray wraps the worker's traceback; keep the cause's line
+        stopped = _stopped_by(ctx.out)
+        if stopped:
+            raise DeterministicError(stopped) from None
         raise VitpipeError(f"training failed: {worker_error_line(str(err))}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    stopped = _stopped_by(ctx.out)
+    if stopped:
+        raise DeterministicError(stopped)
     evaluated = [EVAL_FILE] if isinstance(job.task, FinetuneTask) else []
-    for rel in (*HANDOFF_FILES, METRICS_FILE, WORKERS_FILE, *evaluated):
+    for rel in (*HANDOFF_FILES, METRICS_FILE, WORKERS_FILE, ATTEMPTS_FILE, *evaluated):
         ctx.add_output(rel)
     for obj in ctx.out.list("tensorboard/"):
         ctx.add_output(obj.path)

@@ -12,12 +12,14 @@ import json
 import logging
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import DeterministicError
 from pipeline.logsetup import configure_logging
 from pipeline.storage import Storage, open_storage
 from stages.data.loader import ShardLoader
@@ -40,6 +42,8 @@ log = logging.getLogger("vitpipe.train")
 
 EVAL_FILE = "eval.json"
 WORKERS_FILE = "workers.json"
+ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of the worker group: when, how many, from which step
+STOPPED_FILE = "stopped.json"  # written by a worker that met a DeterministicError
 
 
 def train(job: TrainJob, worker: WorkerContext) -> None:
@@ -55,6 +59,8 @@ def train(job: TrainJob, worker: WorkerContext) -> None:
                                 {"loader": loader, "rng": RngState(worker.device), "train": state},
                                 keep=job.checkpoints.keep)
     step = checkpointer.restore()
+    if worker.is_main:
+        _record_attempt(out, worker, step)
     sink = MetricsSink(job.label, job.schedule.steps, job.telemetry.log_every, out,
                        staging / "tensorboard" if job.telemetry.tensorboard else None, state.history,
                        job.telemetry.show_progress) if worker.is_main else None
@@ -103,6 +109,14 @@ def _make_loader(job: TrainJob, worker: WorkerContext, geometry: StepGeometry) -
                        pin_memory=worker.device.type == "cuda")
 
 
+def _record_attempt(out: Storage, worker: WorkerContext, resumed_from: int) -> None:
+    """A line per start of the worker group (first start, and every restart after a fault), so that
+    restarts and the step each resumed from can be read back (``vitpipe status``, tests)."""
+    record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "world_size": worker.world_size,
+              "resumed_from": resumed_from}
+    out.append_text(ATTEMPTS_FILE, json.dumps(record) + "\n")
+
+
 def _record_placement(out: Storage, worker: WorkerContext) -> None:
     """Where each rank runs (node, pid): recorded so placement is auditable (one worker per node)."""
     placement: list[Any] = [None] * worker.world_size
@@ -133,5 +147,15 @@ def ray_train_entry(config: dict[str, Any]) -> None:
 
     configure_logging()
     job: TrainJob = config["job"]
+    out = open_storage(job.output.uri, job.output.storage)
+    if out.exists(STOPPED_FILE):
+        return  # an earlier attempt of this group met an error that would only recur: do not run again
     device = ray.train.torch.get_device() if job.distributed.use_gpu else torch.device("cpu")
-    train(job, current_worker(device, ray.get_runtime_context().get_node_id()))
+    try:
+        train(job, current_worker(device, ray.get_runtime_context().get_node_id()))
+    except DeterministicError as err:
+        # Ray Train retries any worker failure (``max_failures``); this one would fail every retry
+        # alike. Record it (the first rank to get here wins) and end the worker normally; the
+        # stage reads the record and fails at once with the error's one line.
+        out.put_if_absent(STOPPED_FILE, json.dumps({"error": str(err)}).encode())
+        log.error("%s: %s (not retried: it would happen again)", job.label, err)

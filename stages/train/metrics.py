@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import VitpipeError
+from pipeline.errors import DeterministicError
 from pipeline.stage import Progress
 from pipeline.storage import Storage
 from stages.train.context import WorkerContext
@@ -124,9 +124,9 @@ def _check_finite(records: list[StepRecord]) -> None:
     # DeepSpeed would silently skip every such step, so stop instead (every rank sees the same values).
     for r in records:
         if not math.isfinite(r.loss):
-            raise VitpipeError(f"non-finite loss ({r.loss}) at step {r.step}")
+            raise DeterministicError(f"non-finite loss ({r.loss}) at step {r.step}")
         if r.grad_norm is not None and not math.isfinite(r.grad_norm):
-            raise VitpipeError(f"non-finite gradient norm ({r.grad_norm}) at step {r.step} (loss {r.loss:.4g})")
+            raise DeterministicError(f"non-finite gradient norm ({r.grad_norm}) at step {r.step} (loss {r.loss:.4g})")
 
 
 class MetricsSink:
