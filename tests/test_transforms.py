@@ -11,6 +11,7 @@ from PIL import Image
 from stages.data.transforms import (
     center_crop_box,
     decode_eval,
+    decode_sample,
     decode_train,
     random_resized_crop_box,
     to_model_input,
@@ -52,19 +53,43 @@ def test_draft_decode_gives_the_same_crop_as_a_full_decode():
     assert fast.shape == (32, 32, 3) and diff.mean() < 4, diff.mean()
 
 
-def test_eval_decode_is_deterministic_and_exif_aware():
+@pytest.mark.parametrize("size", [24, 224])  # 24: PIL's draft decode; 224: torchvision (a 360 px crop < 2 x 224)
+def test_eval_decode_is_deterministic_and_exif_aware(size):
     data = _smooth_jpeg()
-    assert np.array_equal(decode_eval(data, 24), decode_eval(data, 24))
+    assert np.array_equal(decode_eval(data, size), decode_eval(data, size))
     im = Image.open(io.BytesIO(data))
     exif = Image.Exif()
     exif[0x0112] = 6
     out = io.BytesIO()
     im.save(out, format="JPEG", quality=95, exif=exif.tobytes())
-    rotated = decode_eval(out.getvalue(), 24)
+    rotated = decode_eval(out.getvalue(), size)
     upright = Image.open(io.BytesIO(data)).convert("RGB").transpose(Image.Transpose.ROTATE_270)  # 360 x 480
     assert upright.size == (360, 480)
-    expected = np.asarray(upright.resize((24, 24), Image.BILINEAR, box=(0, 60, 360, 420)))
+    expected = np.asarray(upright.resize((size, size), Image.BILINEAR, box=(0, 60, 360, 420)))
+    assert rotated.shape == (size, size, 3) and rotated.dtype == np.uint8
     assert np.abs(rotated.astype(int) - expected.astype(int)).mean() < 4
+
+
+def test_torchvision_route_matches_pils_crop_and_leaves_damaged_files_to_pil():
+    from stages.data import transforms
+
+    data = _smooth_jpeg()
+    for seed in range(5):
+        fast = decode_train(data, 224, random.Random(seed), (0.5, 1.0))  # crops of 180-360 px: torchvision
+        rng = random.Random(seed)
+        box_rng, flip = random.Random(rng.random()), rng.random() < 0.5
+        left, top, w, h = random_resized_crop_box(480, 360, box_rng, (0.5, 1.0))
+        assert min(w, h) < 2 * 224
+        full = Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224), Image.BILINEAR,
+                                                                    box=(left, top, left + w, top + h))
+        if flip:
+            full = full.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        assert np.abs(fast.astype(int) - np.asarray(full).astype(int)).mean() < 2
+    assert transforms._decode_jpeg_crop(data, (0, 0, 360, 360), 224, False) is not None  # the route is taken
+    truncated = data[: len(data) // 3]
+    assert transforms._decode_jpeg_crop(b"\xff\xd8garbage", (0, 0, 10, 10), 8, False) is None
+    with pytest.raises(ValueError, match="corrupt or truncated image"):
+        decode_sample({"jpg": truncated}, lambda b: decode_eval(b, 224))
 
 
 def test_model_input_is_normalised_on_the_device_from_uint8():

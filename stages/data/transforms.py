@@ -1,11 +1,20 @@
 """Decode + augment one image into uint8 pixels, fast; normalise whole batches on the device.
 
 Training uses Inception-style random-resized-crop + horizontal flip; evaluation resizes the
-shorter side and takes a center crop. For JPEGs the crop box is chosen from the header alone
-and the image is then decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still gives the
-crop at least the output resolution (PIL's draft mode) — the same crop, a fraction of the
-decode work. Randomness comes from a per-sample ``random.Random``, so a sample's augmentation
-depends only on (seed, epoch, key), never on which worker decoded it.
+shorter side and takes a center crop. For JPEGs the crop box is chosen from the header alone,
+then the cheaper of two routes decodes it:
+
+- a crop at least twice the output on each side: PIL decodes at the smallest DCT scale (1/2,
+  1/4, 1/8) that still gives the crop the output resolution (draft mode) — the same crop, a
+  fraction of the decode work (large photos);
+- otherwise (ImageNet-sized images, where no DCT scale applies): torchvision's libjpeg-turbo
+  decode and its uint8 antialiased bilinear resize of the crop, ~1.3-1.6x PIL's full decode and
+  resize per core (`bench/loader.py`). A file torchvision cannot decode goes the PIL way, which
+  says what is wrong with it.
+
+Both resize with antialiased bilinear filtering; their pixels differ by rounding. Other formats
+(PNG, WebP, ...) go through PIL. Randomness comes from a per-sample ``random.Random``, so a
+sample's augmentation depends only on (seed, epoch, key), never on which worker decoded it.
 
 Batches stay uint8 (B, H, W, 3) from the decoding worker to the training device: a quarter of
 float32's bytes across loader IPC and PCIe. :func:`to_model_input` copies them (from pinned
@@ -71,6 +80,10 @@ def _decode_box(data: bytes, size: int, pick_box, flip: bool) -> np.ndarray:
     orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
     upright = (height, width) if orientation in _ROTATED else (width, height)
     left, top, w, h = pick_box(*upright)
+    if im.format == "JPEG" and min(w, h) < 2 * size:  # no DCT scale would apply
+        pixels = _decode_jpeg_crop(data, (left, top, w, h), size, flip)
+        if pixels is not None:
+            return pixels
     if im.format == "JPEG" and min(w, h) > size:
         # Ask for the smallest decode whose crop still has >= size pixels on each side.
         factor = min(w, h) / size
@@ -83,6 +96,27 @@ def _decode_box(data: bytes, size: int, pick_box, flip: bool) -> np.ndarray:
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)
+
+
+def _decode_jpeg_crop(data: bytes, box: tuple[int, int, int, int], size: int, flip: bool) -> np.ndarray | None:
+    """The crop ``box`` (left, top, w, h, upright) of a JPEG resized to ``size`` x ``size`` by
+    torchvision; None when torchvision cannot decode the file (PIL then tries, and names the fault)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import resize
+
+    try:
+        # A bytearray: torch wants a writable buffer (a copy of the compressed bytes, ~1% of the work).
+        image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                            apply_exif_orientation=True)
+    except RuntimeError:
+        return None
+    left, top, w, h = box
+    out = resize(image[:, top:top + h, left:left + w], [size, size], interpolation=InterpolationMode.BILINEAR,
+                 antialias=True)
+    if flip:
+        out = out.flip(-1)
+    return out.permute(1, 2, 0).numpy()
 
 
 def decode_train(data: bytes, size: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
