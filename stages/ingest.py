@@ -108,7 +108,9 @@ def screen_items(items: Iterable[SourceItem]) -> tuple[list[SourceItem], list[di
     kept, skipped, seen = [], [], {}
     for item in items:
         ext = posixpath.splitext(item.filename)[1].lower() if item.filename else ""
-        if item.label is None:
+        if item.refused is not None:
+            skipped.append({"origin": item.origin, "reason": item.refused})
+        elif item.label is None:
             skipped.append({"origin": item.origin, "reason": "missing label"})
         elif ext and ext[1:] not in IMAGE_EXTENSIONS:
             skipped.append({"origin": item.origin, "reason": f"unsupported file type {ext}"})

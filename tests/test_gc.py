@@ -71,6 +71,7 @@ def test_gc_lists_then_removes_what_a_run_no_longer_needs_on_s3(s3_endpoint, s3_
     run_pipeline(parse_config(smoke_config(endpoint=s3_endpoint, factor=4)), uri, RayExecutor())
     run = open_storage(uri, parse_config(smoke_config(endpoint=s3_endpoint)).storage)
     _kill_a_writer_mid_upload(uri, s3_endpoint, s3_bucket)
+    assert not run.exists("stages/transform/big.bin")  # a write killed mid-multipart leaves no object
     for step, committed in ((10, False), (20, True), (30, False)):  # 10: abandoned; 30: may be in progress
         folder = f"stages/transform/checkpoints/step-{step:08d}"
         run.write_text(f"{folder}/state-rank0.json", "{}")

@@ -350,3 +350,60 @@ def test_ingest_to_and_from_s3(s3_endpoint, s3_bucket, tmp_path):
                          image_size=8, num_workers=1)
     keys = [k for b in loader for k in b["key"]]
     assert len(keys) == len(set(keys)) == 8
+
+
+def _jpeg(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def test_hostile_tar_members_and_symlinks_are_skipped_with_reasons_never_followed(tmp_path):
+    from stages.data.sources import ImageFolderSource, WebDatasetSource
+
+    source = tmp_path / "wds"
+    source.mkdir()
+    with tarfile.open(source / "train-000000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        def add(name: str, data: bytes = b"", **fields) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            for key, value in fields.items():
+                setattr(info, key, value)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+        add("ok.jpg", _jpeg(0))
+        add("ok.cls", b"1")
+        add("sneaky.jpg", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+        add("sneaky.cls", b"1")
+        add("twin.jpg", type=tarfile.LNKTYPE, linkname="ok.jpg")
+        add("dev.jpg", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+        add("../escape.jpg", _jpeg(1))
+        add("../escape.cls", b"2")
+        add("/abs/path.jpg", _jpeg(2))
+    wds_source = WebDatasetSource(str(source))
+    kept, skipped = screen_items(wds_source.items())
+    assert [item.key for item in kept] == ["ok", "sneaky"]
+    read = {item.key: data for item, data in wds_source.read_many(kept)}
+    assert read["ok"] == _jpeg(0)
+    assert isinstance(read["sneaky"], BadImage)  # its label came without an image: skipped when written
+    reasons = sorted(s["reason"] for s in skipped)
+    assert reasons == sorted([
+        "tar member 'sneaky.jpg' is a symbolic link (not followed)",
+        "tar member 'twin.jpg' is a hard link (not followed)",
+        "tar member 'dev.jpg' is a device or FIFO entry",
+        "tar member '../escape.jpg' has an unsafe path (absolute or with '..')",
+        "tar member '../escape.cls' has an unsafe path (absolute or with '..')",
+        "tar member '/abs/path.jpg' has an unsafe path (absolute or with '..')",
+    ]), reasons
+
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(_jpeg(3))
+    folder = tmp_path / "folder"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat/real.jpg").write_bytes(_jpeg(4))
+    (folder / "cat/inside.jpg").symlink_to(folder / "cat/real.jpg")  # stays in the folder: fine
+    (folder / "cat/leak.jpg").symlink_to(outside)
+    kept, skipped = screen_items(ImageFolderSource(str(folder)).items())
+    assert sorted(item.key for item in kept) == ["cat/inside", "cat/real"]
+    assert skipped == [{"origin": str(folder / "cat/leak.jpg"),
+                        "reason": "symbolic link leading outside the source folder (not followed)"}]

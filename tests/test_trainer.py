@@ -30,7 +30,7 @@ from stages.data.tarshards import ShardTarWriter
 from stages.model.handoff import HANDOFF_FILES, HandoffRef
 from stages.model.vit import decode_variant
 from stages.train.context import current_worker
-from stages.train.geometry import BatchGeometry, accumulation_steps
+from stages.train.geometry import BatchGeometry, accumulation_steps, valid_world_sizes
 from stages.train.hardware import ACCELERATORS, model_flops_utilization
 from stages.train.job import (
     CheckpointPolicy,
@@ -126,8 +126,13 @@ def test_batch_geometry_is_resolved_from_the_world_size():
     geometry = BatchGeometry(4096, 16).resolve(128)
     assert (geometry.accumulation, geometry.per_rank) == (2, 32)
     assert BatchGeometry(4096, 16).resolve(64).accumulation == 4  # the same global batch on half the workers
-    with pytest.raises(ValueError, match=r"global_batch 4096 is not divisible by workers x micro_batch \(3 x 16 = 48\)"):
+    with pytest.raises(ValueError) as refused:
         accumulation_steps(4096, 16, 3)
+    assert str(refused.value) == ("global_batch 4096 is not divisible by workers x micro_batch (3 x 16 = 48); numbers "
+                                  "of workers that can split it: 1, 2, 4, 8, 16, 32, 64, 128, 256")
+    assert valid_world_sizes(30, 8) == [] and valid_world_sizes(48, 4) == [1, 2, 3, 4, 6, 12]
+    with pytest.raises(ValueError, match=r"can split it: 1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 15, 16, \.\.\. 720$"):
+        accumulation_steps(720, 1, 7)
 
 
 # --- the NCCL device rule --------------------------------------------------------------------------

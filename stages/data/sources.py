@@ -53,6 +53,7 @@ class SourceItem:
     origin: str  # human-readable source path, recorded in KEY.json and in skip reasons
     size: int | None = None  # bytes, when known without reading (plans shards by bytes)
     filename: str | None = None  # for file-based sources: the file's name (its extension is screened)
+    refused: str | None = None  # why it must be skipped whatever its bytes (a link, an unsafe name)
 
 
 class Source:
@@ -159,8 +160,20 @@ class ImageFolderSource(_StorageSource):
             label = rest[0] if len(rest) >= 2 else None  # a file outside any class folder has no label
             stem = posixpath.splitext(obj.path)[0]
             items.append(SourceItem(key=sanitize_key(stem), split=split, label=label, locator=obj.path,
-                                    origin=self.storage.uri_of(obj.path), size=obj.size, filename=parts[-1]))
+                                    origin=self.storage.uri_of(obj.path), size=obj.size, filename=parts[-1],
+                                    refused=self._leaves_root(obj.path)))
         return items
+
+    def _leaves_root(self, rel: str) -> str | None:
+        """On a disk, a symlink whose target lies outside the source folder is not followed."""
+        path = self.storage.local_path(rel)
+        if path is None or not path.is_symlink():
+            return None
+        root = self.storage.local_path()
+        assert root is not None
+        if path.resolve().is_relative_to(root.resolve()):
+            return None
+        return "symbolic link leading outside the source folder (not followed)"
 
 
 class ListSource(Source):
@@ -238,9 +251,15 @@ class WebDatasetSource(_StorageSource):
         items = []
         for shard in self._shards():
             split = shard.split("/")[-1].split("-")[0] if shard.split("/")[-1].split("-")[0] in SPLIT_NAMES else "train"
+
+            def refuse(member: str, reason: str, shard: str = shard, split: str = split) -> None:
+                items.append(SourceItem(key=sanitize_key(f"{shard}-refused-{member}"), split=split, label=None,
+                                        locator=(shard, -1), origin=f"{self.storage.uri_of(shard)}#{member}",
+                                        refused=reason))
+
             try:
                 with self.storage.open_read(shard) as f:
-                    for index, (key, files) in enumerate(iter_tar_samples(f, name=shard)):
+                    for index, (key, files) in enumerate(iter_tar_samples(f, name=shard, refused=refuse)):
                         label = label_name(files, names)
                         items.append(SourceItem(key=sanitize_key(key), split=split, label=label,
                                                 locator=(shard, index), origin=f"{self.storage.uri_of(shard)}#{key}"))

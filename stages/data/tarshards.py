@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
-__all__ = ["ShardInfo", "BadShard", "split_key", "ShardTarWriter", "iter_tar_samples"]
+__all__ = ["ShardInfo", "BadShard", "split_key", "ShardTarWriter", "iter_tar_samples", "refusal"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,27 @@ class ShardTarWriter:
         self.close()
 
 
-def iter_tar_samples(stream: BinaryIO, name: str = "shard") -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) per sample, streaming. Raises BadShard on a damaged tar."""
+def refusal(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member must not become (part of) a sample, or None. Members are read into memory,
+    never extracted, so nothing is followed or written outside; but a link or device has no bytes of
+    its own, and a name reaching outside its folder would carry on into our shards' names (and bite
+    whoever extracts them)."""
+    if member.issym() or member.islnk():
+        return f"tar member {member.name!r} is a {'symbolic' if member.issym() else 'hard'} link (not followed)"
+    if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
+        return f"tar member {member.name!r} is a device or FIFO entry"
+    parts = member.name.replace("\\", "/").split("/")
+    if member.name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+        return f"tar member {member.name!r} has an unsafe path (absolute or with '..')"
+    return None
+
+
+def iter_tar_samples(stream: BinaryIO, name: str = "shard",
+                     refused: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) per sample, streaming. Raises BadShard on a damaged tar.
+
+    Members that are not plain files with safe names (:func:`refusal`) are never part of a sample;
+    ``refused(member name, reason)`` hears of each (directories are not members, silently)."""
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115
     except (tarfile.TarError, EOFError, OSError) as err:
@@ -77,7 +96,12 @@ def iter_tar_samples(stream: BinaryIO, name: str = "shard") -> Iterator[tuple[st
     files: dict[str, bytes] = {}
     try:
         for member in tar:
-            if not member.isfile():
+            if member.isdir():
+                continue
+            reason = refusal(member) or (None if member.isfile() else f"tar member {member.name!r} is not a regular file")
+            if reason is not None:
+                if refused is not None:
+                    refused(member.name, reason)
                 continue
             key, ext = split_key(member.name)
             extracted = tar.extractfile(member)

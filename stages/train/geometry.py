@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["accumulation_steps", "BatchGeometry", "StepGeometry"]
+__all__ = ["accumulation_steps", "valid_world_sizes", "BatchGeometry", "StepGeometry"]
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -20,8 +20,24 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     per_step = micro_batch * world_size
     if global_batch % per_step:
         raise ValueError(f"global_batch {global_batch} is not divisible by workers x micro_batch "
-                         f"({world_size} x {micro_batch} = {per_step})")
+                         f"({world_size} x {micro_batch} = {per_step}); numbers of workers that can split it: "
+                         f"{_listed(valid_world_sizes(global_batch, micro_batch))}")
     return global_batch // per_step
+
+
+def valid_world_sizes(global_batch: int, micro_batch: int) -> list[int]:
+    """Every number of workers that splits ``global_batch`` into whole micro-batches per worker."""
+    if global_batch % micro_batch:
+        return []
+    micro_steps = global_batch // micro_batch
+    return [w for w in range(1, micro_steps + 1) if micro_steps % w == 0]
+
+
+def _listed(sizes: list[int], most: int = 12) -> str:
+    if not sizes:
+        return "none (micro_batch does not divide global_batch)"
+    shown = ", ".join(map(str, sizes[:most]))
+    return shown if len(sizes) <= most else f"{shown}, ... {sizes[-1]}"
 
 
 @dataclass(frozen=True)
