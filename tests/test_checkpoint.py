@@ -102,17 +102,20 @@ class _CountingS3(S3Storage):
         super().download_file(rel, local_path)
 
 
-def test_a_resume_on_another_number_of_workers_is_refused_before_any_worker_starts(tmp_path):
+def test_a_resume_on_another_number_of_workers_is_refused_before_any_worker_starts_unless_reshardable(tmp_path):
     from stages.train.launch import check_resume_world_size
 
     store = CheckpointStore(LocalStorage(tmp_path / "stage"), tmp_path / "staging")
-    check_resume_world_size(store, workers=1, stage="pretrain")  # nothing to resume: fine
+    check_resume_world_size(store, workers=1, stage="finetune", optimizer="sgd", zero_stage=2)  # nothing to resume
     _write_step(store, 2)
     store.commit(2, world_size=2)
-    check_resume_world_size(store, workers=2, stage="pretrain")
+    check_resume_world_size(store, workers=2, stage="finetune", optimizer="sgd", zero_stage=2)
+    check_resume_world_size(store, workers=1, stage="pretrain", optimizer="adamw", zero_stage=2)  # resharded on load
+    with pytest.raises(VitpipeError, match="resharding a ZeRO-3 checkpoint is not supported yet"):
+        check_resume_world_size(store, workers=1, stage="pretrain", optimizer="adamw", zero_stage=3)
     with pytest.raises(VitpipeError) as refused:
-        check_resume_world_size(store, workers=1, stage="pretrain")
+        check_resume_world_size(store, workers=1, stage="finetune", optimizer="sgd", zero_stage=2)
     assert str(refused.value) == (
-        "pretrain: its newest checkpoint (step 2) was written by 2 workers and this run asks for 1; resuming on "
-        "another number of workers is not supported yet: set pretrain.workers=2, or re-run the stage from scratch "
-        "with --from pretrain")
+        "finetune: its newest checkpoint (step 2) was written by 2 workers and this run asks for 1; only Adam-family "
+        "optimizer state can be resharded and this stage uses sgd: set finetune.workers=2, or re-run the stage from "
+        "scratch with --from finetune")

@@ -18,6 +18,7 @@ the whole checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -28,7 +29,7 @@ from typing import Any
 from pipeline.errors import DeterministicError
 from pipeline.storage import Storage, sha256_stream
 
-__all__ = ["CheckpointStore", "CheckpointDamaged", "COMPLETE", "step_name", "rank_files", "abandoned_checkpoints",
+__all__ = ["CheckpointStore", "CheckpointDamaged", "COMPLETE", "ROOT", "step_name", "rank_files", "abandoned_checkpoints",
            "abandoned_checkpoint_folders"]
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,21 @@ class CheckpointStore:
         ones, so no file is claimed twice.
         """
         local = self.local_dir(step)
-        files: dict[str, dict[str, object]] = {}
-        for path in sorted(p for p in local.rglob("*") if p.is_file() and p.name != COMPLETE):
-            owner = _owner_rank(path.name)
-            if owner != rank and not (owner is None and rank == 0):
-                continue
+        mine = [p for p in local.rglob("*") if p.is_file() and p.name != COMPLETE
+                and (_owner_rank(p.name) == rank or (_owner_rank(p.name) is None and rank == 0))]
+        return self.publish_files(local, mine, f"{ROOT}/{step_name(step)}")
+
+    def publish_files(self, local: Path, paths: list[Path], prefix: str) -> dict[str, dict[str, Any]]:
+        """Hash ``paths`` (under ``local``) and, on remote storage, upload them under ``prefix``;
+        returns {path relative to ``local``: {size, sha256}} for a commit record."""
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(paths):
             rel = path.relative_to(local).as_posix()
             with open(path, "rb") as f:
                 digest, size = sha256_stream(f)
             files[rel] = {"size": size, "sha256": digest}
             if self.remote:
-                self.storage.upload_file(path, f"{ROOT}/{step_name(step)}/{rel}")
+                self.storage.upload_file(path, f"{prefix}/{rel}")
         return files
 
     def commit(self, step: int, files: dict[str, dict[str, object]] | None = None,
@@ -145,8 +150,13 @@ class CheckpointStore:
         ranks' files are neither read nor downloaded: DeepSpeed loads only its own rank's.
         Raises :class:`CheckpointDamaged` naming the first file that does not match."""
         local = self.local_dir(step)
-        prefix = f"{ROOT}/{step_name(step)}"
-        for rel, meta in sorted(rank_files(record, rank).items()):
+        self.fetch_files(f"{ROOT}/{step_name(step)}", local, rank_files(record, rank))
+        return local
+
+    def fetch_files(self, prefix: str, local: Path, files: dict[str, dict[str, Any]]) -> None:
+        """``files`` (relative to ``prefix``) into ``local`` (downloaded when remote; on a disk
+        ``local`` is the folder itself), each checked against its recorded size and sha256."""
+        for rel, meta in sorted(files.items()):
             path = local / rel
             if self.remote:
                 self.storage.download_file(f"{prefix}/{rel}", path)
@@ -158,7 +168,15 @@ class CheckpointStore:
             if (size, digest) != (meta["size"], meta["sha256"]):
                 raise CheckpointDamaged(f"checkpoint {self.storage.uri_of(f'{prefix}/{rel}')}: file is corrupt (size or "
                                         f"sha256 differs from {COMPLETE})")
-        return local
+
+    def read_state(self, step: int, rank: int, record: dict[str, Any]) -> dict[str, Any]:
+        """Rank ``rank``'s JSON state file of ``step`` (read from storage, checked against the record)."""
+        rel = f"{ROOT}/{step_name(step)}/state-rank{rank}.json"
+        data = self.storage.read_bytes(rel)
+        meta = record["files"].get(f"state-rank{rank}.json")
+        if meta is None or (len(data), hashlib.sha256(data).hexdigest()) != (meta["size"], meta["sha256"]):
+            raise CheckpointDamaged(f"checkpoint {self.storage.uri_of(rel)}: missing from {COMPLETE} or corrupt")
+        return json.loads(data)
 
     def discard_local(self, step: int) -> None:
         """Drop this rank's downloaded copy of ``step`` (remote storage; a no-op on a disk)."""

@@ -52,6 +52,12 @@ class RngState:
         cuda = torch.cuda.get_rng_state(self.device).tolist() if self.device.type == "cuda" else None
         return {"python": random.getstate()[1], "torch": torch.get_rng_state().tolist(), "cuda": cuda}
 
+    def reseed(self, seed: int) -> None:
+        """Fresh generators (a resume on another number of workers: the old ranks' streams cannot
+        be split or joined)."""
+        random.seed(seed)
+        torch.manual_seed(seed)  # also every GPU's
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         random.setstate((3, tuple(state["python"]), None))
         torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
@@ -86,12 +92,16 @@ class Checkpointer:
     def _state_file(self, directory: Path) -> Path:
         return directory / f"state-rank{self.worker.rank}.json"
 
-    def restore(self) -> int:
+    def restore(self, reshard: tuple[int, int] | None = None, seed: int = 0) -> int:
         """Load the newest usable checkpoint into every part; returns its step (0: none, start fresh).
 
         A collective: every rank fetches and checks its own files (rank 0 also the listing), and
         the ranks agree; a damaged checkpoint is skipped for the previous complete one, with a
-        warning naming the file, so one bad write never fails every restart."""
+        warning naming the file, so one bad write never fails every restart. ``reshard`` = (step,
+        its world size): that checkpoint was written by another number of workers and is loaded
+        through DeepSpeed's universal form (the engine was built for it; ``stages.train.reshard``)."""
+        if reshard is not None:
+            return self._restore_resharded(*reshard, seed)
         damaged = []
         for step in reversed(self.store.steps()):
             record = self.store.record(step)
@@ -119,6 +129,38 @@ class Checkpointer:
             raise DeterministicError(f"no usable checkpoint: steps {', '.join(map(str, damaged))} are damaged (the "
                                      "warnings name the files); delete their folders to start the stage over")
         return 0
+
+    def _restore_resharded(self, step: int, written_by: int, seed: int) -> int:
+        from stages.train.reshard import UNIVERSAL, universal_form
+
+        unknown = set(self.parts) - {"loader", "rng", "train"}
+        if unknown:
+            raise DeterministicError(f"cannot reshard checkpoint parts {sorted(unknown)}")
+        folder = universal_form(self.store, step, written_by, self.worker.is_main)
+        # DeepSpeed's ZeRO-3 universal load gives every parameter group the first group's
+        # hyperparameters (zero/stage3.py, "generally ... the same"): ours differ (no weight decay
+        # on norms, biases and embeddings), and they are result-defining, so the config's stand.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
+        try:
+            self.engine.load_checkpoint(str(folder), tag=UNIVERSAL, load_module_strict=True)
+        except pickle.UnpicklingError as err:
+            raise DeterministicError(f"checkpoint step {step}: a file holds objects other than tensors and plain data; "
+                                     f"refusing to unpickle it ({str(err).splitlines()[0][:200]})") from None
+        for group, hyper in zip(self.engine.optimizer.param_groups, groups, strict=True):
+            group.update(hyper)
+        record = self.store.record(step)
+        first = self.store.read_state(step, 0, record)
+        own = self.store.read_state(step, self.worker.rank, record) if self.worker.rank < written_by else None
+        self.parts["loader"].load_state_dict(first["loader"])  # the cursor is global: any rank's
+        self.parts["train"].load_state_dict({"history": first["train"]["history"] if self.worker.is_main else [],
+                                             "ledger": own["train"]["ledger"] if own else []})
+        rng = self.parts["rng"]
+        assert isinstance(rng, RngState)
+        rng.reseed(seed * 1_000_003 + step * 1009 + self.worker.rank)
+        self.store.discard_local(step)
+        log.info("rank %d: resumed from checkpoint step %d, written by %d workers, on %d", self.worker.rank, step,
+                 written_by, self.worker.world_size)
+        return step
 
     def _all_ranks_agree(self, ok: bool) -> bool:
         flag = torch.tensor(1.0 if ok else 0.0, device=self.worker.device)
@@ -172,3 +214,4 @@ class Checkpointer:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():  # a checkpoint waits for the device anyway
             raise DeterministicError(f"non-finite weights after step {step}: the update diverged; not checkpointed")
+

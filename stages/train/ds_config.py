@@ -111,6 +111,7 @@ def build_deepspeed_config(
     offload_params: bool = False,
     grad_comm_fp32: bool = True,
     model_params: int,
+    load_universal: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed config of one training run on ``world_size`` data-parallel ranks.
 
@@ -139,7 +140,7 @@ def build_deepspeed_config(
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
+    config: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation_steps(global_batch, micro_batch, world_size),
@@ -161,3 +162,6 @@ def build_deepspeed_config(
         "steps_per_print": 10**9,  # our own metrics log instead
         "wall_clock_breakdown": False,
     }
+    if load_universal:  # resuming a checkpoint of another world size (stages/train/reshard.py)
+        config["checkpoint"] = {"load_universal": True}
+    return config

@@ -84,8 +84,9 @@ def _skip_cpu_inference_comm_build() -> None:
     deepspeed.ops.__compatible_ops__ = {}
 
 
-def build_engine(job: TrainJob, worker: WorkerContext) -> tuple[Any, StepGeometry]:
-    """(DeepSpeed engine, the geometry resolved for this world size)."""
+def build_engine(job: TrainJob, worker: WorkerContext, load_universal: bool = False) -> tuple[Any, StepGeometry]:
+    """(DeepSpeed engine, the geometry resolved for this world size). ``load_universal``: the engine
+    will load a universal checkpoint (written by another number of workers)."""
     try:
         geometry = job.batch.resolve(worker.world_size)
     except ValueError as err:
@@ -109,7 +110,7 @@ def build_engine(job: TrainJob, worker: WorkerContext) -> tuple[Any, StepGeometr
         global_batch=geometry.global_batch, micro_batch=geometry.micro_batch, world_size=geometry.world_size,
         zero_stage=d.zero_stage, precision=d.precision, grad_clip=job.optimizer.grad_clip,
         offload_optimizer=d.offload_optimizer, offload_params=d.offload_params, grad_comm_fp32=d.grad_comm_fp32,
-        model_params=count_params(job.model))
+        model_params=count_params(job.model), load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, job.optimizer),
                                            config=config)
     engine.checkpoint_engine = WeightsOnlyLoads(engine.checkpoint_engine)

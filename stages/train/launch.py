@@ -9,6 +9,7 @@ Model code never sees Ray or DeepSpeed: the loop wraps it.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -42,8 +43,11 @@ from stages.train.job import (
 from stages.train.loop import ATTEMPTS_FILE, EVAL_FILE, STOPPED_FILE, WORKERS_FILE
 from stages.train.metrics import METRICS_FILE, StepRecord, read_history
 from stages.train.params import TrainParams
+from stages.train.reshard import reshard_refusal
 
 __all__ = ["training_job", "run_training", "train_result", "worker_error_line"]
+
+log = logging.getLogger(__name__)
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception)): (.*)$")
 
@@ -95,16 +99,23 @@ def _stopped_by(out: Storage) -> str | None:
     return f"training stopped: {json.loads(out.read_text(STOPPED_FILE))['error']} (not retried: it would happen again)"
 
 
-def check_resume_world_size(store: CheckpointStore, workers: int, stage: str) -> None:
-    """Refuse, before any worker starts, to resume a checkpoint written by another number of
-    workers (``workers`` is an execution param, so a resume may change it; loading would fail
-    on every rank, and Ray Train would retry that deterministic failure ``max_failures`` times)."""
+def check_resume_world_size(store: CheckpointStore, workers: int, stage: str, optimizer: str,
+                            zero_stage: int) -> None:
+    """Before any worker starts: a checkpoint written by another number of workers (``workers`` is
+    an execution param, so a resume may change it) is resharded on load (``stages.train.reshard``)
+    — which only Adam-family optimizer state allows; refuse the others here, in one line, rather
+    than on every rank of every retry."""
     steps = store.steps()
     written_by = store.world_size(steps[-1]) if steps else None
-    if written_by is not None and written_by != workers:
+    if written_by is None or written_by == workers:
+        return
+    why = reshard_refusal(optimizer, zero_stage)
+    if why:
         raise VitpipeError(f"{stage}: its newest checkpoint (step {steps[-1]}) was written by {written_by} workers and "
-                           f"this run asks for {workers}; resuming on another number of workers is not supported yet: "
-                           f"set {stage}.workers={written_by}, or re-run the stage from scratch with --from {stage}")
+                           f"this run asks for {workers}; {why}: set {stage}.workers={written_by}, or re-run the "
+                           f"stage from scratch with --from {stage}")
+    log.info("%s: resuming step %d (written by %d workers) on %d: its optimizer state will be resharded", stage,
+             steps[-1], written_by, workers)
 
 
 def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> list[StepRecord]:
@@ -116,7 +127,8 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> list[StepR
 
     staging = tempfile.mkdtemp(prefix=f"vitpipe-{ctx.name}-")
     try:
-        check_resume_world_size(CheckpointStore(ctx.out, Path(staging)), p.workers, ctx.name)
+        check_resume_world_size(CheckpointStore(ctx.out, Path(staging)), p.workers, ctx.name, job.optimizer.name,
+                                p.zero_stage)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

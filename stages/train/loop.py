@@ -34,6 +34,7 @@ from stages.train.export import gather_full_state
 from stages.train.geometry import StepGeometry
 from stages.train.job import FinetuneTask, TrainJob
 from stages.train.metrics import MetricsSink, StepMonitor
+from stages.train.reshard import reshard_refusal, reshard_step
 from stages.train.step import DataFeed, train_step
 
 __all__ = ["train", "ray_train_entry", "EVAL_FILE", "WORKERS_FILE"]
@@ -49,16 +50,22 @@ STOPPED_FILE = "stopped.json"  # written by a worker that met a DeterministicErr
 def train(job: TrainJob, worker: WorkerContext) -> None:
     if worker.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(worker.device)  # the peak reported is this run's, not the process's
-    engine, geometry = build_engine(job, worker)
     out = open_storage(job.output.uri, job.output.storage)
+    staging = Path(job.output.staging)
+    store = CheckpointStore(out, staging / f"rank{worker.rank}")
+    reshard = reshard_step(store, worker.world_size)
+    why = reshard_refusal(job.optimizer.name, job.distributed.zero_stage) if reshard is not None else None
+    if reshard is not None and why:
+        raise DeterministicError(f"checkpoint step {reshard[0]} was written by {reshard[1]} workers and this run has "
+                                 f"{worker.world_size}: {why}; run with workers={reshard[1]}")
+    engine, geometry = build_engine(job, worker, load_universal=reshard is not None)
     _record_placement(out, worker)
     loader = _make_loader(job, worker, geometry)
     state = TrainState()
-    staging = Path(job.output.staging)
-    checkpointer = Checkpointer(CheckpointStore(out, staging / f"rank{worker.rank}"), engine, worker,
+    checkpointer = Checkpointer(store, engine, worker,
                                 {"loader": loader, "rng": RngState(worker.device), "train": state},
                                 keep=job.checkpoints.keep)
-    step = checkpointer.restore()
+    step = checkpointer.restore(reshard, seed=job.seed)
     if worker.is_main:
         _record_attempt(out, worker, step)
     sink = MetricsSink(job.label, job.schedule.steps, job.telemetry.log_every, out,
