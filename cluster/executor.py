@@ -53,6 +53,12 @@ class RayExecutor:
         return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
     def cancel(self, handle: Any) -> None:
+        # Ray 2.60 aborts the driver process ("Tried to complete task that was not pending",
+        # task_manager.cc) when a force-cancel meets a task completing at that moment: leave
+        # finished tasks alone (seen in CI when a lost lock cancelled a stage that had just ended).
+        ready, _ = ray.wait([handle], timeout=0)
+        if ready:
+            return
         try:
             ray.cancel(handle, force=True)
         except Exception:  # noqa: BLE001 - best effort at shutdown
