@@ -453,3 +453,24 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, zer
     assert worst < 5e-5, worst
     history = [json.loads(line) for line in (Path(job.output.uri) / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 9))
+
+
+def test_loads_past_the_checkpoint_engine_are_weights_only_too(tmp_path):
+    """DeepSpeed's universal loader and converter call torch's loader themselves, asking it to unpickle
+    anything; inside ``weights_only_loads`` that request is overruled."""
+    import pickle
+
+    from stages.train.engine import weights_only_loads
+
+    marker, crafted = tmp_path / "code-ran", tmp_path / "fp32.pt"
+    torch.save({"param": _RunsCode(marker)}, crafted)
+    plain = tmp_path / "ok.pt"
+    torch.save({"param": torch.ones(3)}, plain)
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    deepspeeds = TorchCheckpointEngine()  # its load() asks torch for weights_only=False, as the universal loader does
+    with weights_only_loads():
+        with pytest.raises(pickle.UnpicklingError):
+            deepspeeds.load(str(crafted))
+        assert torch.equal(deepspeeds.load(str(plain))["param"], torch.ones(3))
+    assert not marker.exists()

@@ -8,9 +8,9 @@ then the cheaper of two routes decodes it:
   1/4, 1/8) that still gives the crop the output resolution (draft mode) — the same crop, a
   fraction of the decode work (large photos);
 - otherwise (ImageNet-sized images, where no DCT scale applies): torchvision's libjpeg-turbo
-  decode and its uint8 antialiased bilinear resize of the crop, ~1.3-1.6x PIL's full decode and
-  resize per core (`bench/loader.py`). A file torchvision cannot decode goes the PIL way, which
-  says what is wrong with it.
+  decode and its uint8 antialiased bilinear resize of the crop (with it the loader measured
+  1.33-1.72x a bare PIL loop, ``bench/loader.py`` in BENCHMARKS.md). A file torchvision cannot
+  decode goes the PIL way, which says what is wrong with it.
 
 Both resize with antialiased bilinear filtering; their pixels differ by rounding. Other formats
 (PNG, WebP, ...) go through PIL. Randomness comes from a per-sample ``random.Random``, so a

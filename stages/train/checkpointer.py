@@ -131,6 +131,7 @@ class Checkpointer:
         return 0
 
     def _restore_resharded(self, step: int, written_by: int, seed: int) -> int:
+        from stages.train.engine import weights_only_loads
         from stages.train.reshard import UNIVERSAL, universal_form
 
         unknown = set(self.parts) - {"loader", "rng", "train"}
@@ -142,7 +143,8 @@ class Checkpointer:
         # on norms, biases and embeddings), and they are result-defining, so the config's stand.
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         try:
-            self.engine.load_checkpoint(str(folder), tag=UNIVERSAL, load_module_strict=True)
+            with weights_only_loads():  # DeepSpeed's universal loader calls torch.load itself
+                self.engine.load_checkpoint(str(folder), tag=UNIVERSAL, load_module_strict=True)
         except pickle.UnpicklingError as err:
             raise DeterministicError(f"checkpoint step {step}: a file holds objects other than tensors and plain data; "
                                      f"refusing to unpickle it ({str(err).splitlines()[0][:200]})") from None

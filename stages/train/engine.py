@@ -8,9 +8,11 @@ initial weights); a fine-tune's pretrained weights are read by rank 0 alone and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ from stages.train.geometry import StepGeometry
 from stages.train.job import FinetuneTask, OptimizerSpec, TrainJob
 
 __all__ = ["param_groups", "build_optimizer", "build_engine", "set_lr", "training_dtype", "WeightsOnlyLoads",
-           "deepspeed_safe_globals"]
+           "deepspeed_safe_globals", "weights_only_loads"]
 
 
 def param_groups(model: ViT, weight_decay: float) -> list[dict[str, Any]]:
@@ -130,8 +132,8 @@ def deepspeed_safe_globals() -> list[Any]:
 class WeightsOnlyLoads:
     """DeepSpeed's checkpoint engine with loads that unpickle tensors and plain data only.
 
-    DeepSpeed loads its files with ``torch.load(weights_only=False)``: a checkpoint folder anyone
-    could write to (a shared bucket) could run code in every worker. Files are checked against the
+    DeepSpeed's own engine unpickles whatever its files hold: a checkpoint folder anyone could
+    write to (a shared bucket) could run code in every worker. Files are checked against the
     commit record before any load (:class:`~stages.train.checkpointer.Checkpointer`); this refuses
     whatever else a file might hold. Saving and everything else is DeepSpeed's own engine.
     """
@@ -145,3 +147,23 @@ class WeightsOnlyLoads:
     def load(self, path: str, map_location: Any = None) -> Any:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """For the length of the block, every ``torch.load`` in this process unpickles tensors and plain
+    data only (plus :func:`deepspeed_safe_globals`). DeepSpeed's universal-checkpoint loader and
+    converter call ``torch.load`` themselves, past the checkpoint engine; used around those calls,
+    at start-up, before any other thread loads anything."""
+    original = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return original(f, *args, **kwargs)
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from pipeline.errors import DeterministicError
 from stages.train.checkpoint import COMPLETE, ROOT, CheckpointStore, step_name
+from stages.train.engine import weights_only_loads
 
 __all__ = ["UNIVERSAL", "reshard_step", "reshard_refusal", "universal_form"]
 
@@ -109,7 +110,7 @@ def _ensure_universal(store: CheckpointStore, step: int, written_by: int) -> Non
     log.info("checkpoint step %d: converting it to DeepSpeed's universal form (written by %d workers)", step,
              written_by)
     chatter = io.StringIO()  # the converter prints a line per parameter
-    with contextlib.redirect_stdout(chatter):
+    with contextlib.redirect_stdout(chatter), weights_only_loads():  # the converter unpickles the files
         to_universal(argparse.Namespace(input_folder=str(source), output_folder=str(out), num_extract_workers=1,
                                         num_merge_workers=1, keep_temp_folder=False, strict=True,
                                         inject_missing_state=True))
