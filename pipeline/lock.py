@@ -70,6 +70,14 @@ def _holder_info(owner: str) -> dict[str, Any]:
     }
 
 
+def _parse_lock(data: bytes) -> dict[str, Any]:
+    try:
+        found = json.loads(data)
+    except ValueError:  # a torn or foreign object: no valid holder
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _describe(info: dict[str, Any]) -> str:
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('started', '?')}"
 
@@ -147,10 +155,7 @@ class RunLock:
         lock must never be mistaken for a free one."""
         if not self.storage.exists(S3_LOCK_FILE):
             return {}
-        try:
-            return json.loads(self.storage.read_text(S3_LOCK_FILE))
-        except ValueError:  # a torn or foreign object: no valid holder
-            return {}
+        return _parse_lock(self.storage.read_bytes(S3_LOCK_FILE))
 
     def _heartbeat(self) -> None:
         renewed = time.monotonic()
@@ -159,12 +164,18 @@ class RunLock:
         give_up_after = max(self.stale_after - self.heartbeat_every, self.heartbeat_every)
         while not self._stop.wait(self.heartbeat_every):
             try:
-                current = self._read_remote()
+                found = self.storage.read_tagged(S3_LOCK_FILE)
+                current = _parse_lock(found[0]) if found else {}
                 if current.get("owner") != self.owner:
                     self._lose(f"the run lock was taken over by {_describe(current) if current else 'nobody'}")
                     return
+                assert found is not None
                 self._info["heartbeat"] = time.time()
-                self.storage.write_text(S3_LOCK_FILE, json.dumps(self._info))
+                # Conditional: a successor's lock written after our read must never be overwritten.
+                if not self.storage.put_if_match(S3_LOCK_FILE, json.dumps(self._info).encode(), found[1]):
+                    now = self._read_remote()
+                    self._lose(f"the run lock was taken over by {_describe(now) if now else 'nobody'}")
+                    return
                 renewed = time.monotonic()
             except Exception as err:  # noqa: BLE001 - transient storage error: the next beat retries
                 unrenewed = time.monotonic() - renewed

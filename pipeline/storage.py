@@ -204,6 +204,14 @@ class Storage(ABC):
         """The filesystem path of ``rel`` when this storage is local, else None."""
         return None
 
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        """``rel``'s content and a tag of this version of it (None when absent), for :meth:`put_if_match`."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+
+    def put_if_match(self, rel: str, data: bytes, tag: str) -> bool:
+        """Replace ``rel`` only if it is still the version ``tag`` names; True when this call wrote it."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+
     # Conveniences built on the primitives above.
 
     def read_bytes(self, rel: str) -> bytes:
@@ -810,6 +818,32 @@ class S3Storage(Storage):
             except ClientError as err:
                 code = err.response.get("Error", {}).get("Code")
                 if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                raise
+        return True
+
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        with _s3_errors(self.uri_of(rel)):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return response["Body"].read(), response["ETag"]
+
+    def put_if_match(self, rel: str, data: bytes, tag: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with _s3_errors(self.uri_of(rel)):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, IfMatch=tag)
+            except ClientError as err:
+                code = err.response.get("Error", {}).get("Code")
+                # 412: another version is there now; 409: a concurrent conditional write won; 404: deleted
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404"):
                     return False
                 raise
         return True

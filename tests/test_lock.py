@@ -113,6 +113,11 @@ class _Partitioned(S3Storage):
             raise ConnectionError("network unreachable")
         return super().write_text(rel, text)
 
+    def put_if_match(self, rel: str, data: bytes, tag: str) -> bool:
+        if self.cut:
+            raise ConnectionError("network unreachable")
+        return super().put_if_match(rel, data, tag)
+
 
 def test_a_lock_taken_over_or_not_renewed_is_lost_and_check_raises(s3_endpoint, s3_bucket):
     from pipeline.errors import RunLockLostError
@@ -139,6 +144,29 @@ def test_a_lock_taken_over_or_not_renewed_is_lost_and_check_raises(s3_endpoint, 
         assert 0.7 <= time.monotonic() - started < 3  # given up before the lock could look stale (1 s)
         with pytest.raises(RunLockLostError, match=r"could not be renewed for \d+s \(ConnectionError\)"):
             lock.check()
+    finally:
+        lock.release()
+
+
+def test_a_takeover_between_a_heartbeats_read_and_write_is_never_overwritten(s3_endpoint, s3_bucket, monkeypatch):
+    from pipeline.errors import RunLockLostError
+
+    store = S3Storage(f"s3://{s3_bucket}/race", endpoint_url=s3_endpoint)
+    successor = {"owner": "successor", "pid": 1, "host": "elsewhere", "heartbeat": time.time()}
+    read = store.read_tagged
+
+    def read_then_taken_over(rel: str):  # the successor writes right after the heartbeat has read
+        found = read(rel)
+        store.write_text(S3_LOCK_FILE, json.dumps(successor))
+        return found
+
+    monkeypatch.setattr(store, "read_tagged", read_then_taken_over)
+    lock = RunLock(store, stale_after=60, heartbeat_every=0.1).acquire()
+    try:
+        wait_for(lambda: lock._lost, timeout=10, what="the lock to be lost")
+        with pytest.raises(RunLockLostError, match="taken over by pid 1 on elsewhere"):
+            lock.check()
+        assert json.loads(store.read_text(S3_LOCK_FILE))["owner"] == "successor"  # its lock stands
     finally:
         lock.release()
 
