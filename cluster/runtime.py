@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Iterator
 
+from cluster.console import ConsoleCapture
 from pipeline.config import RaySettings
 from pipeline.errors import VitpipeError
 from pipeline.redaction import secret_kind
@@ -54,8 +55,10 @@ def resolve_address(settings: RaySettings, override: str | None = None) -> str |
 
 
 @contextlib.contextmanager
-def ray_runtime(settings: RaySettings, address: str | None = None) -> Iterator[str]:
-    """Connect (or start) Ray for the duration of the block; yields a description of where."""
+def ray_runtime(settings: RaySettings, address: str | None = None,
+                console: ConsoleCapture | None = None) -> Iterator[str]:
+    """Connect (or start) Ray for the duration of the block; yields a description of where.
+    ``console`` (entered by the caller) filters Ray's forwarded worker lines once connected."""
     import ray
 
     if ray.is_initialized():  # already connected (e.g. an embedding application or a test)
@@ -92,6 +95,8 @@ def ray_runtime(settings: RaySettings, address: str | None = None) -> Iterator[s
             where = "embedded local Ray instance"
     except ConnectionError as err:
         raise VitpipeError(f"cannot connect to Ray at {target}: {str(err).splitlines()[0]}") from None
+    if console is not None:
+        console.attach_to_ray()
     log.info("connected to %s (%s CPUs)", where, ray.cluster_resources().get("CPU", 0))
     try:
         yield where

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or s3:// URI")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--detail", action="store_true",
+                   help="also where each training stage's wall time went (goodput by bucket)")
 
     p = sub.add_parser("gc", help="list (and with --yes remove) what a run no longer needs",
                        description="List what a run no longer needs: unfinished uploads of killed writers (S3 "
@@ -186,6 +188,7 @@ def _apply_runtime_flags(config: RunConfig, args: argparse.Namespace) -> RunConf
 
 
 def _execute(config: RunConfig, run_uri: str, args: argparse.Namespace) -> int:
+    from cluster.console import ConsoleCapture
     from cluster.executor import RayExecutor
     from cluster.runtime import ray_runtime
     from pipeline.engine import run_pipeline
@@ -194,9 +197,11 @@ def _execute(config: RunConfig, run_uri: str, args: argparse.Namespace) -> int:
 
     _interrupt_on_sigterm()
     show_progress = sys.stderr.isatty() and not args.quiet
-    lock = acquire_run_lock(open_storage(run_uri, config.storage))  # before Ray: refuse a second driver fast
-    with lock, ray_runtime(config.ray, args.address) as where:
-        log.info("run %s in %s on %s", config.name, run_uri, where)
+    run_storage = open_storage(run_uri, config.storage)
+    lock = acquire_run_lock(run_storage)  # before Ray: refuse a second driver fast
+    console = ConsoleCapture(run_storage, verbose=args.verbose)
+    with lock, console, ray_runtime(config.ray, args.address, console) as where:
+        log.info("run %s in %s on %s (log: %s)", config.name, run_uri, where, run_storage.uri_of(console.relative))
         try:
             summary = run_pipeline(config, run_uri, RayExecutor(), only=args.only, from_stages=args.from_stages,
                                    show_progress=show_progress, verify=not args.no_verify, lock=lock)
@@ -241,13 +246,29 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pipeline.status import collect_status, format_table
 
-    name, rows = collect_status(_run_storage(args.run, args.endpoint_url))
+    storage = _run_storage(args.run, args.endpoint_url)
+    name, rows = collect_status(storage)
+    goodput = _goodput_records(storage) if args.detail else {}
     if args.json:
-        print(json.dumps({"run": name, "uri": args.run, "stages": [r.as_dict() for r in rows]}, indent=2))
+        detail = {"goodput": {stage: g.model_dump() for stage, g in goodput.items()}} if args.detail else {}
+        print(json.dumps({"run": name, "uri": args.run, "stages": [r.as_dict() for r in rows], **detail}, indent=2))
     else:
         print(f"run {name} ({args.run})")
         print(format_table(rows))
+        if args.detail:
+            from stages.train.goodput import goodput_table
+
+            print("\nwhere the training stages' wall time went:")
+            print(goodput_table(goodput) if goodput else "  (no finished training stage has a goodput record)")
     return 0
+
+
+def _goodput_records(storage: Any) -> dict[str, Any]:
+    from pipeline.status import stage_results
+    from stages.records import TrainResult, parse_result
+
+    records = {stage: parse_result(raw) for stage, raw in stage_results(storage).items()}
+    return {stage: r.goodput for stage, r in records.items() if isinstance(r, TrainResult) and r.goodput is not None}
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:

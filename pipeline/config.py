@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline import dag
 from pipeline.errors import ConfigError
 from pipeline.overrides import apply_overrides
+from pipeline.strict import StrictModel
+from pipeline.trackers import TrackingSettings
 from pipeline.yamlio import safe_load
 
 __all__ = [
@@ -38,12 +40,6 @@ __all__ = [
     "parse_config",
     "format_validation_error",
 ]
-
-
-class StrictModel(BaseModel):
-    """Base of every config model: unknown keys and loose type coercion are errors."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
 class StageResources(StrictModel):
@@ -110,6 +106,7 @@ class RunConfig(StrictModel):
     plugins: list[str] = Field(default_factory=list)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)  # MLflow / W&B, off by default
     stages: dict[str, StageSpec]
 
     @field_validator("stages")

@@ -38,6 +38,7 @@ from pipeline.preflight import infeasible_reason, task_demand
 from pipeline.runner import StageResult, StageTask, stage_folder
 from pipeline.state import RunState, StageState, load_state, save_state
 from pipeline.storage import Storage, open_storage
+from pipeline.trackers import TrackerIds, TrackerWriter, finish_tracking, start_tracking
 
 __all__ = ["CONFIG_FILE", "PREVIOUS_SUFFIX", "PARTIAL_SUFFIX", "SET_ASIDE_FILE", "StagePlan", "plan_run",
            "matching_manifests", "Executor", "RunSummary", "run_pipeline", "read_run_config"]
@@ -45,6 +46,7 @@ __all__ = ["CONFIG_FILE", "PREVIOUS_SUFFIX", "PARTIAL_SUFFIX", "SET_ASIDE_FILE",
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+TRACKING_FILE = "tracking.json"  # which MLflow / W&B runs the run writes to (credentials masked)
 PREVIOUS_SUFFIX = ".previous"  # stages/NAME.previous/: a stage's last finished outputs before it re-ran
 PARTIAL_SUFFIX = ".partial"  # stages/NAME.partial/: the files of its last unfinished attempt under another config
 SET_ASIDE_FILE = "SET_ASIDE.json"  # written into it once every object is there
@@ -281,6 +283,7 @@ class _Driver:
         self.events = EventLog(storage, config.name)
         self.state: RunState = load_state(storage, config.name)
         self._resumed: dict[str, bool] = {}
+        self.trackers: TrackerIds | None = None
         self.accepted: dict[str, frozenset[str]] = {}  # per stage: the fingerprints of this config
 
     def _save(self) -> None:
@@ -304,6 +307,7 @@ class _Driver:
         plans = plan_run(config, fps, manifests, only, from_stages, broken, self.accepted)
         to_run = [p for p in plans if p.action == "run"]
         self._preflight(to_run)  # before anything is moved or written
+        self.trackers = self._start_tracking() if to_run else None
         summary = RunSummary(storage.uri)
         self.events.emit("run_started", uri=storage.uri,
                          plan={p.name: {"action": p.action, "reason": p.reason} for p in plans})
@@ -360,17 +364,37 @@ class _Driver:
                 self.events.emit("stage_interrupted", stage=p.name)
             self._save()
             self.events.emit("run_interrupted", reason=type(err).__name__)
+            self._finish_tracking(ok=False)
             raise
         finally:
             bar.close()
         self.events.emit("run_finished", ok=summary.ok, ran=summary.ran, skipped=summary.skipped,
                          failed=summary.failed, blocked=summary.blocked)
         self._save()
+        self._finish_tracking(ok=summary.ok)
         if not summary.ok:
             first = next(iter(summary.failed.items()), None)
             detail = f"stage {first[0]!r} failed: {first[1]}" if first else "some stages were blocked"
             raise StageFailedError(f"{storage.uri}: {detail} (see `vitpipe status {storage.uri}`)")
         return summary
+
+    def _start_tracking(self) -> TrackerIds | None:
+        """The run's MLflow / W&B runs: continued from ``tracking.json`` on a resume, else new; the
+        resolved config goes in as params (masked: ``pipeline.trackers``)."""
+        previous = TrackerIds.from_json(json.loads(self.storage.read_text(TRACKING_FILE))) \
+            if self.storage.exists(TRACKING_FILE) else None
+        ids = start_tracking(self.config.tracking, self.config.name, previous)
+        if ids is not None:
+            self.storage.write_text(TRACKING_FILE, json.dumps(ids.to_json(), indent=2) + "\n")
+            with TrackerWriter(ids) as writer:
+                writer.log_params(self.config.to_dict())
+        return ids
+
+    def _finish_tracking(self, ok: bool) -> None:
+        try:
+            finish_tracking(self.trackers, ok)
+        except VitpipeError as err:  # the run's outcome stands; its tracker shows it as still running
+            log.warning("could not mark the tracker run %s: %s", "finished" if ok else "failed", err)
 
     def _preflight(self, to_run: Sequence[StagePlan]) -> None:
         """Refuse at once a stage the cluster can never run (Ray would queue it forever)."""
@@ -481,6 +505,7 @@ class _Driver:
             attempt=st.attempts,
             resumed=self._resumed.get(p.name, False),
             show_progress=self.show_progress,
+            trackers=self.trackers,
         )
         assert spec.resources is not None  # filled in by parse_config
         handle = self.executor.submit(task, spec.resources)

@@ -24,6 +24,7 @@ from pipeline.logsetup import configure_logging
 from pipeline.manifest import InputRecord, Manifest, commit_manifest, manifest_digest, package_versions
 from pipeline.stage import StageContext, StageInput
 from pipeline.storage import open_storage
+from pipeline.trackers import TrackerIds
 
 __all__ = ["StageTask", "StageResult", "execute_stage", "stage_folder", "ERROR_FILE"]
 
@@ -51,6 +52,7 @@ class StageTask:
     attempt: int = 1
     resumed: bool = False
     show_progress: bool = False
+    trackers: TrackerIds | None = None  # the run's MLflow / W&B runs (``pipeline.trackers``)
 
 
 @dataclass
@@ -113,6 +115,7 @@ def execute_stage(task: StageTask) -> StageResult:
             attempt=task.attempt,
             resumed=task.resumed,
             show_progress=task.show_progress,
+            trackers=task.trackers,
             logger=logging.getLogger(f"vitpipe.stage.{task.name}"),
         )
         stage_cls().run(ctx)

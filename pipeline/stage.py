@@ -24,6 +24,7 @@ from pipeline.config import StageResources, StorageSettings, StrictModel
 from pipeline.manifest import MANIFEST_NAME, Manifest, OutputEntry
 from pipeline.preflight import ResourceDemand
 from pipeline.storage import Storage, WrittenObject, sha256_stream
+from pipeline.trackers import TrackerIds
 
 __all__ = ["StageParams", "Stage", "StageInput", "StageContext", "Progress"]
 
@@ -141,6 +142,7 @@ class StageContext:
     attempt: int = 1
     resumed: bool = False
     show_progress: bool = False
+    trackers: TrackerIds | None = None  # where per-step and final metrics also go (MLflow, W&B), if configured
     metrics: dict[str, Any] = field(default_factory=dict)
     # The typed result record downstream stages read (a pydantic model; stored in the manifest).
     result: BaseModel | None = None

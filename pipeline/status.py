@@ -21,7 +21,7 @@ from pipeline.state import load_state
 from pipeline.storage import Storage
 from pipeline.tables import text_table
 
-__all__ = ["StatusRow", "collect_status", "collect_headlines", "format_table", "format_bytes"]
+__all__ = ["StatusRow", "collect_status", "collect_headlines", "stage_results", "format_table", "format_bytes"]
 
 
 @dataclass
@@ -102,6 +102,17 @@ def collect_headlines(storage: Storage) -> list[tuple[str, str | None, list[str]
         manifest = read_manifest(storage.child(stage_folder(name)))
         if manifest is not None and manifest.metrics.get("headline"):
             found.append((name, manifest.metrics.get("report"), list(manifest.metrics["headline"])))
+    return found
+
+
+def stage_results(storage: Storage) -> dict[str, dict[str, object]]:
+    """The result record each finished stage published in its manifest (stages know their kinds)."""
+    config = read_run_config(storage)
+    found = {}
+    for name in config.stages:
+        manifest = read_manifest(storage.child(stage_folder(name)))
+        if manifest is not None and manifest.result:
+            found[name] = manifest.result
     return found
 
 

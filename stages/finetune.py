@@ -62,6 +62,6 @@ class Finetune(Stage):
         dataset = p.dataset or data.stage
         ctx.logger.info("fine-tuning on %s (%d classes) at %d px (grid %d -> %d), %d steps on %d worker(s)",
                         dataset, len(ingested.classes), p.image_size, source.grid, target.grid, p.steps, p.workers)
-        history = run_training(ctx, p, job)
+        outcome = run_training(ctx, p, job)
         result = EvalRecord.model_validate_json(ctx.out.read_text(EVAL_FILE))
-        ctx.result = train_result("finetune", target, history, dataset=dataset, evaluation=result)
+        ctx.result = train_result("finetune", target, outcome, dataset=dataset, evaluation=result)

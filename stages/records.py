@@ -18,8 +18,8 @@ from stages.data.loader import ShardInfo
 from stages.model.handoff import HANDOFF_FILES, HandoffRef
 from stages.model.vit import ViTConfig
 
-__all__ = ["ShardRecord", "SplitRecord", "IngestResult", "EvalRecord", "TrainResult", "ShotStats",
-           "FewshotResult", "ReportResult", "StageResult", "read_result", "result_of", "handoff_of"]
+__all__ = ["ShardRecord", "SplitRecord", "IngestResult", "EvalRecord", "GoodputRecord", "TrainResult", "ShotStats",
+           "FewshotResult", "ReportResult", "StageResult", "parse_result", "read_result", "result_of", "handoff_of"]
 
 
 class _Record(BaseModel):
@@ -61,6 +61,15 @@ class EvalRecord(_Record):
     skipped: int
 
 
+class GoodputRecord(_Record):
+    """Where a training stage's wall time went (``stages.train.goodput``): seconds per bucket."""
+
+    wall_s: float
+    buckets: dict[str, float]
+    attempts: int  # starts of the worker group in this run of the stage
+    fraction: float  # compute / wall
+
+
 class TrainResult(_Record):
     """A pretrain or finetune stage: the handed-off model and how training went."""
 
@@ -73,6 +82,7 @@ class TrainResult(_Record):
     images_per_s: float | None  # over the last log window
     dataset: str | None = None  # finetune: what it was tuned on
     evaluation: EvalRecord | None = None  # finetune: top-1 on the held-out split
+    goodput: GoodputRecord | None = None  # None in manifests written before it was measured
 
     def vit_config(self) -> ViTConfig:
         return ViTConfig(**self.architecture)
@@ -104,16 +114,17 @@ _KINDS: dict[str, type[_Record]] = {"ingest": IngestResult, "pretrain": TrainRes
 R = TypeVar("R", bound=_Record)
 
 
+def parse_result(raw: dict[str, Any] | None) -> StageResult | None:
+    """A manifest's ``result`` as its typed record (None if the stage publishes none, e.g. a plugin);
+    raises ``ValidationError`` when a known kind is malformed."""
+    cls = _KINDS.get(str(raw.get("kind"))) if raw else None
+    return None if cls is None else cls.model_validate(raw)  # type: ignore[return-value]
+
+
 def result_of(inp: StageInput) -> StageResult | None:
     """The input's record, whatever its kind (None if its stage publishes none, e.g. a plugin)."""
-    raw = inp.manifest.result
-    if not raw:
-        return None
-    cls = _KINDS.get(str(raw.get("kind")))
-    if cls is None:
-        return None
     try:
-        return cls.model_validate(raw)  # type: ignore[return-value]
+        return parse_result(inp.manifest.result)
     except ValidationError as err:
         raise VitpipeError(f"input {inp.stage!r}: its manifest's result record is malformed "
                            f"({str(err).splitlines()[0]}); re-run that stage") from None

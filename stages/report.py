@@ -9,7 +9,8 @@ a self-contained ``report.html`` (figures inlined), ``metrics.json`` and ``figur
 stage folder, and convenience copies of the three documents at the run's root.
 
 ``metrics.json`` keys: ``pretrain.<stage>.{first_loss,final_loss,steps,params,images_per_s}``,
-``finetune.<dataset>.top1``, ``fewshot.<dataset>.<k>shot`` (and ``..._std``),
+``finetune.<dataset>.top1``, ``{pretrain.<stage>,finetune.<dataset>}.{goodput,wall_s}`` (goodput: compute /
+wall), ``fewshot.<dataset>.<k>shot`` (and ``..._std``),
 ``fewshot_random_init.<dataset>.<k>shot``, and ``quality`` (each bar with its value and verdict).
 """
 
@@ -31,6 +32,7 @@ from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageInput, StageParams
 from stages.records import (
     FewshotResult,
+    GoodputRecord,
     IngestResult,
     ReportResult,
     StageResult,
@@ -39,9 +41,11 @@ from stages.records import (
     read_result,
     result_of,
 )
+from stages.train.goodput import BUCKETS
+from stages.train.timing import format_duration
 
 __all__ = ["ReportParams", "QualityBar", "Report", "Doc", "RunResults", "gather_results", "flat_metrics",
-           "check_quality", "headline_lines",
+           "check_quality", "headline_lines", "MeasuredStage", "training_goodput",
            "render_markdown", "render_html"]
 
 log = logging.getLogger(__name__)
@@ -97,7 +101,8 @@ def gather_results(records: dict[str, StageResult | None]) -> RunResults:
 
 def flat_metrics(results: RunResults) -> dict[str, Any]:
     """``metrics.json``: ``pretrain.<stage>.{first_loss,final_loss,steps,params,images_per_s}``,
-    ``finetune.<dataset>.top1``, ``fewshot.<dataset>.<k>shot`` (and ``_std``), and
+    ``finetune.<dataset>.top1``, ``{pretrain.<stage>,finetune.<dataset>}.{goodput,wall_s}``,
+    ``fewshot.<dataset>.<k>shot`` (and ``_std``), and
     ``fewshot_random_init.<dataset>.<k>shot`` (and ``_std``)."""
     out: dict[str, Any] = {}
     for stage, r in results.pretrain.items():
@@ -105,12 +110,30 @@ def flat_metrics(results: RunResults) -> dict[str, Any]:
             out[f"pretrain.{stage}.{key}"] = getattr(r, key)
     for dataset, r in results.finetune.items():
         out[f"finetune.{dataset}.top1"] = r.evaluation.top1 if r.evaluation else None
+    for m in training_goodput(results):
+        out[f"{m.key}.goodput"] = m.goodput.fraction
+        out[f"{m.key}.wall_s"] = m.goodput.wall_s
     for dataset, r in results.fewshot.items():
         for tag, prefix in (("pretrained", "fewshot"), ("random_init", "fewshot_random_init")):
             for k, stats in r.accuracy.get(tag, {}).items():
                 out[f"{prefix}.{dataset}.{k}shot"] = stats.mean
                 out[f"{prefix}.{dataset}.{k}shot_std"] = stats.std
     return out
+
+
+@dataclass(frozen=True)
+class MeasuredStage:
+    key: str  # metrics.json prefix: pretrain.<stage> or finetune.<dataset>
+    label: str  # what a reader sees
+    goodput: GoodputRecord
+
+
+def training_goodput(results: RunResults) -> list[MeasuredStage]:
+    """The training stages that recorded where their wall time went."""
+    found = [MeasuredStage(f"pretrain.{stage}", stage, r.goodput) for stage, r in results.pretrain.items()
+             if r.goodput is not None]
+    return found + [MeasuredStage(f"finetune.{dataset}", f"finetune on {dataset}", r.goodput)
+                    for dataset, r in results.finetune.items() if r.goodput is not None]
 
 
 def _shot(r: FewshotResult, tag: str, k: int) -> float | None:
@@ -367,6 +390,7 @@ class Report(Stage):
                         rows.append([dataset, k, f"{stats.mean:.4f} ± {stats.std:.4f}",
                                      "" if base is None else f"{base.mean:.4f} ± {base.std:.4f}"])
                 doc.table(["dataset", "k", "pretrained", "random init"], rows)
+            _goodput_section(results, figdir, doc)
             doc.h("Run")
             doc.p(f"Run directory: {ctx.run_storage.uri}. Stages: "
                   + ", ".join(f"{i.stage} ({i.manifest.type})" for i in ctx.inputs.values()) + ".")
@@ -386,6 +410,8 @@ class Report(Stage):
         ctx.run_storage.write_text("report.html", page)
         ctx.run_storage.write_text("metrics.json", payload)
         passed = all(c["passed"] for c in checks) if checks else None
+        if ctx.trackers is not None:
+            _send_to_trackers(ctx, metrics, {"report.md": md, "report.html": page})
         ctx.result = ReportResult(metrics=metrics, quality_passed=passed)
         # For `vitpipe status` and the end of `vitpipe run` (people, not stages, read these).
         ctx.metrics.update({"headline": headline, "report": ctx.run_storage.uri_of("report.html")})
@@ -399,6 +425,40 @@ class Report(Stage):
                                f"{c['minimum']}")
 
 
+def _goodput_section(results: RunResults, figdir: Path, doc: Doc) -> None:
+    """Where each training stage's wall time went (``stages.train.goodput``)."""
+    from stages.eval import figures
+
+    measured = training_goodput(results)
+    if not measured:
+        return
+    doc.h("Goodput")
+    doc.p("Wall time of each training stage by what it was spent on; goodput is the share spent computing "
+          "training steps. Start-up includes Ray Train's worker group, the process group and DeepSpeed's set-up.")
+    doc.table(["stage", "wall", "goodput", *(b.replace("_", " ") for b in BUCKETS)],
+              [[m.label, format_duration(m.goodput.wall_s), f"{m.goodput.fraction:.1%}",
+                *(f"{m.goodput.buckets.get(b, 0.0):.1f}s" for b in BUCKETS)] for m in measured])
+    figures.plot_goodput({m.label: m.goodput.buckets for m in measured}, figdir / "goodput.png")
+    doc.figure("figures/goodput.png", "wall time per training stage, by bucket")
+
+
+def _send_to_trackers(ctx: StageContext, metrics: dict[str, Any], documents: dict[str, str]) -> None:
+    """The run's final numbers and the report into its MLflow / W&B runs. A tracker that fails costs
+    a warning, not the report (everything is in the run directory either way)."""
+    from pipeline.trackers import TrackerWriter
+
+    assert ctx.trackers is not None
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    try:
+        with tempfile.TemporaryDirectory() as tmp, TrackerWriter(ctx.trackers) as writer:
+            writer.log_summary(numbers)
+            for name, text in documents.items():
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
+                writer.log_artifact(Path(tmp) / name)
+    except Exception as err:  # noqa: BLE001 - MLflow's or W&B's failure, whatever its type
+        ctx.logger.warning("the report did not reach the trackers: %s", " ".join(str(err).split())[:300])
+
+
 def headline_lines(results: RunResults, checks: list[dict[str, Any]]) -> list[str]:
     """The few numbers printed at the end of a run."""
     lines = []
@@ -410,6 +470,10 @@ def headline_lines(results: RunResults, checks: list[dict[str, Any]]) -> list[st
             base = _shot(r, "random_init", k)
             extra = f" (random init: {base:.4f})" if base is not None else ""
             lines.append(f"{k}-shot accuracy on {dataset}: {stats.mean:.4f}{extra}")
+    goodput = training_goodput(results)
+    if goodput:
+        lines.append("training goodput: " + ", ".join(
+            f"{m.label} {m.goodput.fraction:.0%} of {format_duration(m.goodput.wall_s)}" for m in goodput))
     if checks:
         passed = sum(c["passed"] for c in checks)
         lines.append(f"quality bar: {passed}/{len(checks)} checks passed")

@@ -15,7 +15,8 @@ from cluster.executor import RayExecutor
 from pipeline.config import parse_config
 from pipeline.engine import run_pipeline
 from pipeline.errors import ConfigError, StageFailedError
-from tests.conftest import wait_for
+from stages.train.goodput import BUCKETS
+from tests.conftest import run_cli, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_instance")]
 
@@ -71,9 +72,16 @@ def _check_outputs(run: str, steps: int, batch_per_rank: int) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     paths = {o["path"] for o in manifest["outputs"]}
     assert {p.split("/")[0] for p in paths} == {"model.safetensors", "model_config.json", "metrics.jsonl",
-                                                "workers.json", "attempts.jsonl", "tensorboard"}
+                                                "workers.json", "attempts.jsonl", "tensorboard", "goodput"}
     assert manifest["result"]["final_loss"] == history[-1]["loss"] and manifest["result"]["steps"] == steps
     assert [w["rank"] for w in json.loads((out / "workers.json").read_text())] == [0, 1]
+    # Where the stage's wall time went: named buckets hold at least 95% of it.
+    goodput = manifest["result"]["goodput"]
+    assert set(goodput["buckets"]) == set(BUCKETS) and goodput["attempts"] == 1
+    assert sum(goodput["buckets"].values()) == pytest.approx(goodput["wall_s"])
+    assert goodput["buckets"]["other"] <= 0.05 * goodput["wall_s"], goodput
+    assert goodput["buckets"]["compute"] > 0 and goodput["buckets"]["lost_to_restarts"] == 0
+    assert goodput["fraction"] == pytest.approx(goodput["buckets"]["compute"] / goodput["wall_s"])
     # TensorBoard holds the same curve as the JSONL log.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -109,6 +117,9 @@ def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
     summary = run_pipeline(parse_config(config(**params)), clean, RayExecutor())
     assert summary.ran == ["pretrain"] and summary.skipped == ["ingest"]
     _check_outputs(clean, 12, 16)
+    status = run_cli("status", clean, "--detail")
+    table = status.stdout.split("where the training stages' wall time went:")[1].splitlines()
+    assert table[1].split()[:2] == ["STAGE", "WALL"] and table[2].split()[0] == "pretrain", status.stdout
 
     faulty = fresh_run(ingested, tmp_path, "faulty")
     done, killed = threading.Event(), []
@@ -124,6 +135,9 @@ def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
     # The group restarted once, from the newest checkpoint at the kill, on the same two workers.
     attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
     assert [(a["world_size"], a["resumed_from"]) for a in attempts] == [(2, 0), (2, killed[0][1])], (attempts, killed)
+    goodput = json.loads((out / "manifest.json").read_text())["result"]["goodput"]
+    assert goodput["attempts"] == 2 and goodput["buckets"]["lost_to_restarts"] > 0, goodput
+    assert goodput["buckets"]["other"] <= 0.05 * goodput["wall_s"], goodput
     a, b = weights(clean), weights(faulty)
     assert a.keys() == b.keys()
     for name in a:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from stages.records import EvalRecord, FewshotResult, IngestResult, ShotStats, TrainResult
+from stages.records import EvalRecord, FewshotResult, GoodputRecord, IngestResult, ShotStats, TrainResult
 from stages.report import (
     Doc,
     QualityBar,
@@ -83,3 +83,14 @@ def test_two_stages_on_one_dataset_are_both_reported():
     m = flat_metrics(gather_results({**RECORDS, "finetune_lr03": second}))
     tuned = {k: v for k, v in m.items() if k.startswith("finetune.")}
     assert tuned == {"finetune.digits@finetune.top1": 0.95, "finetune.digits@finetune_lr03.top1": 0.97}
+
+
+def test_goodput_goes_into_the_metrics_and_the_headline():
+    buckets = {"startup": 3.0, "compute": 6.0, "other": 1.0}
+    timed = RECORDS["pretrain"].model_copy(update={"goodput": GoodputRecord(wall_s=10.0, buckets=buckets, attempts=1,
+                                                                            fraction=0.6)})
+    results = gather_results({**RECORDS, "pretrain": timed})
+    m = flat_metrics(results)
+    assert (m["pretrain.pretrain.goodput"], m["pretrain.pretrain.wall_s"]) == (0.6, 10.0)
+    assert "finetune.digits.goodput" not in m  # nothing measured, nothing claimed
+    assert headline_lines(results, [])[-1] == "training goodput: pretrain 60% of 10s"

@@ -234,6 +234,12 @@ def test_resume_from_a_checkpoint_is_exact_with_dropout(process_group, digits, t
     train(clean, current_worker(CPU))
     interrupted = tiny_job(digits, tmp_path / "resumed")
     train(interrupted, current_worker(CPU))
+    # Two runs of the same job on one machine: bit-identical weights and metrics (dropout included).
+    first, second = (load_file(str(tmp_path / f"{run}/stage/model.safetensors")) for run in ("clean", "resumed"))
+    assert all(torch.equal(first[k], second[k]) for k in first), "two runs of the same job differ"
+    curves = [[(r.step, r.loss, r.lr, r.grad_norm) for r in read_history(LocalStorage(tmp_path / f"{run}/stage"))]
+              for run in ("clean", "resumed")]
+    assert curves[0] == curves[1]
     # What a kill after the step-4 checkpoint leaves: no step-8 checkpoint and no handoff.
     stage = tmp_path / "resumed/stage"
     for path in (stage / "checkpoints/step-00000008").rglob("*"):

@@ -12,13 +12,14 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 from stages.data.transforms import MEAN, STD
 
-__all__ = ["plot_curves", "plot_patch_components", "plot_position_similarity", "plot_attention_distance",
+__all__ = ["plot_goodput", "plot_curves", "plot_patch_components", "plot_position_similarity", "plot_attention_distance",
            "plot_attention_rollout", "denormalize_images"]
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,26 @@ def plot_curves(history: Sequence[dict], path: str | Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_goodput(stages: dict[str, dict[str, float]], path: str | Path) -> Path:
+    """One horizontal stacked bar per training stage: seconds per goodput bucket, in the given order."""
+    if not stages:
+        raise ValueError("no stage to plot")
+    names = list(stages)
+    buckets = list(next(iter(stages.values())))
+    fig = Figure(figsize=(10, 1.6 + 0.5 * len(names)), layout="constrained")
+    ax = fig.subplots()
+    left = np.zeros(len(names))
+    colors = matplotlib.colormaps["tab10"]
+    for i, bucket in enumerate(buckets):
+        seconds = np.array([stages[n].get(bucket, 0.0) for n in names])
+        ax.barh(names, seconds, left=left, color=colors(i % 10), label=bucket.replace("_", " "))
+        left += seconds
+    ax.set_xlabel("seconds")
+    ax.invert_yaxis()  # stages top-down in run order
+    fig.legend(loc="outside lower center", ncol=min(5, len(buckets)), fontsize="small", frameon=False)
     return _save(fig, path)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import StorageSettings
+from pipeline.trackers import TrackerIds
 from stages.data.order import OrderSpec
 from stages.data.tarshards import ShardInfo
 from stages.model.handoff import HandoffRef
@@ -133,6 +134,7 @@ class TelemetrySpec:
     tensorboard: bool = True
     show_progress: bool = False
     ledger: bool = False  # record every sample key consumed (audits exact resume)
+    trackers: TrackerIds | None = None  # MLflow / W&B runs rank 0 also logs each step to
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import logging
 import re
 import shutil
 import tempfile
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,9 +25,10 @@ from pipeline.storage import Storage
 from stages.data.tarshards import ShardInfo
 from stages.model.handoff import HANDOFF_FILES
 from stages.model.vit import ViTConfig, count_params
-from stages.records import TrainResult
+from stages.records import GoodputRecord, TrainResult
 from stages.train.checkpoint import CheckpointStore
 from stages.train.geometry import BatchGeometry
+from stages.train.goodput import GOODPUT_DIR, Goodput, account, read_snapshots
 from stages.train.hardware import ACCELERATORS
 from stages.train.job import (
     CheckpointPolicy,
@@ -40,12 +42,13 @@ from stages.train.job import (
     TelemetrySpec,
     TrainJob,
 )
-from stages.train.loop import ATTEMPTS_FILE, EVAL_FILE, STOPPED_FILE, WORKERS_FILE
+from stages.train.loop import ATTEMPTS_FILE, EVAL_FILE, STOPPED_FILE, WORKERS_FILE, attempts_recorded
 from stages.train.metrics import METRICS_FILE, StepRecord, read_history
 from stages.train.params import TrainParams
 from stages.train.reshard import reshard_refusal
+from stages.train.timing import format_duration
 
-__all__ = ["training_job", "run_training", "train_result", "worker_error_line"]
+__all__ = ["training_job", "run_training", "TrainingOutcome", "train_result", "worker_error_line"]
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ def training_job(ctx: StageContext, p: TrainParams, model: ViTConfig, optimizer:
                                     p.use_gpu, ACCELERATORS[p.gpu].peak_flops if p.use_gpu else None),
         checkpoints=CheckpointPolicy(p.checkpoint_every, p.keep_checkpoints),
         output=OutputSpec(ctx.out.uri, ctx.run_storage_settings or StorageSettings()),
-        telemetry=TelemetrySpec(p.log_every, p.tensorboard, ctx.show_progress, p.ledger),
+        telemetry=TelemetrySpec(p.log_every, p.tensorboard, ctx.show_progress, p.ledger, ctx.trackers),
         task=task,
     )
 
@@ -118,13 +121,22 @@ def check_resume_world_size(store: CheckpointStore, workers: int, stage: str, op
              steps[-1], written_by, workers)
 
 
-def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> list[StepRecord]:
-    """Train on ``p.workers`` Ray Train workers; record the outputs; return the metrics history."""
+@dataclass(frozen=True)
+class TrainingOutcome:
+    history: list[StepRecord]
+    goodput: Goodput
+
+
+def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOutcome:
+    """Train on ``p.workers`` Ray Train workers; record the outputs; return the metrics history
+    and where the wall time went."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from stages.train.loop import ray_train_entry
 
+    started = time.time()
+    first_attempt = attempts_recorded(ctx.out)
     staging = tempfile.mkdtemp(prefix=f"vitpipe-{ctx.name}-")
     try:
         check_resume_world_size(CheckpointStore(ctx.out, Path(staging)), p.workers, ctx.name, job.optimizer.name,
@@ -157,16 +169,23 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> list[StepR
     evaluated = [EVAL_FILE] if isinstance(job.task, FinetuneTask) else []
     for rel in (*HANDOFF_FILES, METRICS_FILE, WORKERS_FILE, ATTEMPTS_FILE, *evaluated):
         ctx.add_output(rel)
-    for obj in ctx.out.list("tensorboard/"):
-        ctx.add_output(obj.path)
-    return read_history(ctx.out)
+    for folder in ("tensorboard/", f"{GOODPUT_DIR}/"):
+        for obj in ctx.out.list(folder):
+            ctx.add_output(obj.path)
+    goodput = account(started, time.time(), read_snapshots(ctx.out), first_attempt)
+    ctx.logger.info("%s: goodput %.0f%% of %s (%s)", ctx.name, 100 * goodput.fraction, format_duration(goodput.wall_s),
+                    ", ".join(f"{name} {format_duration(sec)}" for name, sec in goodput.buckets.items() if sec >= 0.5))
+    return TrainingOutcome(read_history(ctx.out), goodput)
 
 
-def train_result(kind: Literal["pretrain", "finetune"], model: ViTConfig, history: list[StepRecord],
+def train_result(kind: Literal["pretrain", "finetune"], model: ViTConfig, outcome: TrainingOutcome,
                  **extra: Any) -> TrainResult:
     """A training stage's record: the handed-off architecture and how training went."""
+    history, goodput = outcome.history, outcome.goodput
     last_window = next((r for r in reversed(history) if r.images_per_s is not None), None)
     return TrainResult(kind=kind, architecture=model.to_dict(), params=count_params(model),
                        steps=history[-1].step if history else 0, first_loss=history[0].loss if history else None,
                        final_loss=history[-1].loss if history else None,
-                       images_per_s=last_window.images_per_s if last_window else None, **extra)
+                       images_per_s=last_window.images_per_s if last_window else None,
+                       goodput=GoodputRecord(wall_s=goodput.wall_s, buckets=goodput.buckets, attempts=goodput.attempts,
+                                             fraction=goodput.fraction), **extra)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,13 @@ from stages.train.engine import build_engine, set_lr, training_dtype
 from stages.train.evaluate import evaluate
 from stages.train.export import gather_full_state
 from stages.train.geometry import StepGeometry
+from stages.train.goodput import PhaseClock, write_snapshot
 from stages.train.job import FinetuneTask, TrainJob
 from stages.train.metrics import MetricsSink, StepMonitor
 from stages.train.reshard import reshard_refusal, reshard_step
 from stages.train.step import DataFeed, train_step
 
-__all__ = ["train", "ray_train_entry", "EVAL_FILE", "WORKERS_FILE"]
+__all__ = ["train", "ray_train_entry", "attempts_recorded", "EVAL_FILE", "WORKERS_FILE"]
 
 log = logging.getLogger("vitpipe.train")
 
@@ -47,7 +49,11 @@ ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of the worker group: when
 STOPPED_FILE = "stopped.json"  # written by a worker that met a DeterministicError
 
 
-def train(job: TrainJob, worker: WorkerContext) -> None:
+def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None) -> None:
+    """Train ``job`` on this rank. ``clock``: where rank 0 accounts its wall time (goodput); the
+    worker's entry point starts it, so that its own set-up counts too."""
+    clock = clock or PhaseClock()
+    mark = time.perf_counter()
     if worker.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(worker.device)  # the peak reported is this run's, not the process's
     out = open_storage(job.output.uri, job.output.storage)
@@ -65,17 +71,22 @@ def train(job: TrainJob, worker: WorkerContext) -> None:
     checkpointer = Checkpointer(store, engine, worker,
                                 {"loader": loader, "rng": RngState(worker.device), "train": state},
                                 keep=job.checkpoints.keep)
+    mark = clock.charge("startup", mark)
     step = checkpointer.restore(reshard, seed=job.seed)
-    if worker.is_main:
-        _record_attempt(out, worker, step)
+    mark = clock.charge("checkpoint_restore", mark)
+    attempt = _record_attempt(out, worker, step) if worker.is_main else 0
     sink = MetricsSink(job.label, job.schedule.steps, job.telemetry.log_every, out,
                        staging / "tensorboard" if job.telemetry.tensorboard else None, state.history,
-                       job.telemetry.show_progress) if worker.is_main else None
+                       job.telemetry.show_progress, job.telemetry.trackers) if worker.is_main else None
     dtype = training_dtype(job.distributed.precision)
     feed = DataFeed(loader, worker.device, dtype, state.ledger if job.telemetry.ledger else None)
     monitor = StepMonitor(worker, geometry.global_batch, flops_per_image(job.model, training=True),
                           job.distributed.peak_flops)
     total, every = job.schedule.steps, job.checkpoints.every
+    clock.charge("startup", mark)
+    if worker.is_main:
+        write_snapshot(out, clock.snapshot(attempt, step))
+    clock.start_loop()
     while step < total:
         lr = job.schedule.lr(step, job.optimizer.lr)
         set_lr(engine.optimizer, lr)
@@ -84,28 +95,41 @@ def train(job: TrainJob, worker: WorkerContext) -> None:
         monitor.add(step, loss, engine.get_global_grad_norm(), lr, loader.epoch)
         checkpoint_now = step % every == 0 or step == total
         if step % job.telemetry.log_every == 0 or checkpoint_now:  # the host waits for the device here only
-            records = monitor.flush(feed.take_wait())
+            waited = feed.take_wait()
+            clock.add("data_wait", waited)
+            records = monitor.flush(waited)
             if sink is not None:
                 sink.write(records)
         if checkpoint_now:
-            checkpointer.save(step)
-            if sink is not None:
-                sink.publish()
+            with clock.phase("checkpoint_save"):
+                checkpointer.save(step)
+                if sink is not None:
+                    sink.publish()
+            clock.settle_loop()
+            if worker.is_main:  # the work up to here survives a failure
+                with clock.phase("checkpoint_save"):
+                    write_snapshot(out, clock.snapshot(attempt, step))
             monitor.restart_window()
+    clock.settle_loop()
 
     finetune = job.task if isinstance(job.task, FinetuneTask) else None
-    weights = gather_full_state(engine, keep=worker.is_main or finetune is not None)
-    if sink is not None:
-        sink.publish()
-        sink.close()
-    if job.telemetry.ledger:
-        out.write_text(f"ledger/rank{worker.rank}.json", json.dumps(state.ledger))
+    with clock.phase("checkpoint_save"):  # the handoff: the stage's final weights
+        weights = gather_full_state(engine, keep=worker.is_main or finetune is not None)
+        if sink is not None:
+            sink.publish()
+            sink.close()
+        if job.telemetry.ledger:
+            out.write_text(f"ledger/rank{worker.rank}.json", json.dumps(state.ledger))
     if finetune is not None:
-        _evaluate(job, finetune, weights, worker, out, dtype)
-    if worker.is_main:
-        save_handoff(out, job.model, weights, {"step": str(step)})
-    dist.barrier()
+        with clock.phase("evaluation"):
+            _evaluate(job, finetune, weights, worker, out, dtype)
+    with clock.phase("checkpoint_save"):
+        if worker.is_main:
+            save_handoff(out, job.model, weights, {"step": str(step)})
+        dist.barrier()
     shutil.rmtree(staging / f"rank{worker.rank}", ignore_errors=True)  # this node's scratch (S3 runs)
+    if worker.is_main:
+        write_snapshot(out, clock.snapshot(attempt, step, final=True))
 
 
 def _make_loader(job: TrainJob, worker: WorkerContext, geometry: StepGeometry) -> ShardLoader:
@@ -116,12 +140,20 @@ def _make_loader(job: TrainJob, worker: WorkerContext, geometry: StepGeometry) -
                        pin_memory=worker.device.type == "cuda")
 
 
-def _record_attempt(out: Storage, worker: WorkerContext, resumed_from: int) -> None:
+def _record_attempt(out: Storage, worker: WorkerContext, resumed_from: int) -> int:
     """A line per start of the worker group (first start, and every restart after a fault), so that
-    restarts and the step each resumed from can be read back (``vitpipe status``, tests)."""
+    restarts and the step each resumed from can be read back (``vitpipe status``, tests); returns
+    this attempt's number (0-based)."""
+    earlier = attempts_recorded(out)
     record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "world_size": worker.world_size,
               "resumed_from": resumed_from}
     out.append_text(ATTEMPTS_FILE, json.dumps(record) + "\n")
+    return earlier
+
+
+def attempts_recorded(out: Storage) -> int:
+    """How many times a worker group has started training this stage (all runs of it)."""
+    return len(out.read_text(ATTEMPTS_FILE).splitlines()) if out.exists(ATTEMPTS_FILE) else 0
 
 
 def _record_placement(out: Storage, worker: WorkerContext) -> None:
@@ -152,6 +184,7 @@ def ray_train_entry(config: dict[str, Any]) -> None:
     import ray
     import ray.train.torch
 
+    clock = PhaseClock()  # the attempt's set-up counts from here
     configure_logging()
     job: TrainJob = config["job"]
     out = open_storage(job.output.uri, job.output.storage)
@@ -159,7 +192,7 @@ def ray_train_entry(config: dict[str, Any]) -> None:
         return  # an earlier attempt of this group met an error that would only recur: do not run again
     device = ray.train.torch.get_device() if job.distributed.use_gpu else torch.device("cpu")
     try:
-        train(job, current_worker(device, ray.get_runtime_context().get_node_id()))
+        train(job, current_worker(device, ray.get_runtime_context().get_node_id()), clock)
     except DeterministicError as err:
         # Ray Train retries any worker failure (``max_failures``); this one would fail every retry
         # alike. Record it (the first rank to get here wins) and end the worker normally; the

@@ -8,7 +8,8 @@ Throughput is measured over the window (wall time after that wait, so it include
 work). A non-finite loss or gradient norm stops training naming its first step.
 
 :class:`MetricsSink` (rank 0) writes the records: ``metrics.jsonl`` in the stage folder, TensorBoard
-event files, a log line with an ETA at log steps, and a progress bar on a terminal.
+event files, MLflow / W&B when the run configures them (``pipeline.trackers``), a log line with an
+ETA at log steps, and a progress bar on a terminal.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from pipeline.errors import DeterministicError
 from pipeline.stage import Progress
 from pipeline.storage import Storage
+from pipeline.trackers import TrackerIds, TrackerWriter
 from stages.train.context import WorkerContext
 from stages.train.hardware import model_flops_utilization
 from stages.train.timing import eta_seconds, format_duration
@@ -133,7 +136,7 @@ class MetricsSink:
     """Rank 0's outputs for the records: history, TensorBoard, log lines, a progress bar."""
 
     def __init__(self, label: str, total_steps: int, log_every: int, out: Storage, tensorboard_dir: Path | None,
-                 history: list[StepRecord], show_progress: bool) -> None:
+                 history: list[StepRecord], show_progress: bool, trackers: TrackerIds | None = None) -> None:
         self.label = label
         self.total = total_steps
         self.log_every = log_every
@@ -148,12 +151,28 @@ class MetricsSink:
 
             # purge_step: a resumed run drops events a crashed attempt logged after its checkpoint.
             self._writer = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=start + 1 if start else None)
+        self._tracker = self._guard(lambda: TrackerWriter(trackers)) if trackers is not None else None
         self._progress = Progress(total_steps, label, True, log) if show_progress else None
         if self._progress is not None:
             self._progress.update(start)
 
+    def _guard(self, call: Callable[[], Any]) -> Any:
+        """A tracker call; a tracker that fails is dropped for the rest of the attempt with a warning
+        (a tracking server's outage must not stop training: metrics.jsonl and TensorBoard keep all)."""
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - any tracker failure, MLflow's or W&B's
+            log.warning("%s: tracker writes stopped for this attempt: %s", self.label,
+                        " ".join(str(err).split())[:300])
+            self._tracker = None
+            return None
+
     def write(self, records: list[StepRecord]) -> None:
         self.history.extend(records)
+        tracker = self._tracker
+        if tracker is not None and records:
+            self._guard(lambda: tracker.log_metric_rows(self.label, [
+                (r.step, {key: getattr(r, key) for key in _SCALARS}) for r in records]))
         for r in records:
             if self._writer is not None:
                 for key in _SCALARS:
@@ -179,6 +198,9 @@ class MetricsSink:
                     self.out.upload_file(path, f"tensorboard/{path.relative_to(self.tb_dir).as_posix()}")
 
     def close(self) -> None:
+        tracker = self._tracker
+        if tracker is not None:
+            self._guard(tracker.close)
         if self._progress is not None:
             self._progress.close()
         if self._writer is not None:
