@@ -40,6 +40,7 @@ class PhaseClock:
 
     def __init__(self, started_at: float | None = None) -> None:
         self.started_at = time.time() if started_at is None else started_at  # wall clock, for other processes
+        self.origin = time.perf_counter()  # the same moment on this process's clock: the first mark
         self.buckets: dict[str, float] = dict.fromkeys(BUCKETS[:-3], 0.0)  # lost/shutdown/other: the stage's
         self._loop_mark: tuple[float, float] | None = None
 

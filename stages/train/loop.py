@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None)
     """Train ``job`` on this rank. ``clock``: where rank 0 accounts its wall time (goodput); the
     worker's entry point starts it, so that its own set-up counts too."""
     clock = clock or PhaseClock()
-    mark = time.perf_counter()
+    mark = clock.origin  # the entry point's set-up (logging, storage) is start-up too
     if worker.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(worker.device)  # the peak reported is this run's, not the process's
     out = open_storage(job.output.uri, job.output.storage)
