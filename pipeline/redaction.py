@@ -28,7 +28,10 @@ _SECRET_KEY = r"[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"
 # (kind, pattern, group to mask: 0 = the whole match)
 _TEXT_SHAPES: tuple[tuple[str, re.Pattern[str], int], ...] = (
     ("a PEM block", re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(?:-----END [A-Z0-9 ]+-----|\Z)", re.S), 0),
-    ("a URL with a password", re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]+:([^\s/@]+)@"), 1),
+    # The scheme starts a token and is short: unanchored and unbounded, every position of a long
+    # token would scan to its end (quadratic: a 40k-character token took 3 s, a 30 MB manifest hours).
+    ("a URL with a password", re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s/:@]+:([^\s/@]+)@"),
+     1),
     ("a bearer token", re.compile(r"\bBearer\s+([A-Za-z0-9._~+/-]{8,}=*)", re.I), 1),
     ("an AWS secret access key", re.compile(
         r"(?:" + _ACCESS_KEY_ID + r"[^\n]{1,60}?|(?i:secret_?access_?key)\W{1,6})(?<![A-Za-z0-9/+])(" + _SECRET_KEY + ")"),
