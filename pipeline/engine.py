@@ -500,7 +500,8 @@ class _Driver:
             params=spec.params,
             fingerprint=fps[p.name],
             seed=self.config.seed,
-            inputs={role: (up, available[up].model_dump(mode="json")) for role, up in spec.inputs.items()},
+            inputs={role: (up, available[up].model_dump(mode="json"), manifest_digest(available[up]))
+                    for role, up in spec.inputs.items()},
             plugins=list(self.config.plugins),
             attempt=st.attempts,
             resumed=self._resumed.get(p.name, False),

@@ -14,7 +14,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from pipeline.redaction import redact
 from pipeline.storage import Storage
@@ -65,18 +65,30 @@ class Manifest(BaseModel):
     result: dict[str, Any] | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     timings: dict[str, Any] = Field(default_factory=dict)
+    # sha256 of the text this manifest was read from (read_manifest): hashing what is on storage
+    # needs no re-serialisation, and stays right for manifests an older vitpipe formatted otherwise.
+    _stored_digest: str | None = PrivateAttr(default=None)
 
     def to_json(self) -> str:
         # Masked here, not at write time, so the digest downstream stages record is that of the
-        # text on storage.
-        return redact(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)) + "\n"
+        # text on storage. Compact: an ingest of 300k shards has a manifest entry per shard.
+        return redact(json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))) + "\n"
 
     def output(self, path: str) -> OutputEntry | None:
         return next((o for o in self.outputs if o.path == path), None)
 
+    def __eq__(self, other: object) -> bool:
+        # By content: where a manifest was read from (its stored digest) is not part of its value
+        # (pydantic would compare private attributes too).
+        return isinstance(other, Manifest) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every non-frozen pydantic model
+
 
 def manifest_digest(manifest: Manifest) -> str:
-    """sha256 of the manifest's canonical JSON: what downstream stages record as their input."""
+    """sha256 of the manifest's text on storage: what downstream stages record as their input."""
+    if manifest._stored_digest is not None:
+        return manifest._stored_digest
     return hashlib.sha256(manifest.to_json().encode("utf-8")).hexdigest()
 
 
@@ -84,12 +96,15 @@ def read_manifest(stage_storage: Storage) -> Manifest | None:
     """The stage's committed manifest, or None when it has none (or an unreadable one)."""
     if not stage_storage.exists(MANIFEST_NAME):
         return None
+    data = stage_storage.read_bytes(MANIFEST_NAME)
     try:
-        return Manifest.model_validate_json(stage_storage.read_bytes(MANIFEST_NAME))
+        manifest = Manifest.model_validate_json(data)
     except (ValidationError, ValueError) as err:
         log.warning("%s: ignoring an unreadable manifest (%s)", stage_storage.uri_of(MANIFEST_NAME),
                     str(err).splitlines()[0])
         return None
+    manifest._stored_digest = hashlib.sha256(data).hexdigest()
+    return manifest
 
 
 def commit_manifest(stage_storage: Storage, manifest: Manifest) -> None:

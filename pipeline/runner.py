@@ -21,7 +21,7 @@ from pipeline import registry
 from pipeline.config import StorageSettings
 from pipeline.errors import VitpipeError
 from pipeline.logsetup import configure_logging
-from pipeline.manifest import InputRecord, Manifest, commit_manifest, manifest_digest, package_versions
+from pipeline.manifest import InputRecord, Manifest, commit_manifest, package_versions
 from pipeline.stage import StageContext, StageInput
 from pipeline.storage import open_storage
 from pipeline.trackers import TrackerIds
@@ -47,7 +47,8 @@ class StageTask:
     params: dict[str, Any]
     fingerprint: str
     seed: int
-    inputs: dict[str, tuple[str, dict[str, Any]]]  # role -> (upstream stage, its manifest as data)
+    # role -> (upstream stage, its manifest as data, the digest of its text on storage)
+    inputs: dict[str, tuple[str, dict[str, Any], str]]
     plugins: list[str] = field(default_factory=list)
     attempt: int = 1
     resumed: bool = False
@@ -100,7 +101,7 @@ def execute_stage(task: StageTask) -> StageResult:
                 manifest=Manifest.model_validate(manifest),
                 storage=run_storage.child(stage_folder(upstream)),
             )
-            for role, (upstream, manifest) in task.inputs.items()
+            for role, (upstream, manifest, _) in task.inputs.items()
         }
         ctx = StageContext(
             name=task.name,
@@ -127,7 +128,7 @@ def execute_stage(task: StageTask) -> StageResult:
             params=params.model_dump(mode="json"),
             inputs={
                 role: InputRecord(stage=inp.stage, fingerprint=inp.manifest.fingerprint,
-                                  manifest_sha256=manifest_digest(inp.manifest))
+                                  manifest_sha256=task.inputs[role][2])
                 for role, inp in inputs.items()
             },
             outputs=ctx.outputs,

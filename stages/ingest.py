@@ -3,22 +3,27 @@
 Output (under the stage folder)::
 
     shards/train-000000.tar   KEY.png|jpg, KEY.cls (class index), KEY.json (source path, size)
-    shards/train-000000.json  the shard's stats; written after the tar, so it marks it complete
+    shards/train-000000.json  the shard's stats; written after the tar, so it marks it complete (for a
+                              resumed ingest; not a manifest output: the manifest stays small)
     classes.json              {"classes": [names in index order]}
+    skipped.jsonl             every skipped input: {"origin", "kind", "reason"} per line
 
 Shard contents are planned before any image is read (keys sorted, then put in an order seeded by
 the run's seed so that every shard mixes classes; fixed shard boundaries), so the same input and
 config give the same shards, byte for byte, however many workers write them. A
 re-run of an interrupted ingest keeps every shard whose stats file exists and writes only the rest.
-Bad inputs are skipped with a reason (listed in the manifest); the stage fails when more than
-``max_skip_fraction`` of the inputs are skipped.
+Bad inputs are skipped with a reason: every one in ``skipped.jsonl`` (origin, kind, reason), the
+counts by kind and the first 20 in the manifest, which stays O(shards); the stage fails when more
+than ``max_skip_fraction`` of the inputs are skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import posixpath
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
@@ -37,7 +42,8 @@ from stages.data.sources import SPLIT_NAMES, Source, SourceItem, make_source
 from stages.data.tarshards import ShardTarWriter
 from stages.records import IngestResult, ShardRecord, SplitRecord
 
-__all__ = ["IngestParams", "Ingest", "ShardPlan", "ShardResult", "plan_shards", "screen_items", "write_shard"]
+__all__ = ["IngestParams", "Ingest", "ShardPlan", "ShardResult", "SKIPPED_FILE", "ingest_record", "plan_shards",
+           "screen_items", "write_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,15 @@ class ShardResult:
     plan_digest: str = ""
 
 
+SKIPPED_FILE = "skipped.jsonl"  # every skipped input, one JSON object per line (origin, kind, reason)
+SKIPPED_SHOWN = 20  # the manifest keeps the first few and the counts by kind: it stays O(shards)
+
+
+def _skip(item: SourceItem, kind: str, reason: str) -> dict[str, str]:
+    """A skip record: ``kind`` is what the manifest counts by, ``reason`` the detail."""
+    return {"origin": item.origin, "kind": kind, "reason": reason}
+
+
 def _split_rank(split: str) -> tuple[int, str]:
     return (SPLIT_NAMES.index(split) if split in SPLIT_NAMES else len(SPLIT_NAMES), split)
 
@@ -109,13 +124,13 @@ def screen_items(items: Iterable[SourceItem]) -> tuple[list[SourceItem], list[di
     for item in items:
         ext = posixpath.splitext(item.filename)[1].lower() if item.filename else ""
         if item.refused is not None:
-            skipped.append({"origin": item.origin, "reason": item.refused})
+            skipped.append(_skip(item, "refused", item.refused))
         elif item.label is None:
-            skipped.append({"origin": item.origin, "reason": "missing label"})
+            skipped.append(_skip(item, "missing label", "missing label"))
         elif ext and ext[1:] not in IMAGE_EXTENSIONS:
-            skipped.append({"origin": item.origin, "reason": f"unsupported file type {ext}"})
+            skipped.append(_skip(item, "unsupported file type", f"unsupported file type {ext}"))
         elif item.key in seen:
-            skipped.append({"origin": item.origin, "reason": f"duplicate key {item.key!r} (kept {seen[item.key]})"})
+            skipped.append(_skip(item, "duplicate key", f"duplicate key {item.key!r} (kept {seen[item.key]})"))
         else:
             seen[item.key] = item.origin
             kept.append(item)
@@ -191,11 +206,11 @@ def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict
                     raise BadImage("zero-byte file")
                 ext, payload, (width, height) = _encode(data, mode, max_side, quality, validate)
             except BadImage as err:
-                skipped.append({"origin": item.origin, "reason": str(err)})
+                skipped.append(_skip(item, "bad image", str(err)))
                 continue
             except Exception as err:  # noqa: BLE001 - unreadable input: recorded, not fatal
                 reason = " ".join(str(err).split()) or type(err).__name__
-                skipped.append({"origin": item.origin, "reason": f"unreadable: {reason}"})
+                skipped.append(_skip(item, "unreadable", f"unreadable: {reason}"))
                 continue
             meta = {"source": item.origin, "width": width, "height": height, "label": item.label}
             tar.write(item.key, {ext: payload, "cls": str(class_index[item.label]).encode(),
@@ -209,10 +224,23 @@ def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict
     return result
 
 
+def ingest_record(shards: list[ShardResult], classes: list[str], inputs: int, skipped: int) -> IngestResult:
+    """The stage's result record from its shards' stats, in plan order (pure)."""
+    splits: dict[str, SplitRecord] = {}
+    for split in dict.fromkeys(r.split for r in shards):
+        mine = [r for r in shards if r.split == split]
+        counts: dict[str, int] = {}
+        for r in mine:
+            for label, n in r.class_counts.items():
+                counts[label] = counts.get(label, 0) + n
+        splits[split] = SplitRecord(samples=sum(r.samples for r in mine), class_counts=counts, shards=[
+            ShardRecord(path=r.path, samples=r.samples) for r in mine])
+    return IngestResult(classes=classes, splits=splits, inputs=inputs, samples=sum(r.samples for r in shards),
+                        skipped=skipped)
+
+
 def plan_digest(plan: ShardPlan, class_index: dict[str, int], settings: tuple) -> str:
     """What a shard's bytes depend on besides the source files: its items, labels and encoding."""
-    import hashlib
-
     text = json.dumps([[i.key, i.origin, class_index.get(i.label or "", -1)] for i in plan.items] + [list(settings)])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -292,10 +320,9 @@ class Ingest(Stage):
                     bar.update()
 
         ordered = [results[plan.name] for plan in plans]
-        for r in ordered:
+        for r in ordered:  # the stats files only mark finished shards for a resumed ingest: not outputs
             skipped.extend(r.skipped)
             ctx.record_output(r.path, r.bytes, r.sha256)
-            ctx.add_output(f"shards/{r.name}.json")
         total = len(listed)
         if total == 0:
             raise VitpipeError(f"source {p.source!r} at {p.path} has no inputs")
@@ -307,16 +334,10 @@ class Ingest(Stage):
                 f"{p.max_skip_fraction:g}); first: {first['origin']}: {first['reason']}"
             )
         ctx.write_json("classes.json", {"classes": names})
-        splits: dict[str, SplitRecord] = {}
-        for split in dict.fromkeys(r.split for r in ordered):
-            mine = [r for r in ordered if r.split == split]
-            counts: dict[str, int] = {}
-            for r in mine:
-                for label, n in r.class_counts.items():
-                    counts[label] = counts.get(label, 0) + n
-            splits[split] = SplitRecord(samples=sum(r.samples for r in mine), class_counts=counts, shards=[
-                ShardRecord(path=r.path, samples=r.samples, bytes=r.bytes, sha256=r.sha256) for r in mine])
-        ctx.result = IngestResult(classes=names, splits=splits, inputs=total, samples=sum(r.samples for r in ordered),
-                                  skipped=len(skipped))
-        ctx.metrics["skipped"] = skipped  # each skipped input with its reason
+        ctx.result = ingest_record(ordered, names, total, len(skipped))
+        with ctx.open_write(SKIPPED_FILE) as f:  # the whole list, outside the manifest
+            for record in skipped:
+                f.write((json.dumps(record, sort_keys=True) + "\n").encode())
+        ctx.metrics["skipped_by_kind"] = dict(sorted(Counter(r["kind"] for r in skipped).items()))
+        ctx.metrics["skipped_first"] = skipped[:SKIPPED_SHOWN]
         ctx.logger.info("wrote %d samples in %d shards; skipped %d", ctx.result.samples, len(ordered), len(skipped))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import VitpipeError
 from pipeline.stage import StageInput
@@ -29,8 +29,10 @@ class _Record(BaseModel):
 class ShardRecord(_Record):
     path: str  # relative to the ingest stage's folder
     samples: int
-    bytes: int
-    sha256: str
+    # Read from older manifests, never written: the manifest's outputs list has each shard's size
+    # and checksum once (an ingest of 300k shards keeps its manifest O(shards) and small).
+    bytes: int | None = Field(default=None, exclude=True)
+    sha256: str | None = Field(default=None, exclude=True)
 
 
 class SplitRecord(_Record):

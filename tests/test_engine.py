@@ -35,6 +35,31 @@ def _started(uri: str) -> dict[str, str]:
             for name in ("generate", "transform", "combine")}
 
 
+def test_a_run_whose_manifests_an_older_vitpipe_formatted_stays_up_to_date(tmp_path):
+    """Manifests were indented JSON and downstream stages recorded the digest of that text; compact
+    manifests must not make every such run re-run (digests come from the text on storage)."""
+    import hashlib
+
+    uri = str(tmp_path / "run")
+    assert run_pipeline(parse_config(smoke_config()), uri, RayExecutor()).ok
+    stages = tmp_path / "run/stages"
+    digests = {}
+    for name in ("generate", "transform", "combine"):  # in order: inputs first, as the old format had them
+        manifest = json.loads((stages / name / "manifest.json").read_text())
+        for record in manifest["inputs"].values():
+            record["manifest_sha256"] = digests[record["stage"]]
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        (stages / name / "manifest.json").write_text(text)
+        digests[name] = hashlib.sha256(text.encode()).hexdigest()
+    assert run_pipeline(parse_config(smoke_config()), uri, RayExecutor()).ran == []
+    # A stage re-run now consumes an old-format input: it records that input's stored digest.
+    (stages / "combine/manifest.json").unlink()
+    assert run_pipeline(parse_config(smoke_config()), uri, RayExecutor()).ran == ["combine"]
+    recorded = json.loads((stages / "combine/manifest.json").read_text())["inputs"]
+    assert recorded and all(r["manifest_sha256"] == digests[r["stage"]] for r in recorded.values()), recorded
+    assert run_pipeline(parse_config(smoke_config()), uri, RayExecutor()).ran == []
+
+
 def test_run_then_rerun_skips_then_config_change_reruns_downstream_only(tmp_path):
     uri = str(tmp_path / "run")
     config = parse_config(smoke_config())

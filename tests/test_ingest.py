@@ -225,7 +225,12 @@ def test_imagefolder_with_bad_inputs_skips_with_reasons_and_fails_over_the_limit
     params = {"source": "imagefolder", "path": str(tmp_path / "src"), "shard_samples": 8, "mode": "reencode",
               "max_side": 16, "max_skip_fraction": 0.5}
     store, manifest = run_ingest(str(tmp_path / "run"), params)
-    reasons = {s["origin"].rsplit("/", 1)[-1]: s["reason"] for s in manifest.metrics["skipped"]}
+    listed = [json.loads(line) for line in store.read_text("skipped.jsonl").splitlines()]
+    reasons = {s["origin"].rsplit("/", 1)[-1]: s["reason"] for s in listed}
+    # The manifest keeps the counts by kind and the first records; the file has them all.
+    assert manifest.metrics["skipped_by_kind"] == {"bad image": 4, "duplicate key": 1, "missing label": 1,
+                                                   "unsupported file type": 1}, manifest.metrics
+    assert manifest.metrics["skipped_first"] == listed and manifest.output("skipped.jsonl") is not None
     assert set(reasons) == {"truncated.jpg", "zero.jpg", "garbage.jpg", "vector.jpg", "notes.txt", "orphan.jpg",
                             "img0.png"}
     assert reasons["zero.jpg"] == "zero-byte file" and reasons["orphan.jpg"] == "missing label"
@@ -285,7 +290,7 @@ def test_list_sources_and_resharding_other_tools_shards(tmp_path):
         _, m = run_ingest(str(tmp_path / f"run-{name}"), {"source": "list", "path": str(tmp_path / name),
                                                            "max_skip_fraction": 0.2})
         assert record(m).samples == 6 and record(m).classes == ["even", "odd"]
-        assert [s["reason"] for s in m.metrics["skipped"]] == [f"unreadable: {src}/missing.png: no such file"]
+        assert [s["reason"] for s in m.metrics["skipped_first"]] == [f"unreadable: {src}/missing.png: no such file"]
         assert {k: v.samples for k, v in record(m).splits.items()} == {"train": 5, "val": 1}
 
     # img2dataset-style shards written with plain tarfile: KEY.jpg + KEY.txt / KEY.json labels.
@@ -405,5 +410,5 @@ def test_hostile_tar_members_and_symlinks_are_skipped_with_reasons_never_followe
     (folder / "cat/leak.jpg").symlink_to(outside)
     kept, skipped = screen_items(ImageFolderSource(str(folder)).items())
     assert sorted(item.key for item in kept) == ["cat/inside", "cat/real"]
-    assert skipped == [{"origin": str(folder / "cat/leak.jpg"),
+    assert skipped == [{"origin": str(folder / "cat/leak.jpg"), "kind": "refused",
                         "reason": "symbolic link leading outside the source folder (not followed)"}]

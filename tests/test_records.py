@@ -20,7 +20,7 @@ from stages.records import (
 
 INGEST = IngestResult(classes=["cat", "dog"], inputs=3, samples=3, skipped=0, splits={
     "train": SplitRecord(samples=3, class_counts={"cat": 2, "dog": 1},
-                         shards=[ShardRecord(path="shards/train-000000.tar", samples=3, bytes=10, sha256="ab")])})
+                         shards=[ShardRecord(path="shards/train-000000.tar", samples=3)])})
 ARCH = {"image_size": 32, "patch_size": 4, "width": 32, "depth": 2, "mlp_dim": 64, "heads": 2, "num_classes": 2}
 
 
@@ -36,6 +36,13 @@ def test_records_survive_the_manifest_round_trip(tmp_path):
     assert [(s.path, s.samples) for s in record.shards("train")] == [("shards/train-000000.tar", 3)]
     with pytest.raises(VitpipeError, match=r"^the ingest output has no split 'test' \(has: train\)$"):
         record.shards("test")
+
+
+def test_shard_records_of_older_manifests_still_read_and_are_written_compact():
+    old = {"path": "shards/train-000000.tar", "samples": 3, "bytes": 10, "sha256": "ab"}  # before: size and
+    record = ShardRecord.model_validate(old)  # checksum here too (the outputs list has them)
+    assert (record.path, record.samples) == ("shards/train-000000.tar", 3)
+    assert record.model_dump(mode="json") == {"path": "shards/train-000000.tar", "samples": 3}
 
 
 def test_reading_the_wrong_kind_is_one_line_naming_the_input(tmp_path):

@@ -76,3 +76,42 @@ def test_a_permanent_fault_ends_in_one_line_naming_the_object(s3_endpoint, s3_bu
     assert message.startswith(f"s3://{s3_bucket}/data/{shards[1].path}: reading failed 3 times in a row at byte ")
     assert message.endswith("; giving up")
     assert proxy.counts["permanent"] == 3  # the first read and two retries
+
+
+def _source(endpoint: str, bucket: str, **settings):
+    from pipeline.config import StorageSettings
+    from stages.data.sources import WebDatasetSource
+
+    return WebDatasetSource(f"s3://{bucket}/data/shards",
+                            StorageSettings(endpoint_url=endpoint, **settings))
+
+
+def test_an_ingest_source_lists_and_reads_through_transient_faults_exactly(s3_endpoint, s3_bucket):
+    direct = S3Storage(f"s3://{s3_bucket}/data", endpoint_url=s3_endpoint)
+    make_shards(direct, [6, 5])
+    clean = _source(s3_endpoint, s3_bucket).items()
+    expected = [(i.key, i.label, i.split) for i in clean]
+    expected_bytes = [data for _, data in _source(s3_endpoint, s3_bucket).read_many(clean)]
+    # Each source shard is streamed once to list it and once to read it. The first object GETs meet,
+    # in order, a cut 2 KiB in, a stall, a refusal (503) and a cut; each is read through from the
+    # byte reached (a listing that gave up would drop the shard's samples or record a skip).
+    script = ["cut", "stall", "error", "cut"]
+    with FaultProxy(s3_endpoint, script=script, cut_at=2048, stall_s=1.5) as proxy:
+        source = _source(proxy.url, s3_bucket, read_timeout_s=0.4, read_retries=2)
+        items = source.items()
+        got = [data for _, data in source.read_many(items)]
+    assert (proxy.counts["cut"], proxy.counts["stall"], proxy.counts["error"]) == (2, 1, 1)
+    assert [(i.key, i.label, i.split) for i in items] == expected  # no sample lost, no skip record
+    assert got == expected_bytes
+
+
+def test_a_source_shard_that_stays_unreadable_fails_the_listing_in_one_line(s3_endpoint, s3_bucket):
+    direct = S3Storage(f"s3://{s3_bucket}/data", endpoint_url=s3_endpoint)
+    shards = make_shards(direct, [4, 4])
+    with FaultProxy(s3_endpoint, permanent=shards[1].path) as proxy:
+        source = _source(proxy.url, s3_bucket, read_timeout_s=0.4, read_retries=2)
+        with pytest.raises(StorageError) as failed:
+            source.items()  # never a "damaged shard" skip record standing for 4 lost samples
+    message = str(failed.value)
+    assert "\n" not in message and message.endswith("; giving up")
+    assert message.startswith(f"s3://{s3_bucket}/data/{shards[1].path}: reading failed 3 times in a row at byte 0")
