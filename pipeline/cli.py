@@ -267,7 +267,7 @@ def _goodput_records(storage: Any) -> dict[str, Any]:
     from pipeline.status import stage_results
     from stages.records import TrainResult, parse_result
 
-    records = {stage: parse_result(raw) for stage, raw in stage_results(storage).items()}
+    records = {stage: parse_result(raw) for stage, raw in stage_results(storage, ("pretrain", "finetune")).items()}
     return {stage: r.goodput for stage, r in records.items() if isinstance(r, TrainResult) and r.goodput is not None}
 
 

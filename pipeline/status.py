@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 from pipeline import dag
@@ -105,11 +106,12 @@ def collect_headlines(storage: Storage) -> list[tuple[str, str | None, list[str]
     return found
 
 
-def stage_results(storage: Storage) -> dict[str, dict[str, object]]:
-    """The result record each finished stage published in its manifest (stages know their kinds)."""
+def stage_results(storage: Storage, types: Collection[str]) -> dict[str, dict[str, object]]:
+    """The result record each finished stage of these ``types`` published in its manifest (stages
+    know their kinds); other stages' manifests — an ingest's may be tens of MB — are not read."""
     config = read_run_config(storage)
     found = {}
-    for name in config.stages:
+    for name in (n for n, spec in config.stages.items() if spec.type in types):
         manifest = read_manifest(storage.child(stage_folder(name)))
         if manifest is not None and manifest.result:
             found[name] = manifest.result

@@ -3,8 +3,8 @@
 Rank 0 of each attempt (each start of the worker group) times its phases with a
 :class:`PhaseClock` and writes a snapshot (:class:`AttemptTiming`) when its loop starts, after every
 checkpoint and at its end, so a snapshot always marks work that survives. The stage, once Ray
-Train returns, turns the snapshots and its own two timestamps into a :class:`Goodput` with
-:func:`account`, a pure function: time an attempt spent after its last snapshot, until the next
+Train returns, turns the snapshots and its own two timestamps into buckets with
+:func:`account`, a pure function returning the stage's :class:`~stages.records.GoodputRecord`: time an attempt spent after its last snapshot, until the next
 attempt started, is work lost to the restart (the steps since the last checkpoint, the failure
 detection and the new group's start-up).
 
@@ -19,13 +19,13 @@ import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 from pipeline.storage import Storage
 from pipeline.tables import text_table
+from stages.records import GoodputRecord
 from stages.train.timing import format_duration
 
-__all__ = ["BUCKETS", "PhaseClock", "AttemptTiming", "Goodput", "account", "write_snapshot", "read_snapshots",
+__all__ = ["BUCKETS", "PhaseClock", "AttemptTiming", "account", "write_snapshot", "read_snapshots",
            "GOODPUT_DIR", "goodput_table"]
 
 # In report order. "startup": Ray Train's worker group, process group, DeepSpeed and data loader
@@ -99,24 +99,7 @@ def read_snapshots(out: Storage) -> list[AttemptTiming]:
             if obj.path.endswith(".json")]
 
 
-@dataclass(frozen=True)
-class Goodput:
-    wall_s: float
-    buckets: dict[str, float]  # every name in BUCKETS, seconds
-    attempts: int
-
-    @property
-    def fraction(self) -> float:
-        """Goodput: the share of the wall time spent computing training steps."""
-        return self.buckets["compute"] / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def attributed(self) -> float:
-        """The share of the wall time in a named bucket (everything but ``other``)."""
-        return 1.0 - self.buckets["other"] / self.wall_s if self.wall_s > 0 else 0.0
-
-
-def account(started: float, ended: float, snapshots: list[AttemptTiming], first_attempt: int = 0) -> Goodput:
+def account(started: float, ended: float, snapshots: list[AttemptTiming], first_attempt: int = 0) -> GoodputRecord:
     """The stage's wall time [``started``, ``ended``] in buckets, from its attempts' snapshots.
 
     Attempts numbered below ``first_attempt`` belong to an earlier run of the stage (a resumed
@@ -143,16 +126,12 @@ def account(started: float, ended: float, snapshots: list[AttemptTiming], first_
             buckets["lost_to_restarts"] += max(0.0, ended - last.recorded)
     wall = max(0.0, ended - started)
     buckets["other"] = max(0.0, wall - sum(v for k, v in buckets.items() if k != "other"))
-    return Goodput(wall_s=wall, buckets=buckets, attempts=len(attempts))
+    # Goodput: the share of the wall time spent computing training steps.
+    return GoodputRecord(wall_s=wall, buckets=buckets, attempts=len(attempts),
+                         fraction=buckets["compute"] / wall if wall > 0 else 0.0)
 
 
-class _Measured(Protocol):
-    wall_s: float
-    fraction: float
-    buckets: dict[str, float]
-
-
-def goodput_table(stages: Mapping[str, _Measured]) -> str:
+def goodput_table(stages: Mapping[str, GoodputRecord]) -> str:
     """``vitpipe status --detail``: a row per training stage, seconds and share of wall per bucket."""
     header = ("STAGE", "WALL", "GOODPUT", *(b.upper().replace("_", " ") for b in BUCKETS))
     rows = [(name, format_duration(g.wall_s), f"{g.fraction:.1%}",

@@ -28,7 +28,7 @@ from stages.model.vit import ViTConfig, count_params
 from stages.records import GoodputRecord, TrainResult
 from stages.train.checkpoint import CheckpointStore
 from stages.train.geometry import BatchGeometry
-from stages.train.goodput import GOODPUT_DIR, Goodput, account, read_snapshots
+from stages.train.goodput import GOODPUT_DIR, account, read_snapshots
 from stages.train.hardware import ACCELERATORS
 from stages.train.job import (
     CheckpointPolicy,
@@ -124,7 +124,7 @@ def check_resume_world_size(store: CheckpointStore, workers: int, stage: str, op
 @dataclass(frozen=True)
 class TrainingOutcome:
     history: list[StepRecord]
-    goodput: Goodput
+    goodput: GoodputRecord
 
 
 def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOutcome:
@@ -187,5 +187,4 @@ def train_result(kind: Literal["pretrain", "finetune"], model: ViTConfig, outcom
                        steps=history[-1].step if history else 0, first_loss=history[0].loss if history else None,
                        final_loss=history[-1].loss if history else None,
                        images_per_s=last_window.images_per_s if last_window else None,
-                       goodput=GoodputRecord(wall_s=goodput.wall_s, buckets=goodput.buckets, attempts=goodput.attempts,
-                                             fraction=goodput.fraction), **extra)
+                       goodput=goodput, **extra)
