@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import socket
 import struct
 import subprocess
@@ -83,6 +84,20 @@ def history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+# Lines Ray's log monitor streams from its own daemons, e.g. "(raylet) ... is over 95% full": the
+# session-wide Ray of conftest writes them into this process's stderr at any moment of any test.
+RAY_DAEMON_LINE = re.compile(r"^(\x1b\[\d+m)?\((raylet|gcs_server|autoscaler)[^)]*\)")
+
+
+def own_console_output(capfd: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    """What this test's own code printed: the captured (out, err) without Ray's daemon lines."""
+    def without_daemon_lines(text: str) -> str:
+        return "".join(line for line in text.splitlines(keepends=True) if not RAY_DAEMON_LINE.match(line))
+
+    captured = capfd.readouterr()
+    return without_daemon_lines(captured.out), without_daemon_lines(captured.err)
+
+
 def test_settings_are_strict_and_off_by_default() -> None:
     assert not TrackingSettings().enabled
     assert start_tracking(TrackingSettings(), "r") is None
@@ -118,7 +133,7 @@ def test_mlflow_params_and_steps_read_back_exactly(mlflow_settings: TrackingSett
     assert history(client, ids.mlflow_run_id, "pretrain/loss") == [(1, 2.5), (2, 2.25)]
     assert history(client, ids.mlflow_run_id, "pretrain/lr") == [(1, 0.1)]
     assert history(client, ids.mlflow_run_id, "finetune/loss") == [(1, 0.75)]
-    assert capfd.readouterr() == ("", "")  # no migration lines or banners on the console
+    assert own_console_output(capfd) == ("", "")  # no migration lines or banners on the console
 
 
 def test_mlflow_resumed_run_appends_to_the_same_run(mlflow_settings: TrackingSettings,
@@ -231,7 +246,7 @@ def test_wandb_offline_params_steps_and_resume(tmp_path: Path, capfd: pytest.Cap
         writer.log_metric_rows("pretrain", [(3, {"loss": 2.0})])
         writer.log_summary({"eval/top1": 0.5})
         writer.log_artifact(report)
-    assert capfd.readouterr() == ("", "")  # silent: no banners, no sync hints
+    assert own_console_output(capfd) == ("", "")  # silent: no banners, no sync hints
 
     run_dirs = sorted((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{ids.wandb_run_id}*"))
     assert len(run_dirs) == 2  # one per writer, same run id
