@@ -51,17 +51,17 @@ class Finetune(Stage):
         shards = ingested.shards(p.train_split)
         evaluation = EvalSpec(p.eval_split, tuple(ingested.shards(p.eval_split)))
         check_layout(shards, OrderSpec(ctx.seed, p.order_streams, p.open_shards, p.shuffle_buffer), p.global_batch,
-                     p.micro_batch, p.workers)  # fail fast, before any worker starts
+                     p.micro_batch, p.max_workers)  # fail fast, before any worker starts
         if p.image_size % source.patch_size:
             raise VitpipeError(f"image_size {p.image_size} is not divisible by the model's patch size "
                                f"{source.patch_size}")
         target = transfer_config(source, p.image_size, len(ingested.classes), dropout=p.dropout,
                                  drop_path=p.drop_path, checkpoint_activations=p.checkpoint_activations)
-        optimizer = OptimizerSpec("sgd", p.lr, momentum=p.momentum, grad_clip=p.grad_clip)
+        optimizer = OptimizerSpec(p.optimizer, p.lr, momentum=p.momentum, grad_clip=p.grad_clip)
         job = training_job(ctx, p, target, optimizer, data.storage.uri, shards, FinetuneTask(handoff, evaluation))
         dataset = p.dataset or data.stage
-        ctx.logger.info("fine-tuning on %s (%d classes) at %d px (grid %d -> %d), %d steps on %d worker(s)",
-                        dataset, len(ingested.classes), p.image_size, source.grid, target.grid, p.steps, p.workers)
+        ctx.logger.info("fine-tuning on %s (%d classes) at %d px (grid %d -> %d), %d steps on %s worker(s)",
+                        dataset, len(ingested.classes), p.image_size, source.grid, target.grid, p.steps, p.workers_label)
         outcome = run_training(ctx, p, job)
         result = EvalRecord.model_validate_json(ctx.out.read_text(EVAL_FILE))
         ctx.result = train_result("finetune", target, outcome, dataset=dataset, evaluation=result)

@@ -394,8 +394,8 @@ def plan_pretrain(params: PretrainParams, nodes: int = 1, gpus_per_node: int = 1
     suffix = "_checkpointed" if ckpt else ""
     notes: list[str] = []
     warnings: list[str] = []
-    if params.workers != world:
-        notes.append(f"the config has workers={params.workers} but this plan is for N = {nodes} x {gpus_per_node} "
+    if params.max_workers != world:
+        notes.append(f"the config has workers={params.workers_label} but this plan is for N = {nodes} x {gpus_per_node} "
                      f"= {world} data-parallel ranks: set pretrain.workers={world} to run it")
     if not _divides(params.global_batch, world, micro):
         warnings.append(f"global_batch {params.global_batch} is not divisible by N x micro_batch = {world} x {micro} "

@@ -43,11 +43,11 @@ class Pretrain(Stage):
         ingested = read_result(data, IngestResult, "an ingest stage")
         shards = ingested.shards("train")
         check_layout(shards, OrderSpec(ctx.seed, p.order_streams, p.open_shards, p.shuffle_buffer), p.global_batch,
-                     p.micro_batch, p.workers)  # fail fast, before any worker starts
+                     p.micro_batch, p.max_workers)  # fail fast, before any worker starts
         model = p.vit_config(len(ingested.classes))
-        optimizer = OptimizerSpec("adamw", p.lr, weight_decay=p.weight_decay, betas=(p.betas[0], p.betas[1]),
+        optimizer = OptimizerSpec(p.optimizer, p.lr, weight_decay=p.weight_decay, betas=(p.betas[0], p.betas[1]),
                                   grad_clip=p.grad_clip)
         job = training_job(ctx, p, model, optimizer, data.storage.uri, shards, PretrainTask())
-        ctx.logger.info("pretraining ViT-%s (%.2fM params) on %d worker(s), ZeRO-%d, %s, %d steps",
-                        p.model, count_params(model) / 1e6, p.workers, p.zero_stage, p.precision, p.steps)
+        ctx.logger.info("pretraining ViT-%s (%.2fM params) on %s worker(s), ZeRO-%d, %s, %d steps",
+                        p.model, count_params(model) / 1e6, p.workers_label, p.zero_stage, p.precision, p.steps)
         ctx.result = train_result("pretrain", model, run_training(ctx, p, job))

@@ -141,3 +141,26 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2, what: str = 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- sample ledgers: per rank, [step, keys consumed in it] entries (stages.train.checkpointer) --------
+
+
+def read_ledgers(stage_dir: Path) -> list[list[Any]]:
+    """Every rank's ledger file of a training stage, by rank."""
+    files = sorted((stage_dir / "ledger").glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+    return [json.loads(path.read_text()) for path in files]
+
+
+def ledger_keys(ledger: list[Any]) -> list[str]:
+    """One rank's consumed sample keys, in order."""
+    return [key for _, keys in ledger for key in keys]
+
+
+def ledger_by_step(ledgers: list[list[Any]]) -> dict[int, list[str]]:
+    """What the whole group consumed at each global step, whichever ranks it ran on (sorted keys)."""
+    steps: dict[int, list[str]] = {}
+    for ledger in ledgers:
+        for step, keys in ledger:
+            steps.setdefault(step, []).extend(keys)
+    return {step: sorted(keys) for step, keys in sorted(steps.items())}

@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -16,7 +17,7 @@ from pipeline.config import parse_config
 from pipeline.engine import run_pipeline
 from pipeline.errors import ConfigError, StageFailedError
 from stages.train.goodput import BUCKETS
-from tests.conftest import run_cli, wait_for
+from tests.conftest import ledger_keys, read_ledgers, run_cli, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_instance")]
 
@@ -52,8 +53,8 @@ def weights(run: str) -> dict:
     return load_file(str(Path(run) / "stages/pretrain/model.safetensors"))
 
 
-def ledgers(run: str) -> list[list[str]]:
-    return [json.loads((Path(run) / f"stages/pretrain/ledger/rank{r}.json").read_text()) for r in range(2)]
+def ledgers(run: str) -> list[list[Any]]:
+    return read_ledgers(Path(run) / "stages/pretrain")
 
 
 def _check_outputs(run: str, steps: int, batch_per_rank: int) -> None:
@@ -66,7 +67,8 @@ def _check_outputs(run: str, steps: int, batch_per_rank: int) -> None:
     assert cfg["width"] == 64 and cfg["num_classes"] == 10
     assert weights(run)["pos_embed"].shape == (1, 17, 64)
     # The two ranks saw disjoint samples in each step.
-    rank0, rank1 = ledgers(run)
+    assert [[step for step, _ in ledger] for ledger in ledgers(run)] == [list(range(1, steps + 1))] * 2
+    rank0, rank1 = (ledger_keys(ledger) for ledger in ledgers(run))
     assert len(rank0) == len(rank1) == steps * batch_per_rank
     assert not set(rank0) & set(rank1)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -184,6 +186,40 @@ def test_bad_training_configs_are_rejected_at_load():
         parse_config(config(streams=3), source="x.yaml")
 
 
+def test_elastic_workers_are_checked_at_load_and_map_to_ray_train():
+    from ray.train import ScalingConfig
+
+    from stages.train.launch import scaling
+    from stages.train.params import FinetuneParams, PretrainParams, worker_demand
+
+    def pretrain(**params):
+        parse_config(config(**params), source="x.yaml")  # as a run loads it: errors are ConfigErrors
+        return PretrainParams.model_validate({**TINY, **params})
+
+    p = pretrain(workers=[1, 2], resize_check_s=5)
+    # Every size in the range must split the batch and the sample order's streams (their lcm by default).
+    assert (p.world_sizes, p.order_streams, p.workers_label) == (range(1, 3), 2, "1-2 (elastic)")
+    assert pretrain(workers=[2, 4], global_batch=48, micro_batch=4, loader_workers=2).order_streams == 24
+    elastic = ScalingConfig(**scaling(p))
+    assert (elastic.min_workers, elastic.max_workers, elastic.elastic_resize_monitor_interval_s) == (1, 2, 5)
+    assert ScalingConfig(**scaling(pretrain(workers=2))).num_workers == 2
+    # Preflight asks for the minimum: the group starts at whatever else the cluster has.
+    assert len(worker_demand(p).bundles) == 1
+    with pytest.raises(ConfigError, match=r"workers \[1, 3\]: the group may run at any size in that range, and "
+                                          r"only \[1, 2\] of them split global_batch 32 into micro-batches of 8"):
+        pretrain(workers=[1, 3])
+    with pytest.raises(ConfigError, match=r"workers must be a number >= 1 or \[MIN, MAX\]"):
+        pretrain(workers=[2, 1])
+    with pytest.raises(ConfigError, match=r"streams 3 must be a multiple of every number of workers \(1 to 2\)"):
+        pretrain(workers=[1, 2], streams=3, global_batch=48)
+    # Every resize reshards the newest checkpoint: only what DeepSpeed's universal form carries.
+    with pytest.raises(ConfigError, match="resharding a ZeRO-3 checkpoint is not supported yet"):
+        pretrain(workers=[1, 2], zero_stage=3)
+    with pytest.raises(ValueError, match="only Adam-family optimizer state can be resharded and this stage uses sgd"):
+        FinetuneParams(workers=[1, 2], global_batch=32, micro_batch=16, warmup_steps=0, steps=4)
+    assert PretrainParams.optimizer == "adamw" and FinetuneParams.optimizer == "sgd"
+
+
 def test_a_non_finite_loss_stops_the_stage_naming_the_step(ingested, tmp_path):
     run = fresh_run(ingested, tmp_path, "nan")
     # lr 3e37: Adam moves every weight by ~3e37 in the first step, so the second forward overflows
@@ -236,8 +272,8 @@ def test_class_sorted_folders_give_mixed_micro_batches_in_the_pretrain_stage(tmp
     # What the loader is up against: shards of one class (two where a class ends mid-shard).
     assert len(classes_per_shard) == 50 and max(classes_per_shard) == 2 and classes_per_shard.count(1) >= 40
     distinct = []
-    for keys in ledgers(str(run)):
-        for start in range(0, len(keys), 16):
-            distinct.append(len({label_of[k] for k in keys[start:start + 16]}))
+    for ledger in ledgers(str(run)):
+        for _, keys in ledger:  # a rank's micro-batch of 16 at each step
+            distinct.append(len({label_of[k] for k in keys}))
     random_draw = 10 * (1 - 0.9 ** 16)  # 8.15 distinct classes in 16 random draws from 10
     assert len(distinct) == 20 and np.mean(distinct) >= 0.9 * random_draw, distinct

@@ -46,7 +46,7 @@ from stages.train.job import (
 )
 from stages.train.loop import train
 from stages.train.metrics import read_history
-from tests.conftest import free_port
+from tests.conftest import free_port, ledger_by_step, read_ledgers
 from tests.device_guard import HostTensorInCollective, device_guard
 
 CPU = torch.device("cpu")
@@ -459,6 +459,9 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, zer
     assert worst < 5e-5, worst
     history = [json.loads(line) for line in (Path(job.output.uri) / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 9))
+    # Every global step consumed the same samples as the uninterrupted run, whichever ranks ran it.
+    resized = ledger_by_step(read_ledgers(Path(job.output.uri)))
+    assert list(resized) == list(range(1, 9)) and resized == ledger_by_step(read_ledgers(tmp_path / "clean/stage"))
 
 
 def test_loads_past_the_checkpoint_engine_are_weights_only_too(tmp_path):

@@ -14,6 +14,7 @@ import logging
 import pickle
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,19 +66,34 @@ class RngState:
             torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), self.device)
 
 
+LedgerEntry = tuple[int, list[str]]  # (global step, the keys of the samples this rank consumed in it)
+
+
 @dataclass
 class TrainState:
     """What the loop itself accumulates: the metrics history (rank 0) and the sample ledger."""
 
     history: list[StepRecord] = field(default_factory=list)
-    ledger: list[str] = field(default_factory=list)
+    ledger: list[LedgerEntry] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [r.to_json() for r in self.history], "ledger": self.ledger}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [StepRecord(**r) for r in state["history"]]
-        self.ledger = list(state["ledger"])
+        self.ledger = [(step, list(keys)) for step, keys in state["ledger"]]
+
+
+def inherited_ranks(rank: int, written_by: int, world_size: int) -> range:
+    """After a resize, the old ranks whose sample ledgers new rank ``rank`` carries on: ``rank``,
+    ``rank + world_size``, ... — each old rank's in exactly one new rank, so the ledger files of all
+    ranks still hold every sample consumed (the audit of an exact resume)."""
+    return range(rank, written_by, world_size)
+
+
+def merged_ledger(ledgers: Sequence[Sequence[LedgerEntry]]) -> list[LedgerEntry]:
+    """Several ranks' ledgers as one, ordered by step (stable: a rank's entries keep their order)."""
+    return sorted(((step, list(keys)) for ledger in ledgers for step, keys in ledger), key=lambda entry: entry[0])
 
 
 class Checkpointer:
@@ -152,10 +168,11 @@ class Checkpointer:
             group.update(hyper)
         record = self.store.record(step)
         first = self.store.read_state(step, 0, record)
-        own = self.store.read_state(step, self.worker.rank, record) if self.worker.rank < written_by else None
         self.parts["loader"].load_state_dict(first["loader"])  # the cursor is global: any rank's
+        ledgers = [(first if old == 0 else self.store.read_state(step, old, record))["train"]["ledger"]
+                   for old in inherited_ranks(self.worker.rank, written_by, self.worker.world_size)]
         self.parts["train"].load_state_dict({"history": first["train"]["history"] if self.worker.is_main else [],
-                                             "ledger": own["train"]["ledger"] if own else []})
+                                             "ledger": merged_ledger(ledgers)})
         rng = self.parts["rng"]
         assert isinstance(rng, RngState)
         rng.reseed(seed * 1_000_003 + step * 1009 + self.worker.rank)

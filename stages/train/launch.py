@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.config import StorageSettings
+from pipeline.environment import scoped_environment
 from pipeline.errors import DeterministicError, VitpipeError
 from pipeline.stage import StageContext
 from pipeline.storage import Storage
@@ -48,7 +49,7 @@ from stages.train.params import TrainParams
 from stages.train.reshard import reshard_refusal
 from stages.train.timing import format_duration
 
-__all__ = ["training_job", "run_training", "TrainingOutcome", "train_result", "worker_error_line"]
+__all__ = ["training_job", "run_training", "scaling", "TrainingOutcome", "train_result", "worker_error_line"]
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +122,26 @@ def check_resume_world_size(store: CheckpointStore, workers: int, stage: str, op
              steps[-1], written_by, workers)
 
 
+# Ray Train reads it in its controller, which copies it from the environment of the process calling fit().
+START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
 @dataclass(frozen=True)
 class TrainingOutcome:
     history: list[StepRecord]
     goodput: GoodputRecord
 
 
+def scaling(p: TrainParams) -> dict[str, Any]:
+    """Ray Train's ``ScalingConfig`` arguments for the stage: a fixed group of ``workers``, or
+    ``(min, max)``: elastic (the group restarts at the size the cluster holds after losing a node,
+    and grows back when capacity returns; each restart resumes the newest checkpoint, resharded)."""
+    return {"num_workers": (p.min_workers, p.max_workers) if p.elastic else p.workers, "use_gpu": p.use_gpu,
+            "resources_per_worker": {"CPU": p.cpus_per_worker}, "elastic_resize_monitor_interval_s": p.resize_check_s}
+
+
 def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOutcome:
-    """Train on ``p.workers`` Ray Train workers; record the outputs; return the metrics history
+    """Train on ``p.workers`` Ray Train workers (elastic: as many in the range as the cluster holds); record the outputs; return the metrics history
     and where the wall time went."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -138,24 +151,25 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOu
     started = time.time()
     first_attempt = attempts_recorded(ctx.out)
     staging = tempfile.mkdtemp(prefix=f"vitpipe-{ctx.name}-")
-    try:
-        check_resume_world_size(CheckpointStore(ctx.out, Path(staging)), p.workers, ctx.name, job.optimizer.name,
-                                p.zero_stage)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    if isinstance(p.workers, int):  # elastic params were checked at load: their optimizer state reshards
+        try:
+            check_resume_world_size(CheckpointStore(ctx.out, Path(staging)), p.workers, ctx.name,
+                                    job.optimizer.name, p.zero_stage)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     ctx.out.delete(STOPPED_FILE)  # an earlier attempt's verdict: this one tries again
     trainer = TorchTrainer(
         ray_train_entry,
         train_loop_config={"job": replace(job, output=replace(job.output, staging=staging))},
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=p.use_gpu,
-                                     resources_per_worker={"CPU": p.cpus_per_worker}),
+        scaling_config=ScalingConfig(**scaling(p)),
         run_config=RunConfig(name=f"{ctx.name}-{ctx.fingerprint[:12]}", storage_path=staging,
                              failure_config=FailureConfig(max_failures=p.max_failures)),
     )
     try:
-        trainer.fit()
+        with scoped_environment({START_TIMEOUT_VARIABLE: str(p.worker_start_timeout_s)}):
+            trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray wraps the worker's traceback; keep the cause's line
         stopped = _stopped_by(ctx.out)
         if stopped:

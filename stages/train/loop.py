@@ -45,7 +45,8 @@ log = logging.getLogger("vitpipe.train")
 EVAL_FILE = "eval.json"
 WORKERS_FILE = "workers.json"
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of the worker group: when, how many, from which step
-STOPPED_FILE = "stopped.json"  # written by a worker that met a DeterministicError
+STOPPED_FILE = "stopped.json"
+LEDGER_DIR = "ledger"  # written by a worker that met a DeterministicError
 
 
 def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None) -> None:
@@ -78,7 +79,7 @@ def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None)
                        staging / "tensorboard" if job.telemetry.tensorboard else None, state.history,
                        job.telemetry.show_progress, job.telemetry.trackers) if worker.is_main else None
     dtype = training_dtype(job.distributed.precision)
-    feed = DataFeed(loader, worker.device, dtype, state.ledger if job.telemetry.ledger else None)
+    feed = DataFeed(loader, worker.device, dtype, record_keys=job.telemetry.ledger)
     monitor = StepMonitor(worker, geometry.global_batch, flops_per_image(job.model, training=True),
                           job.distributed.peak_flops)
     total, every = job.schedule.steps, job.checkpoints.every
@@ -91,6 +92,8 @@ def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None)
         set_lr(engine.optimizer, lr)
         loss = train_step(engine, feed, geometry.accumulation)
         step += 1
+        if job.telemetry.ledger:
+            state.ledger.append((step, feed.take_keys()))
         monitor.add(step, loss, engine.get_global_grad_norm(), lr, loader.epoch)
         checkpoint_now = step % every == 0 or step == total
         if step % job.telemetry.log_every == 0 or checkpoint_now:  # the host waits for the device here only
@@ -118,7 +121,7 @@ def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None)
             sink.publish()
             sink.close()
         if job.telemetry.ledger:
-            out.write_text(f"ledger/rank{worker.rank}.json", json.dumps(state.ledger))
+            _write_ledger(out, worker, state)
     if finetune is not None:
         with clock.phase("evaluation"):
             _evaluate(job, finetune, weights, worker, out, dtype)
@@ -137,6 +140,16 @@ def _make_loader(job: TrainJob, worker: WorkerContext, geometry: StepGeometry) -
                        image_size=job.model.image_size, world_size=worker.world_size, rank=worker.rank,
                        num_workers=job.data.loader_workers, crop_scale=job.data.crop_scale, hflip=job.data.hflip,
                        pin_memory=worker.device.type == "cuda")
+
+
+def _write_ledger(out: Storage, worker: WorkerContext, state: TrainState) -> None:
+    """This rank's sample ledger; rank 0 also drops those of ranks a larger group had before a
+    resize (their entries live on in this group's ledgers: ``checkpointer.inherited_ranks``)."""
+    out.write_text(f"{LEDGER_DIR}/rank{worker.rank}.json", json.dumps(state.ledger))
+    if worker.is_main:
+        for obj in out.list(f"{LEDGER_DIR}/"):
+            if int(Path(obj.path).stem.removeprefix("rank")) >= worker.world_size:
+                out.delete(obj.path)
 
 
 def _record_attempt(out: Storage, worker: WorkerContext, resumed_from: int) -> int:

@@ -7,14 +7,16 @@ geometry, schedule, distribution and checkpointing.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.preflight import ResourceDemand
 from pipeline.stage import StageParams
 from stages.model.vit import ViTConfig, decode_variant
-from stages.train.geometry import accumulation_steps
+from stages.train.geometry import accumulation_steps, valid_world_sizes
+from stages.train.reshard import reshard_refusal
 
 __all__ = ["TrainParams", "PretrainParams", "FinetuneParams"]
 
@@ -35,7 +37,15 @@ class TrainParams(StageParams):
     decay: Literal["linear", "cosine"] = "linear"
     grad_clip: float = Field(default=1.0, gt=0)
 
-    workers: int = Field(default=2, ge=1, description="Ray Train workers (one GPU each on a cluster)")
+    workers: int | list[int] = Field(
+        default=2, description="Ray Train workers (one GPU each on a cluster); [MIN, MAX]: elastic, the group runs "
+                               "at whatever size in that range the cluster can hold, shrinking when a node is lost "
+                               "and growing back when capacity returns")
+    worker_start_timeout_s: float = Field(
+        default=60.0, gt=0, description="how long Ray Train waits for a worker group to start before retrying at the "
+                                        "size available (elastic: what a lost node costs before the group shrinks)")
+    resize_check_s: float = Field(default=60.0, ge=0, description="elastic: how often a healthy group checks whether "
+                                  "it could grow (a grow restarts it from the newest checkpoint)")
     use_gpu: bool = False
     gpu: Literal["h100", "h200", "a100"] = "h100"
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -58,11 +68,14 @@ class TrainParams(StageParams):
     tensorboard: bool = Field(default=True, description="write TensorBoard event files under tensorboard/")
     ledger: bool = Field(default=False, description="record every sample key consumed (audits exact resume)")
 
+    optimizer: ClassVar[str]  # the stage's optimizer: decides whether its state can be resharded
+
     # How the stage runs, not what it learns: a resume that changes one of these continues from the
     # checkpoints. The global batch, the sample order (streams, resolved below) and the update do
     # not depend on them; the micro-batch only splits a global step into more or fewer pieces.
     execution_params: ClassVar[frozenset[str]] = frozenset({
-        "workers", "use_gpu", "gpu", "cpus_per_worker", "micro_batch", "loader_workers",
+        "workers", "worker_start_timeout_s", "resize_check_s", "use_gpu", "gpu", "cpus_per_worker", "micro_batch",
+        "loader_workers",
         "checkpoint_activations", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
         "tensorboard", "ledger"})
 
@@ -71,19 +84,66 @@ class TrainParams(StageParams):
         params["streams"] = self.order_streams  # unset, it follows the workers: then they decide the order
         return params
 
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, workers: int | list[int]) -> int | list[int]:
+        bounds = [workers, workers] if isinstance(workers, int) else workers
+        if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
+            raise ValueError(f"workers must be a number >= 1 or [MIN, MAX] with 1 <= MIN <= MAX, got {workers}")
+        return workers
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.workers, int)
+
+    @property
+    def world_sizes(self) -> range:
+        """Every number of workers this stage may run on (one unless elastic)."""
+        low, high = (self.workers, self.workers) if isinstance(self.workers, int) else self.workers
+        return range(low, high + 1)
+
+    @property
+    def workers_label(self) -> str:
+        """For logs: "2", or "1-2 (elastic)"."""
+        return f"{self.min_workers}-{self.max_workers} (elastic)" if self.elastic else str(self.workers)
+
+    @property
+    def min_workers(self) -> int:
+        return self.world_sizes[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.world_sizes[-1]
+
     @property
     def order_streams(self) -> int:
-        """The streams of the sample order: as set, else one per loader process of every worker."""
-        return self.streams or self.workers * max(1, self.loader_workers)
+        """The streams of the sample order: as set, else one per loader process of every worker
+        (elastic: of the least common multiple of the sizes in the range, so that each can split them)."""
+        return self.streams or math.lcm(*self.world_sizes) * max(1, self.loader_workers)
 
     @model_validator(mode="after")
     def _check_training(self) -> TrainParams:
-        accumulation_steps(self.global_batch, self.micro_batch, self.workers)  # raises a one-line ValueError
+        if self.elastic:
+            # Ray Train's elastic policy starts the group at any size in the range the cluster holds.
+            usable = [w for w in valid_world_sizes(self.global_batch, self.micro_batch) if w in self.world_sizes]
+            if usable != list(self.world_sizes):
+                raise ValueError(f"workers [{self.min_workers}, {self.max_workers}]: the group may run at any size "
+                                 f"in that range, and only {usable or 'none'} of them split global_batch "
+                                 f"{self.global_batch} into micro-batches of {self.micro_batch}: narrow the range or "
+                                 "change the batch")
+            why = reshard_refusal(self.optimizer, self.zero_stage)
+            if why:  # every resize resumes a checkpoint written by another number of workers
+                raise ValueError(f"workers [{self.min_workers}, {self.max_workers}]: elastic training reshards its "
+                                 f"checkpoints on every resize, and {why}")
+        for size in self.world_sizes:
+            accumulation_steps(self.global_batch, self.micro_batch, size)  # raises a one-line ValueError
         streams = self.order_streams
-        if streams % self.workers or self.global_batch % streams:
+        if any(streams % size for size in self.world_sizes) or self.global_batch % streams:
             given = "" if self.streams else " (workers x loader_workers; set streams)"
-            raise ValueError(f"streams {streams}{given} must be a multiple of workers ({self.workers}) and divide "
-                             f"global_batch ({self.global_batch})")
+            what = f"every number of workers ({self.min_workers} to {self.max_workers})" if self.elastic else \
+                f"workers ({self.workers})"
+            raise ValueError(f"streams {streams}{given} must be a multiple of {what} and divide global_batch "
+                             f"({self.global_batch})")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
         if self.offload_params and self.zero_stage != 3:
@@ -94,6 +154,7 @@ class TrainParams(StageParams):
 
 
 class PretrainParams(TrainParams):
+    optimizer: ClassVar[str] = "adamw"
     model: str = Field(default="Ti/16", description="variant SIZE/PATCH, e.g. B/16, L/16, H/14, Ti/4")
     width: int | None = Field(default=None, ge=8, description="override the variant's width (tiny runs)")
     depth: int | None = Field(default=None, ge=1)
@@ -120,6 +181,7 @@ class PretrainParams(TrainParams):
 
 
 class FinetuneParams(TrainParams):
+    optimizer: ClassVar[str] = "sgd"
     image_size: int = Field(default=384, ge=8, description="fine-tuning resolution (position embeddings resampled)")
     steps: int = Field(default=10_000, ge=1)
     global_batch: int = Field(default=512, ge=1)
@@ -134,6 +196,7 @@ class FinetuneParams(TrainParams):
 
 
 def worker_demand(p: TrainParams) -> ResourceDemand:
-    """The Ray Train worker group: ``workers`` bundles at once, each its CPUs and (on GPUs) one GPU."""
+    """The Ray Train worker group: ``workers`` bundles at once (elastic: the minimum; the group grows
+    into whatever else the cluster has), each its CPUs and (on GPUs) one GPU."""
     bundle = {"CPU": p.cpus_per_worker, "GPU": 1.0 if p.use_gpu else 0.0}
-    return ResourceDemand(bundles=(bundle,) * p.workers, together=True, label="training worker")
+    return ResourceDemand(bundles=(bundle,) * p.min_workers, together=True, label="training worker")

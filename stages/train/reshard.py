@@ -17,7 +17,8 @@ The resume, when the newest checkpoint's world size differs from this run's:
 2. every rank fetches it (the universal loader reads every parameter's file and slices it: each
    rank reads the whole form, once per change of world size) and loads it;
 3. the JSON parts come from the old ranks' files: the data cursor is global (any rank's), the
-   metrics history is rank 0's, a new rank r takes old rank r's sample ledger (if any), and the
+   metrics history is rank 0's, a new rank r carries the sample ledgers of old ranks r, r + M, ...
+   (so the ledgers of all ranks still hold every sample consumed), and the
    random generators are seeded afresh from (seed, step, rank) — the old ranks' streams cannot be
    split or joined.
 

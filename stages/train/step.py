@@ -32,14 +32,15 @@ class DataFeed:
     """Micro-batches on ``device``, endlessly (a new epoch starts when the loader's ends).
 
     The host's wait for each batch is added to ``wait_s`` (the data-wait share of a step); with
-    ``ledger`` every consumed sample key is appended to it.
+    ``record_keys`` the consumed sample keys are kept until :meth:`take_keys` (the sample ledger).
     """
 
-    def __init__(self, loader: Any, device: torch.device, dtype: torch.dtype, ledger: list[str] | None = None) -> None:
+    def __init__(self, loader: Any, device: torch.device, dtype: torch.dtype, record_keys: bool = False) -> None:
         self.loader = loader
         self.device = device
         self.dtype = dtype
-        self.ledger = ledger
+        self.record_keys = record_keys
+        self._keys: list[str] = []
         self.wait_s = 0.0
         self._batches: Iterator[dict[str, Any]] = iter(loader)
 
@@ -54,10 +55,15 @@ class DataFeed:
         started = time.perf_counter()
         raw = self._next_raw()
         self.wait_s += time.perf_counter() - started
-        if self.ledger is not None:
-            self.ledger.extend(raw["key"])
+        if self.record_keys:
+            self._keys.extend(raw["key"])
         return Batch(to_model_input(raw["image"], self.device, self.dtype),
                      raw["label"].to(self.device, non_blocking=True))
+
+    def take_keys(self) -> list[str]:
+        """The keys of the samples consumed since the last call."""
+        keys, self._keys = self._keys, []
+        return keys
 
     def take_wait(self) -> float:
         """Seconds waited since the last call."""
