@@ -220,6 +220,28 @@ def test_elastic_workers_are_checked_at_load_and_map_to_ray_train():
     assert PretrainParams.optimizer == "adamw" and FinetuneParams.optimizer == "sgd"
 
 
+def test_the_wait_clock_counts_from_when_the_group_last_ran():
+    from stages.train.waiting import WaitClock
+
+    clock = WaitClock(limit_s=10, now=0)
+    assert not clock.observe(running=False, now=10)  # starting: 10 s is not over the limit
+    assert not clock.observe(running=True, now=11)  # ran: the wait starts again
+    assert [clock.observe(running=False, now=t) for t in (15, 21, 21.5)] == [False, False, True]
+
+
+def test_a_group_that_can_never_start_fails_the_stage_in_one_line_instead_of_waiting_forever(ingested, tmp_path):
+    run = fresh_run(ingested, tmp_path, "starved")
+    raw = config(workers=3, global_batch=48, micro_batch=8, steps=4, wait_for_workers_s=4, worker_start_timeout_s=2)
+    raw["ray"]["autoscaling"] = True  # an autoscaling cluster is not preflighted: Ray Train is asked as is
+    with pytest.raises(StageFailedError):
+        run_pipeline(parse_config(raw), run, RayExecutor())  # 3 one-CPU workers on this 2-CPU Ray: never
+    error = json.loads((Path(run) / "state.json").read_text())["stages"]["pretrain"]["error"]
+    assert error == ("pretrain: no worker group of 3 workers could start for 4s: the cluster lacks the capacity (a "
+                     "node lost?); resume when it is back, or with fewer workers (wait_for_workers_s sets this "
+                     "limit)"), error
+    assert not (Path(run) / "stages/pretrain/attempts.jsonl").exists()  # no group ever ran
+
+
 def test_a_non_finite_loss_stops_the_stage_naming_the_step(ingested, tmp_path):
     run = fresh_run(ingested, tmp_path, "nan")
     # lr 3e37: Adam moves every weight by ~3e37 in the first step, so the second forward overflows

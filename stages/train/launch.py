@@ -147,6 +147,7 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOu
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from stages.train.loop import ray_train_entry
+    from stages.train.waiting import WaitDeadline, WorkersUnavailableError
 
     started = time.time()
     first_attempt = attempts_recorded(ctx.out)
@@ -165,7 +166,8 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOu
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
         scaling_config=ScalingConfig(**scaling(p)),
         run_config=RunConfig(name=f"{ctx.name}-{ctx.fingerprint[:12]}", storage_path=staging,
-                             failure_config=FailureConfig(max_failures=p.max_failures)),
+                             failure_config=FailureConfig(max_failures=p.max_failures),
+                             callbacks=[WaitDeadline(ctx.name, p.wait_for_workers_s, f"{p.workers_label} workers")]),
     )
     try:
         with scoped_environment({START_TIMEOUT_VARIABLE: str(p.worker_start_timeout_s)}):
@@ -174,6 +176,9 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOu
         stopped = _stopped_by(ctx.out)
         if stopped:
             raise DeterministicError(stopped) from None
+        cause = getattr(err, "controller_failure", None)  # ray.train.ControllerError: raised in the controller
+        if isinstance(cause, WorkersUnavailableError):
+            raise VitpipeError(str(cause)) from None
         raise VitpipeError(f"training failed: {worker_error_line(str(err))}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -46,6 +46,8 @@ class TrainParams(StageParams):
                                         "size available (elastic: what a lost node costs before the group shrinks)")
     resize_check_s: float = Field(default=60.0, ge=0, description="elastic: how often a healthy group checks whether "
                                   "it could grow (a grow restarts it from the newest checkpoint)")
+    wait_for_workers_s: float = Field(default=1800.0, gt=0, description="fail the stage when no worker group has "
+                                      "been able to run for this long (Ray Train itself would wait forever)")
     use_gpu: bool = False
     gpu: Literal["h100", "h200", "a100"] = "h100"
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -74,7 +76,7 @@ class TrainParams(StageParams):
     # checkpoints. The global batch, the sample order (streams, resolved below) and the update do
     # not depend on them; the micro-batch only splits a global step into more or fewer pieces.
     execution_params: ClassVar[frozenset[str]] = frozenset({
-        "workers", "worker_start_timeout_s", "resize_check_s", "use_gpu", "gpu", "cpus_per_worker", "micro_batch",
+        "workers", "worker_start_timeout_s", "resize_check_s", "wait_for_workers_s", "use_gpu", "gpu", "cpus_per_worker", "micro_batch",
         "loader_workers",
         "checkpoint_activations", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
         "tensorboard", "ledger"})
