@@ -197,27 +197,53 @@ def test_elastic_workers_are_checked_at_load_and_map_to_ray_train():
         return PretrainParams.model_validate({**TINY, **params})
 
     p = pretrain(workers=[1, 2], resize_check_s=5)
-    # Every size in the range must split the batch and the sample order's streams (their lcm by default).
-    assert (p.world_sizes, p.order_streams, p.workers_label) == (range(1, 3), 2, "1-2 (elastic)")
-    assert pretrain(workers=[2, 4], global_batch=48, micro_batch=4, loader_workers=2).order_streams == 24
+    assert (p.world_sizes, p.order_streams, p.workers_label) == ([1, 2], 2, "1-2 (elastic)")
+    # Only sizes that split the batch (32 in micro-batches of 8): 3 is skipped; the sample order's
+    # streams default to their lcm x loader workers.
+    q = pretrain(workers=[2, 4], loader_workers=2)
+    assert (q.world_sizes, q.order_streams) == ([2, 4], 8)
     elastic = ScalingConfig(**scaling(p))
     assert (elastic.min_workers, elastic.max_workers, elastic.elastic_resize_monitor_interval_s) == (1, 2, 5)
     assert ScalingConfig(**scaling(pretrain(workers=2))).num_workers == 2
     # Preflight asks for the minimum: the group starts at whatever else the cluster has.
     assert len(worker_demand(p).bundles) == 1
-    with pytest.raises(ConfigError, match=r"workers \[1, 3\]: the group may run at any size in that range, and "
-                                          r"only \[1, 2\] of them split global_batch 32 into micro-batches of 8"):
+    with pytest.raises(ConfigError, match=r"workers \[1, 3\]: MIN and MAX must each split global_batch 32 into "
+                                          r"micro-batches of 8; the sizes in that range that do: \[1, 2\]"):
         pretrain(workers=[1, 3])
     with pytest.raises(ConfigError, match=r"workers must be a number >= 1 or \[MIN, MAX\]"):
         pretrain(workers=[2, 1])
-    with pytest.raises(ConfigError, match=r"streams 3 must be a multiple of every number of workers \(1 to 2\)"):
-        pretrain(workers=[1, 2], streams=3, global_batch=48)
+    with pytest.raises(ConfigError, match=r"streams 6 must be a multiple of every size the group may take \(\[2, 4\]\)"):
+        pretrain(workers=[2, 4], streams=6, global_batch=64)
     # Every resize reshards the newest checkpoint: only what DeepSpeed's universal form carries.
     with pytest.raises(ConfigError, match="resharding a ZeRO-3 checkpoint is not supported yet"):
         pretrain(workers=[1, 2], zero_stage=3)
     with pytest.raises(ValueError, match="only Adam-family optimizer state can be resharded and this stage uses sgd"):
         FinetuneParams(workers=[1, 2], global_batch=32, micro_batch=16, warmup_steps=0, steps=4)
     assert PretrainParams.optimizer == "adamw" and FinetuneParams.optimizer == "sgd"
+
+
+def test_elastic_groups_take_only_sizes_that_split_the_batch(monkeypatch):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from stages.train.elastic import ElasticTorchTrainer, UsableSizesPolicy, usable_size
+    from stages.train.params import PretrainParams
+
+    # The paper's batch on 64-128 GPUs: 4096 in micro-batches of 32 splits over 64 or 128 ranks only.
+    p = PretrainParams(workers=[64, 128], global_batch=4096, micro_batch=32, streams=1024, warmup_steps=0, steps=1)
+    assert p.world_sizes == [64, 128]
+    assert [usable_size(n, [64, 128]) for n in (63, 64, 100, 127, 128, 200)] == [0, 64, 64, 64, 128, 128]
+    # Ray Train's own count from the nodes' reserved GPUs (8 per node), rounded down: a node lost at
+    # 16 nodes leaves 120 GPUs and a group of 64; fewer than 64 is "below the minimum" (Ray waits).
+    policy = UsableSizesPolicy(ScalingConfig(num_workers=(64, 128), use_gpu=True), p.world_sizes)
+    assert [policy._count_possible_workers({f"node{i}": {"GPU": 8.0, "CPU": 96.0} for i in range(nodes)})
+            for nodes in (16, 15, 8, 7)] == [128, 64, 64, 0]
+    # The trainer hands that policy to Ray Train's controller (a Ray upgrade that renames the hook fails here).
+    handed = {}
+    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller", lambda self, **kw: handed.update(kw))
+    trainer = ElasticTorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=(1, 2)), sizes=[1, 2])
+    trainer._initialize_and_run_controller(scaling_policy=None, failure_policy=None)
+    assert isinstance(handed["scaling_policy"], UsableSizesPolicy) and handed["scaling_policy"].sizes == [1, 2]
 
 
 def test_the_wait_clock_counts_from_when_the_group_last_ran():

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,17 +136,19 @@ class TrainingOutcome:
 def scaling(p: TrainParams) -> dict[str, Any]:
     """Ray Train's ``ScalingConfig`` arguments for the stage: a fixed group of ``workers``, or
     ``(min, max)``: elastic (the group restarts at the size the cluster holds after losing a node,
-    and grows back when capacity returns; each restart resumes the newest checkpoint, resharded)."""
+    and grows back when capacity returns; each restart resumes the newest checkpoint, resharded;
+    sizes that cannot split the batch are rounded down: ``stages.train.elastic``)."""
     return {"num_workers": (p.min_workers, p.max_workers) if p.elastic else p.workers, "use_gpu": p.use_gpu,
             "resources_per_worker": {"CPU": p.cpus_per_worker}, "elastic_resize_monitor_interval_s": p.resize_check_s}
 
 
 def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOutcome:
-    """Train on ``p.workers`` Ray Train workers (elastic: as many in the range as the cluster holds); record the outputs; return the metrics history
-    and where the wall time went."""
+    """Train on ``p.workers`` Ray Train workers (elastic: as many in the range as the cluster holds);
+    record the outputs; return the metrics history and where the wall time went."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from stages.train.elastic import ElasticTorchTrainer
     from stages.train.loop import ray_train_entry
     from stages.train.waiting import WaitDeadline, WorkersUnavailableError
 
@@ -160,7 +163,8 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOu
             shutil.rmtree(staging, ignore_errors=True)
             raise
     ctx.out.delete(STOPPED_FILE)  # an earlier attempt's verdict: this one tries again
-    trainer = TorchTrainer(
+    trainer_class: Any = partial(ElasticTorchTrainer, sizes=p.world_sizes) if p.elastic else TorchTrainer
+    trainer = trainer_class(
         ray_train_entry,
         train_loop_config={"job": replace(job, output=replace(job.output, staging=staging))},
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),

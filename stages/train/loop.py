@@ -45,8 +45,8 @@ log = logging.getLogger("vitpipe.train")
 EVAL_FILE = "eval.json"
 WORKERS_FILE = "workers.json"
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of the worker group: when, how many, from which step
-STOPPED_FILE = "stopped.json"
-LEDGER_DIR = "ledger"  # written by a worker that met a DeterministicError
+STOPPED_FILE = "stopped.json"  # written by a worker that met a DeterministicError
+LEDGER_DIR = "ledger"  # rankR.json: [step, keys] per optimizer step (``ledger: true``)
 
 
 def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None) -> None:

@@ -76,10 +76,9 @@ class TrainParams(StageParams):
     # checkpoints. The global batch, the sample order (streams, resolved below) and the update do
     # not depend on them; the micro-batch only splits a global step into more or fewer pieces.
     execution_params: ClassVar[frozenset[str]] = frozenset({
-        "workers", "worker_start_timeout_s", "resize_check_s", "wait_for_workers_s", "use_gpu", "gpu", "cpus_per_worker", "micro_batch",
-        "loader_workers",
-        "checkpoint_activations", "checkpoint_every", "keep_checkpoints", "max_failures", "log_every",
-        "tensorboard", "ledger"})
+        "workers", "worker_start_timeout_s", "resize_check_s", "wait_for_workers_s", "use_gpu", "gpu",
+        "cpus_per_worker", "micro_batch", "loader_workers", "checkpoint_activations", "checkpoint_every",
+        "keep_checkpoints", "max_failures", "log_every", "tensorboard", "ledger"})
 
     def result_params(self) -> dict[str, Any]:
         params = super().result_params()
@@ -99,10 +98,14 @@ class TrainParams(StageParams):
         return not isinstance(self.workers, int)
 
     @property
-    def world_sizes(self) -> range:
-        """Every number of workers this stage may run on (one unless elastic)."""
-        low, high = (self.workers, self.workers) if isinstance(self.workers, int) else self.workers
-        return range(low, high + 1)
+    def world_sizes(self) -> list[int]:
+        """Every number of workers this stage may run on: ``workers``, or (elastic) the sizes in
+        [MIN, MAX] that split the global batch into whole micro-batches per rank (the group's size
+        is rounded down to one of them: ``stages.train.elastic``)."""
+        if isinstance(self.workers, int):
+            return [self.workers]
+        low, high = self.workers
+        return [w for w in valid_world_sizes(self.global_batch, self.micro_batch) if low <= w <= high]
 
     @property
     def workers_label(self) -> str:
@@ -111,28 +114,26 @@ class TrainParams(StageParams):
 
     @property
     def min_workers(self) -> int:
-        return self.world_sizes[0]
+        return self.workers if isinstance(self.workers, int) else self.workers[0]
 
     @property
     def max_workers(self) -> int:
-        return self.world_sizes[-1]
+        return self.workers if isinstance(self.workers, int) else self.workers[1]
 
     @property
     def order_streams(self) -> int:
         """The streams of the sample order: as set, else one per loader process of every worker
-        (elastic: of the least common multiple of the sizes in the range, so that each can split them)."""
+        (elastic: of the least common multiple of the sizes it may run on, so that each can split them)."""
         return self.streams or math.lcm(*self.world_sizes) * max(1, self.loader_workers)
 
     @model_validator(mode="after")
     def _check_training(self) -> TrainParams:
         if self.elastic:
-            # Ray Train's elastic policy starts the group at any size in the range the cluster holds.
-            usable = [w for w in valid_world_sizes(self.global_batch, self.micro_batch) if w in self.world_sizes]
-            if usable != list(self.world_sizes):
-                raise ValueError(f"workers [{self.min_workers}, {self.max_workers}]: the group may run at any size "
-                                 f"in that range, and only {usable or 'none'} of them split global_batch "
-                                 f"{self.global_batch} into micro-batches of {self.micro_batch}: narrow the range or "
-                                 "change the batch")
+            usable = self.world_sizes  # between them, the group's size is rounded down to one
+            if self.min_workers not in usable or self.max_workers not in usable:
+                raise ValueError(f"workers [{self.min_workers}, {self.max_workers}]: MIN and MAX must each split "
+                                 f"global_batch {self.global_batch} into micro-batches of {self.micro_batch}; the "
+                                 f"sizes in that range that do: {usable or 'none'}")
             why = reshard_refusal(self.optimizer, self.zero_stage)
             if why:  # every resize resumes a checkpoint written by another number of workers
                 raise ValueError(f"workers [{self.min_workers}, {self.max_workers}]: elastic training reshards its "
@@ -142,8 +143,7 @@ class TrainParams(StageParams):
         streams = self.order_streams
         if any(streams % size for size in self.world_sizes) or self.global_batch % streams:
             given = "" if self.streams else " (workers x loader_workers; set streams)"
-            what = f"every number of workers ({self.min_workers} to {self.max_workers})" if self.elastic else \
-                f"workers ({self.workers})"
+            what = f"every size the group may take ({self.world_sizes})" if self.elastic else f"workers ({self.workers})"
             raise ValueError(f"streams {streams}{given} must be a multiple of {what} and divide global_batch "
                              f"({self.global_batch})")
         if self.warmup_steps > self.steps:
