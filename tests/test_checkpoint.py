@@ -119,3 +119,16 @@ def test_a_resume_on_another_number_of_workers_is_refused_before_any_worker_star
         "finetune: its newest checkpoint (step 2) was written by 2 workers and this run asks for 1; only Adam-family "
         "optimizer state can be resharded and this stage uses sgd: set finetune.workers=2, or re-run the stage from "
         "scratch with --from finetune")
+
+
+def test_sample_ledgers_are_inherited_whole_across_a_resize_and_old_flat_ledgers_still_load():
+    from stages.train.checkpointer import TrainState, inherited_ranks, merged_ledger
+
+    # 4 ranks -> 3: each old rank's ledger lives on in exactly one new rank.
+    assert [list(inherited_ranks(r, 4, 3)) for r in range(3)] == [[0, 3], [1], [2]]
+    assert [list(inherited_ranks(r, 1, 2)) for r in range(2)] == [[0], []]  # growing: new ranks start empty
+    old0, old3 = [(1, ["a"]), (2, ["c"])], [(1, ["b"]), (2, ["d"])]
+    assert merged_ledger([old0, old3]) == [(1, ["a"]), (1, ["b"]), (2, ["c"]), (2, ["d"])]
+    state = TrainState()
+    state.load_state_dict({"history": [], "ledger": ["k1", "k2"]})  # a checkpoint of an older vitpipe
+    assert state.ledger == [(0, ["k1", "k2"])]

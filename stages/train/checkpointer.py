@@ -81,7 +81,10 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [StepRecord(**r) for r in state["history"]]
-        self.ledger = [(step, list(keys)) for step, keys in state["ledger"]]
+        ledger = state["ledger"]
+        if ledger and isinstance(ledger[0], str):  # written before ledgers had steps: one entry, step unknown (0)
+            ledger = [(0, ledger)]
+        self.ledger = [(step, list(keys)) for step, keys in ledger]
 
 
 def inherited_ranks(rank: int, written_by: int, world_size: int) -> range:
