@@ -18,7 +18,7 @@ from stages.data.order import OrderSpec
 from stages.records import IngestResult
 from stages.train.params import PretrainParams
 from stages.train.step import DataFeed
-from tests.conftest import REPO, S3_KEY_ID, cli_env, ledger_by_step
+from tests.conftest import REPO, S3_KEY_ID, cli_env, ledger_by_step, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -67,9 +67,21 @@ def test_elastic_group_loses_a_node_and_grows_back_on_s3_with_an_exact_ledger(tm
     run_uri, result_file = f"s3://{s3_bucket}/two-nodes", tmp_path / "result.json"
     env = cli_env()
     env.pop("AWS_ENDPOINT_URL", None)
-    proc = subprocess.run([sys.executable, "-m", "tests.multinode_driver", run_uri, json.dumps(raw), s3_endpoint,
-                           str(result_file)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as output:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.multinode_driver", run_uri, json.dumps(raw), s3_endpoint,
+                                 str(result_file)], cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            # The reference order, worked out while the cluster trains (mostly waiting on Ray's timeouts).
+            data = S3Storage(f"{run_uri}/stages/ingest", endpoint_url=s3_endpoint)
+            wait_for(lambda: data.exists("manifest.json") or proc.poll() is not None, timeout=600, interval=1,
+                     what="the ingest")
+            expected = sample_order_by_step(data, 3, PretrainParams.model_validate(
+                raw["stages"]["pretrain"]["params"])) if data.exists("manifest.json") else None
+            returncode = proc.wait(timeout=900)
+        finally:
+            proc.kill()
+    assert returncode == 0, log.read_text()[-6000:]
     result = json.loads(result_file.read_text())
     assert result["nodes"] == 2
     events = [e["event"] for e in result["events"]]
@@ -99,6 +111,4 @@ def test_elastic_group_loses_a_node_and_grows_back_on_s3_with_an_exact_ledger(tm
     # ranks ran it, with nothing from the work lost at each resize.
     ledgers = [json.loads(out.read_text(o.path)) for o in sorted(out.list("ledger/"), key=lambda o: o.path)]
     assert len(ledgers) == 2
-    p = PretrainParams.model_validate(raw["stages"]["pretrain"]["params"])
-    data = S3Storage(f"{run_uri}/stages/ingest", endpoint_url=s3_endpoint)
-    assert ledger_by_step(ledgers) == sample_order_by_step(data, 3, p)
+    assert ledger_by_step(ledgers) == expected

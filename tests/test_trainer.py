@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -442,11 +443,10 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, zer
     clean = tiny_job(digits, tmp_path / "clean", **changes)
     _train_on(clean, first)
     job = tiny_job(digits, tmp_path / "resized", **changes)
-    _train_on(job, first)
-    for path in _step_dir(job, 8).rglob("*"):  # what a kill after the step-4 checkpoint leaves
-        if path.is_file():
-            path.unlink()
-    (Path(job.output.uri) / "model.safetensors").unlink()
+    # What a kill after the step-4 checkpoint of the same run leaves (runs of a job on one machine are
+    # bit-identical: test_resume_from_a_checkpoint_is_exact_with_dropout), without training it again.
+    shutil.copytree(clean.output.uri, job.output.uri, ignore=shutil.ignore_patterns("step-00000008", "ledger",
+                                                                                      "model.safetensors"))
     _train_on(job, then)
     attempts = [json.loads(line) for line in (Path(job.output.uri) / "attempts.jsonl").read_text().splitlines()]
     assert [(a["world_size"], a["resumed_from"]) for a in attempts] == [(first, 0), (then, 4)]
