@@ -434,12 +434,17 @@ def _train_on(job: TrainJob, world: int) -> None:
     mp.spawn(_train_rank, args=(world, free_port(), job), nprocs=world, join=True)
 
 
-@pytest.mark.parametrize("zero, first, then", [(2, 1, 2), (1, 2, 1)])
-def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, zero, first, then):
+# The second case also reads with two loader processes per rank from one shard of 100 samples, so
+# that the resumed run crosses an epoch boundary (6 steps of 16 per epoch).
+@pytest.mark.parametrize("zero, first, then, loader_workers, shards", [(2, 1, 2, 0, 4), (1, 2, 1, 2, 1)])
+def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, zero, first, then, loader_workers,
+                                                           shards):
     """Model, Adam moments and step, LR schedule and the global data cursor carry over: the run ends
     where an uninterrupted one at the first size ends, within reduction-order noise."""
     model = decode_variant("Ti/4", image_size=16, num_classes=10, width=32, depth=2, heads=2, mlp_dim=64)
-    changes = {"model": model, "distributed": DistributedSpec(zero, "fp32")}  # dropout off: see the README
+    data = dataclasses.replace(tiny_job(digits, tmp_path).data, loader_workers=loader_workers,
+                               shards=tuple(digits[1][:shards]))
+    changes = {"model": model, "distributed": DistributedSpec(zero, "fp32"), "data": data}  # dropout off: README
     clean = tiny_job(digits, tmp_path / "clean", **changes)
     _train_on(clean, first)
     job = tiny_job(digits, tmp_path / "resized", **changes)
@@ -462,6 +467,8 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, zer
     # Every global step consumed the same samples as the uninterrupted run, whichever ranks ran it.
     resized = ledger_by_step(read_ledgers(Path(job.output.uri)))
     assert list(resized) == list(range(1, 9)) and resized == ledger_by_step(read_ledgers(tmp_path / "clean/stage"))
+    if shards == 1:  # 8 steps of 16 from an epoch of 6 (96 of the 100 samples fill whole steps): two epochs
+        assert len({key for keys in resized.values() for key in keys}) == 96
 
 
 def test_loads_past_the_checkpoint_engine_are_weights_only_too(tmp_path):
