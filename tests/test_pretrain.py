@@ -187,9 +187,8 @@ def test_bad_training_configs_are_rejected_at_load():
 
 
 def test_elastic_workers_are_checked_at_load_and_map_to_ray_train():
-    from ray.train import ScalingConfig
 
-    from stages.train.launch import scaling
+    from stages.train.launch import scaling_config
     from stages.train.params import FinetuneParams, PretrainParams, worker_demand
 
     def pretrain(**params):
@@ -202,9 +201,9 @@ def test_elastic_workers_are_checked_at_load_and_map_to_ray_train():
     # streams default to their lcm x loader workers.
     q = pretrain(workers=[2, 4], loader_workers=2)
     assert (q.world_sizes, q.order_streams) == ([2, 4], 8)
-    elastic = ScalingConfig(**scaling(p))
+    elastic = scaling_config(p)
     assert (elastic.min_workers, elastic.max_workers, elastic.elastic_resize_monitor_interval_s) == (1, 2, 5)
-    assert ScalingConfig(**scaling(pretrain(workers=2))).num_workers == 2
+    assert scaling_config(pretrain(workers=2)).num_workers == 2
     # Preflight asks for the minimum: the group starts at whatever else the cluster has.
     assert len(worker_demand(p).bundles) == 1
     with pytest.raises(ConfigError, match=r"workers \[1, 3\]: MIN and MAX must each split global_batch 32 into "

@@ -50,7 +50,7 @@ from stages.train.params import TrainParams
 from stages.train.reshard import reshard_refusal
 from stages.train.timing import format_duration
 
-__all__ = ["training_job", "run_training", "scaling", "TrainingOutcome", "train_result", "worker_error_line"]
+__all__ = ["training_job", "run_training", "scaling_config", "TrainingOutcome", "train_result", "worker_error_line"]
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +133,22 @@ class TrainingOutcome:
     goodput: GoodputRecord
 
 
-def scaling(p: TrainParams) -> dict[str, Any]:
-    """Ray Train's ``ScalingConfig`` arguments for the stage: a fixed group of ``workers``, or
-    ``(min, max)``: elastic (the group restarts at the size the cluster holds after losing a node,
-    and grows back when capacity returns; each restart resumes the newest checkpoint, resharded;
-    sizes that cannot split the batch are rounded down: ``stages.train.elastic``)."""
-    return {"num_workers": (p.min_workers, p.max_workers) if p.elastic else p.workers, "use_gpu": p.use_gpu,
-            "resources_per_worker": {"CPU": p.cpus_per_worker}, "elastic_resize_monitor_interval_s": p.resize_check_s}
+def scaling_config(p: TrainParams) -> Any:
+    """Ray Train's ``ScalingConfig`` for the stage: a fixed group of ``workers``, or ``(min, max)``:
+    elastic (the group restarts at the size the cluster holds after losing a node, and grows back
+    when capacity returns; each restart resumes the newest checkpoint, resharded; sizes that cannot
+    split the batch are rounded down: ``stages.train.elastic``)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=(p.min_workers, p.max_workers) if p.elastic else p.workers, use_gpu=p.use_gpu,
+                         resources_per_worker={"CPU": p.cpus_per_worker},
+                         elastic_resize_monitor_interval_s=p.resize_check_s)
 
 
 def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOutcome:
     """Train on ``p.workers`` Ray Train workers (elastic: as many in the range as the cluster holds);
     record the outputs; return the metrics history and where the wall time went."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from stages.train.elastic import ElasticTorchTrainer
@@ -168,7 +171,7 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOu
         ray_train_entry,
         train_loop_config={"job": replace(job, output=replace(job.output, staging=staging))},
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(**scaling(p)),
+        scaling_config=scaling_config(p),
         run_config=RunConfig(name=f"{ctx.name}-{ctx.fingerprint[:12]}", storage_path=staging,
                              failure_config=FailureConfig(max_failures=p.max_failures),
                              callbacks=[WaitDeadline(ctx.name, p.wait_for_workers_s, f"{p.workers_label} workers")]),
