@@ -17,7 +17,8 @@ headers (no byte of the body gets through). ``reject=(status, code)`` answers *e
 (HEAD, GET, PUT, LIST) with that S3 error instead of forwarding it (an S3 that denies access or
 refuses expired credentials; a HEAD's answer has no body, as on S3). ``hold`` names a request
 substring (e.g. ``partNumber=``) whose requests get no answer until the proxy stops: a writer
-stuck mid-upload, to be killed there. ``counts`` says what was injected.
+stuck mid-upload, to be killed there. ``counts`` says what was injected; ``object_paths`` lists
+the path of every object GET, in order (who read what).
 Only loopback addresses are used; it stops with :meth:`stop`.
 """
 
@@ -28,7 +29,7 @@ import random
 import socket
 import threading
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 __all__ = ["FaultProxy"]
 
@@ -67,6 +68,11 @@ def _header(head: bytes, name: bytes) -> bytes | None:
         if key.strip().lower() == name:
             return value.strip()
     return None
+
+
+def _without_header(head: bytes, name: bytes) -> bytes:
+    lines = head.split(b"\r\n")
+    return b"\r\n".join([lines[0], *(line for line in lines[1:] if line.partition(b":")[0].strip().lower() != name)])
 
 
 def _read_exact(sock: socket.socket, pending: bytearray, n: int) -> bytes:
@@ -117,6 +123,7 @@ class FaultProxy:
             raise ValueError(f"script faults must be among {sorted(self.rates)} or None, got {script}")
         self._script = list(script) if script is not None else None
         self.counts: collections.Counter[str] = collections.Counter()
+        self.object_paths: list[str] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -158,6 +165,7 @@ class FaultProxy:
             if not is_object_get:
                 return None
             self.counts["object_gets"] += 1
+            self.object_paths.append(unquote(path.decode()))
             if self.permanent and self.permanent.encode() in path:
                 self.counts["permanent"] += 1
                 return "permanent"
@@ -183,8 +191,15 @@ class FaultProxy:
                 if head is None:
                     return
                 method, target = head.split(b" ", 2)[:2]
-                length = int(_header(head, b"content-length") or 0)
-                body = _read_exact(client, from_client, length) if length else b""
+                if (_header(head, b"expect") or b"").lower() == b"100-continue":
+                    # Answered here, so the client sends the body now rather than after waiting.
+                    client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    head = _without_header(head, b"expect")
+                if (_header(head, b"transfer-encoding") or b"").lower() == b"chunked":  # a streamed upload
+                    body = _read_chunked(client, from_client)
+                else:
+                    length = int(_header(head, b"content-length") or 0)
+                    body = _read_exact(client, from_client, length) if length else b""
                 if self.reject is not None:
                     with self._lock:
                         self.counts["rejected"] += 1

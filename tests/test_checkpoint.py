@@ -106,15 +106,14 @@ def test_a_resume_on_another_number_of_workers_is_refused_before_any_worker_star
     from stages.train.launch import check_resume_world_size
 
     store = CheckpointStore(LocalStorage(tmp_path / "stage"), tmp_path / "staging")
-    check_resume_world_size(store, workers=1, stage="finetune", optimizer="sgd", zero_stage=2)  # nothing to resume
+    check_resume_world_size(store, workers=1, stage="finetune", optimizer="sgd", partitioned=True)  # nothing to resume
     _write_step(store, 2)
     store.commit(2, world_size=2)
-    check_resume_world_size(store, workers=2, stage="finetune", optimizer="sgd", zero_stage=2)
-    check_resume_world_size(store, workers=1, stage="pretrain", optimizer="adamw", zero_stage=2)  # resharded on load
-    with pytest.raises(VitpipeError, match="resharding a ZeRO-3 checkpoint is not supported yet"):
-        check_resume_world_size(store, workers=1, stage="pretrain", optimizer="adamw", zero_stage=3)
+    check_resume_world_size(store, workers=2, stage="finetune", optimizer="sgd", partitioned=True)
+    check_resume_world_size(store, workers=1, stage="pretrain", optimizer="adamw", partitioned=True)  # resharded on load
+    check_resume_world_size(store, workers=1, stage="finetune", optimizer="sgd", partitioned=False)  # whole state
     with pytest.raises(VitpipeError) as refused:
-        check_resume_world_size(store, workers=1, stage="finetune", optimizer="sgd", zero_stage=2)
+        check_resume_world_size(store, workers=1, stage="finetune", optimizer="sgd", partitioned=True)
     assert str(refused.value) == (
         "finetune: its newest checkpoint (step 2) was written by 2 workers and this run asks for 1; only Adam-family "
         "optimizer state can be resharded and this stage uses sgd: set finetune.workers=2, or re-run the stage from "

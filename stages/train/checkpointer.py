@@ -26,6 +26,7 @@ from pipeline.errors import DeterministicError
 from stages.train.checkpoint import CheckpointDamaged, CheckpointStore
 from stages.train.context import WorkerContext
 from stages.train.metrics import StepRecord
+from stages.train.reshard import Reshard
 
 __all__ = ["Stateful", "RngState", "TrainState", "Checkpointer"]
 
@@ -99,6 +100,19 @@ def merged_ledger(ledgers: Sequence[Sequence[LedgerEntry]]) -> list[LedgerEntry]
     return sorted(((step, list(keys)) for ledger in ledgers for step, keys in ledger), key=lambda entry: entry[0])
 
 
+def _unshare_step_counters(optimizer: Any) -> None:
+    """Give every parameter's optimizer state its own step tensor.
+
+    DeepSpeed's ZeRO-3 universal load (zero/stage3.py) puts one step tensor into every parameter
+    group's state, and torch's Adam adds 1 to each group's counter in place: with our two groups
+    (decay, no decay) the shared counter advanced twice a step, so Adam's bias correction ran
+    ahead and a resharded ZeRO-3 run ended 2e-4 off an uninterrupted one."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps torch's optimizer
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 class Checkpointer:
     def __init__(self, store: CheckpointStore, engine: Any, worker: WorkerContext, parts: dict[str, Stateful],
                  keep: int) -> None:
@@ -111,16 +125,16 @@ class Checkpointer:
     def _state_file(self, directory: Path) -> Path:
         return directory / f"state-rank{self.worker.rank}.json"
 
-    def restore(self, reshard: tuple[int, int] | None = None, seed: int = 0) -> int:
+    def restore(self, reshard: Reshard | None = None, seed: int = 0) -> int:
         """Load the newest usable checkpoint into every part; returns its step (0: none, start fresh).
 
         A collective: every rank fetches and checks its own files (rank 0 also the listing), and
         the ranks agree; a damaged checkpoint is skipped for the previous complete one, with a
-        warning naming the file, so one bad write never fails every restart. ``reshard`` = (step,
-        its world size): that checkpoint was written by another number of workers and is loaded
-        through DeepSpeed's universal form (the engine was built for it; ``stages.train.reshard``)."""
+        warning naming the file, so one bad write never fails every restart. ``reshard``: the newest
+        checkpoint was written by another number of workers; partitioned state is loaded through
+        DeepSpeed's universal form (the engine was built for it; ``stages.train.reshard``)."""
         if reshard is not None:
-            return self._restore_resharded(*reshard, seed)
+            return self._restore_resharded(reshard, seed)
         damaged = []
         for step in reversed(self.store.steps()):
             record = self.store.record(step)
@@ -149,33 +163,26 @@ class Checkpointer:
                                      "warnings name the files); delete their folders to start the stage over")
         return 0
 
-    def _restore_resharded(self, step: int, written_by: int, seed: int) -> int:
-        from stages.train.engine import weights_only_loads
-        from stages.train.reshard import UNIVERSAL, universal_form
-
+    def _restore_resharded(self, reshard: Reshard, seed: int) -> int:
+        step, written_by = reshard.step, reshard.written_by
         unknown = set(self.parts) - {"loader", "rng", "train"}
         if unknown:
             raise DeterministicError(f"cannot reshard checkpoint parts {sorted(unknown)}")
-        folder = universal_form(self.store, step, written_by, self.worker.is_main)
-        # DeepSpeed's ZeRO-3 universal load gives every parameter group the first group's
-        # hyperparameters (zero/stage3.py, "generally ... the same"): ours differ (no weight decay
-        # on norms, biases and embeddings), and they are result-defining, so the config's stand.
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
-        try:
-            with weights_only_loads():  # DeepSpeed's universal loader calls torch.load itself
-                self.engine.load_checkpoint(str(folder), tag=UNIVERSAL, load_module_strict=True)
-        except pickle.UnpicklingError as err:
-            raise DeterministicError(f"checkpoint step {step}: a file holds objects other than tensors and plain data; "
-                                     f"refusing to unpickle it ({str(err).splitlines()[0][:200]})") from None
-        for group, hyper in zip(self.engine.optimizer.param_groups, groups, strict=True):
-            group.update(hyper)
+        if reshard.universal:
+            self._load_universal(step, written_by)
+        else:  # whole, world-size-free state: the rank-less files, loaded as they are
+            directory = self.store.fetch(step, self.worker.rank, self.store.record(step))
+            self._load_engine(step, directory.parent, directory.name)
         record = self.store.record(step)
-        first = self.store.read_state(step, 0, record)
-        self.parts["loader"].load_state_dict(first["loader"])  # the cursor is global: any rank's
-        ledgers = [(first if old == 0 else self.store.read_state(step, old, record))["train"]["ledger"]
-                   for old in inherited_ranks(self.worker.rank, written_by, self.worker.world_size)]
-        self.parts["train"].load_state_dict({"history": first["train"]["history"] if self.worker.is_main else [],
-                                             "ledger": merged_ledger(ledgers)})
+        # New rank r carries old ranks r, r + M, ...; a rank beyond the old ones (a grown group)
+        # reads one old rank's file for the global cursor. Only new rank 0 reads old rank 0's
+        # file, which alone holds the metrics history (~100 MB after 500k steps).
+        carried = inherited_ranks(self.worker.rank, written_by, self.worker.world_size)
+        states = {old: self.store.read_state(step, old, record) for old in carried or [self.worker.rank % written_by]}
+        self.parts["loader"].load_state_dict(next(iter(states.values()))["loader"])  # the cursor is global
+        self.parts["train"].load_state_dict({"history": states[0]["train"]["history"] if self.worker.is_main else [],
+                                             "ledger": merged_ledger([states[old]["train"]["ledger"]
+                                                                      for old in carried])})
         rng = self.parts["rng"]
         assert isinstance(rng, RngState)
         rng.reseed(seed * 1_000_003 + step * 1009 + self.worker.rank)
@@ -184,19 +191,39 @@ class Checkpointer:
                  written_by, self.worker.world_size)
         return step
 
+    def _load_universal(self, step: int, written_by: int) -> None:
+        from stages.train.reshard import UNIVERSAL, universal_form, universal_params_loaded
+
+        folder = universal_form(self.store, step, written_by, self.worker.is_main,
+                                universal_params_loaded(self.engine.optimizer))
+        # DeepSpeed's ZeRO-3 universal load gives every parameter group the first group's
+        # hyperparameters (zero/stage3.py, "generally ... the same"): ours differ (no weight decay
+        # on norms, biases and embeddings), and they are result-defining, so the config's stand.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
+        self._load_engine(step, folder, UNIVERSAL)
+        for group, hyper in zip(self.engine.optimizer.param_groups, groups, strict=True):
+            group.update(hyper)
+        _unshare_step_counters(self.engine.optimizer)
+
+    def _load_engine(self, step: int, folder: Path, tag: str) -> None:
+        from stages.train.engine import weights_only_loads
+
+        try:
+            with weights_only_loads():  # the universal loader calls torch.load past the checkpoint engine
+                loaded, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=True)
+        except pickle.UnpicklingError as err:
+            raise DeterministicError(f"checkpoint step {step}: a file holds objects other than tensors and plain data; "
+                                     f"refusing to unpickle it ({str(err).splitlines()[0][:200]})") from None
+        if loaded is None:  # DeepSpeed only warns when it finds no model states
+            raise DeterministicError(f"checkpoint step {step}: DeepSpeed found no model states in it")
+
     def _all_ranks_agree(self, ok: bool) -> bool:
         flag = torch.tensor(1.0 if ok else 0.0, device=self.worker.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())  # once per checkpoint tried, at start-up
 
     def _load(self, step: int, directory: Path) -> None:
-        try:
-            loaded, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=True)
-        except pickle.UnpicklingError as err:
-            raise DeterministicError(f"checkpoint step {step}: a file holds objects other than tensors and plain data; "
-                                     f"refusing to unpickle it ({str(err).splitlines()[0][:200]})") from None
-        if loaded is None:  # DeepSpeed only warns when it finds no model states
-            raise DeterministicError(f"checkpoint step {step}: DeepSpeed found no model states in it")
+        self._load_engine(step, directory.parent, directory.name)
         saved = json.loads(self._state_file(directory).read_text())
         for name, part in self.parts.items():
             part.load_state_dict(saved[name])

@@ -47,7 +47,7 @@ from stages.train.job import (
 from stages.train.loop import ATTEMPTS_FILE, EVAL_FILE, STOPPED_FILE, WORKERS_FILE, attempts_recorded
 from stages.train.metrics import METRICS_FILE, StepRecord, read_history
 from stages.train.params import TrainParams
-from stages.train.reshard import reshard_refusal
+from stages.train.reshard import partitioned_optimizer_state, reshard_refusal
 from stages.train.timing import format_duration
 
 __all__ = ["training_job", "run_training", "scaling_config", "TrainingOutcome", "train_result", "worker_error_line"]
@@ -105,16 +105,16 @@ def _stopped_by(out: Storage) -> str | None:
 
 
 def check_resume_world_size(store: CheckpointStore, workers: int, stage: str, optimizer: str,
-                            zero_stage: int) -> None:
+                            partitioned: bool) -> None:
     """Before any worker starts: a checkpoint written by another number of workers (``workers`` is
     an execution param, so a resume may change it) is resharded on load (``stages.train.reshard``)
-    — which only Adam-family optimizer state allows; refuse the others here, in one line, rather
-    than on every rank of every retry."""
+    — which ``partitioned`` optimizer state allows for Adam-family state only; refuse the others
+    here, in one line, rather than on every rank of every retry."""
     steps = store.steps()
     written_by = store.world_size(steps[-1]) if steps else None
     if written_by is None or written_by == workers:
         return
-    why = reshard_refusal(optimizer, zero_stage)
+    why = reshard_refusal(optimizer, partitioned)
     if why:
         raise VitpipeError(f"{stage}: its newest checkpoint (step {steps[-1]}) was written by {written_by} workers and "
                            f"this run asks for {workers}; {why}: set {stage}.workers={written_by}, or re-run the "
@@ -160,8 +160,8 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOu
     staging = tempfile.mkdtemp(prefix=f"vitpipe-{ctx.name}-")
     if isinstance(p.workers, int):  # elastic params were checked at load: their optimizer state reshards
         try:
-            check_resume_world_size(CheckpointStore(ctx.out, Path(staging)), p.workers, ctx.name,
-                                    job.optimizer.name, p.zero_stage)
+            check_resume_world_size(CheckpointStore(ctx.out, Path(staging)), p.workers, ctx.name, job.optimizer.name,
+                                    partitioned_optimizer_state(p.zero_stage))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -4,9 +4,10 @@ universal checkpoint form.
 DeepSpeed cannot load ZeRO optimizer state partitioned for N ranks into M (``load_checkpoint``
 refuses, and loading the module alone drops the Adam moments). Its universal form can: one folder
 per parameter holding the full fp32 weights, ``exp_avg``, ``exp_avg_sq`` and the step, which an
-engine built with ``checkpoint.load_universal`` slices for its own partition — ZeRO 0-3, fp32 or
+engine built with ``checkpoint.load_universal`` slices for its own partition — ZeRO 1-3, fp32 or
 bf16 (measured in ``../shared/notes/elastic-facts.md``). We use DeepSpeed's converter rather than a
 form of our own: it is the one DeepSpeed's loader reads, and it is maintained with ZeRO's layout.
+Plain fp32 data parallelism (ZeRO-0) saves whole state that any number of ranks loads as it is.
 
 The resume, when the newest checkpoint's world size differs from this run's:
 
@@ -14,17 +15,18 @@ The resume, when the newest checkpoint's world size differs from this run's:
    (``checkpoints/step-N/universal/``, committed by its own ``COMPLETE.json`` after every file),
    from the checkpoint's files checked against their record; a later resume at yet another size
    reuses it;
-2. every rank fetches it (the universal loader reads every parameter's file and slices it: each
-   rank reads the whole form, once per change of world size) and loads it;
-3. the JSON parts come from the old ranks' files: the data cursor is global (any rank's), the
-   metrics history is rank 0's, a new rank r carries the sample ledgers of old ranks r, r + M, ...
-   (so the ledgers of all ranks still hold every sample consumed), and the
-   random generators are seeded afresh from (seed, step, rank) — the old ranks' streams cannot be
-   split or joined.
+2. every rank fetches the files it loads and loads them: under ZeRO 1-2 the parameters
+   overlapping its slice of the flat master (~1/M of the form), under ZeRO-3 every parameter
+   (each is split across all ranks);
+3. the JSON parts come from the old ranks' files: new rank r carries the sample ledgers of old
+   ranks r, r + M, ... (so the ledgers of all ranks still hold every sample consumed) and takes the
+   global data cursor from the first of them (or old rank r mod N when it has none), so only new
+   rank 0 reads old rank 0's file with the metrics history; the random generators are seeded
+   afresh from (seed, step, rank) — the old ranks' streams cannot be split or joined.
 
-Costs: one conversion (~the fp32 model plus moments written again: 7.6 GB at H/14) and every rank
-reading that form once. Only Adam-family state converts: an SGD (fine-tuning) checkpoint is
-refused in one line.
+Costs: one conversion (~the fp32 model plus moments written again: 7.6 GB at H/14) and the reads
+of step 2. Only Adam-family state converts: an SGD (fine-tuning) checkpoint with partitioned
+state is refused in one line.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import io
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -43,27 +47,40 @@ from pipeline.errors import DeterministicError
 from stages.train.checkpoint import COMPLETE, ROOT, CheckpointStore, step_name
 from stages.train.engine import weights_only_loads
 
-__all__ = ["UNIVERSAL", "reshard_step", "reshard_refusal", "universal_form"]
+__all__ = ["UNIVERSAL", "Reshard", "partitioned_optimizer_state", "reshard_step", "reshard_refusal", "universal_form",
+           "universal_files", "universal_params_loaded"]
 
 log = logging.getLogger("vitpipe.train")
 
 UNIVERSAL = "universal"  # the universal form's folder inside a checkpoint's folder (and its DeepSpeed tag)
 
 
-def reshard_refusal(optimizer: str, zero_stage: int) -> str | None:
+@dataclass(frozen=True)
+class Reshard:
+    """The newest committed checkpoint was written by another number of workers than this run has."""
+
+    step: int
+    written_by: int
+    universal: bool  # its optimizer state is partitioned: it loads through DeepSpeed's universal form
+
+
+def partitioned_optimizer_state(zero_stage: int) -> bool:
+    """Whether a checkpoint's optimizer state is split between the ranks that wrote it (ZeRO 1-3),
+    and so needs the universal form on another world size. Without ZeRO, DeepSpeed saves whole,
+    world-size-free state (fp32 and bf16 alike: measured with 0.19.8), which any number of ranks
+    loads as it is."""
+    return zero_stage > 0
+
+
+def reshard_refusal(optimizer: str, universal: bool) -> str | None:
     """Why a checkpoint of this run cannot be resharded, or None if it can."""
-    if optimizer != "adamw":
+    if universal and optimizer != "adamw":  # DeepSpeed's converter carries Adam's moments only
         return f"only Adam-family optimizer state can be resharded and this stage uses {optimizer}"
-    if zero_stage == 3:
-        # Measured: after a ZeRO-3 reshard the weights end 2e-4 off an uninterrupted run, twice the
-        # reduction-order noise between the two sizes (1e-4); ZeRO 1 and 2 end within 2.1e-5 (noise:
-        # 4e-5). Refused until that is understood rather than resumed slightly wrong.
-        return "resharding a ZeRO-3 checkpoint is not supported yet (only ZeRO 0-2)"
     return None
 
 
-def reshard_step(store: CheckpointStore, world_size: int) -> tuple[int, int] | None:
-    """(step, its world size) when the newest committed checkpoint was written by another number of
+def reshard_step(store: CheckpointStore, world_size: int, universal: bool) -> Reshard | None:
+    """The resharding to do when the newest committed checkpoint was written by another number of
     workers than ``world_size``; None when there is nothing to resume or no resharding to do."""
     steps = store.steps()
     if not steps:
@@ -71,13 +88,29 @@ def reshard_step(store: CheckpointStore, world_size: int) -> tuple[int, int] | N
     written_by = store.record(steps[-1]).get("world_size")
     if written_by is None or written_by == world_size:
         return None
-    return steps[-1], int(written_by)
+    return Reshard(steps[-1], int(written_by), universal)
 
 
-def universal_form(store: CheckpointStore, step: int, written_by: int, is_main: bool) -> Path:
+def universal_params_loaded(optimizer: Any) -> set[str] | None:
+    """The parameters whose universal files this rank's engine reads; None: all of them.
+
+    ZeRO 1 and 2 (and the bf16 optimizer) give each rank one contiguous slice of the flat fp32
+    master: DeepSpeed's universal loader reads only the parameters overlapping it (those it
+    linked, ``_hp_mapping``), about 1/M of the form. ZeRO-3 splits every parameter across all
+    ranks, so each rank reads every parameter's files and keeps its slice."""
+    groups = getattr(optimizer, "bit16_groups", None)
+    names = getattr(optimizer, "param_names", None)
+    if groups is None or names is None:
+        return None
+    return {names[p] for group in groups for p in group if getattr(p, "_hp_mapping", None) is not None}
+
+
+def universal_form(store: CheckpointStore, step: int, written_by: int, is_main: bool,
+                   params: set[str] | None) -> Path:
     """A collective: rank 0 makes (or finds) the universal form of ``step``; every rank then gets a
-    local copy, checked against its record. Returns the local checkpoint folder holding it, which
-    DeepSpeed loads with ``load_checkpoint(folder, tag=UNIVERSAL)``."""
+    local copy of the files it loads (``params``: the parameters it reads, None for all), each
+    checked against its record. Returns the local checkpoint folder holding it, which DeepSpeed
+    loads with ``load_checkpoint(folder, tag=UNIVERSAL)``."""
     error = None
     if is_main:
         try:
@@ -88,7 +121,18 @@ def universal_form(store: CheckpointStore, step: int, written_by: int, is_main: 
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise DeterministicError(f"checkpoint step {step}: cannot make its universal form: {verdict[0]}")
-    return _fetch_universal(store, step)
+    return _fetch_universal(store, step, params)
+
+
+def universal_files(files: dict[str, Any], params: set[str] | None) -> dict[str, Any]:
+    """Of the universal form's files, those a rank loading ``params`` reads: every per-parameter
+    file (``zero/NAME/...``) of those parameters, and all files that are not per-parameter (the
+    optimizer's global state, the model states)."""
+    def wanted(rel: str) -> bool:
+        parts = rel.split("/")
+        return params is None or len(parts) < 3 or parts[0] != "zero" or parts[1] in params
+
+    return {rel: meta for rel, meta in files.items() if wanted(rel)}
 
 
 def _prefix(step: int) -> str:
@@ -121,9 +165,9 @@ def _ensure_universal(store: CheckpointStore, step: int, written_by: int) -> Non
                                                                  sort_keys=True))
 
 
-def _fetch_universal(store: CheckpointStore, step: int) -> Path:
+def _fetch_universal(store: CheckpointStore, step: int, params: set[str] | None) -> Path:
     prefix = _prefix(step)
     record = json.loads(store.storage.read_text(f"{prefix}/{COMPLETE}"))
     local = store.local_dir(step) / UNIVERSAL
-    store.fetch_files(prefix, local, record["files"])
+    store.fetch_files(prefix, local, universal_files(record["files"], params))
     return local.parent
