@@ -17,7 +17,7 @@ from pipeline.config import parse_config
 from pipeline.engine import run_pipeline
 from pipeline.errors import ConfigError, StageFailedError
 from stages.train.goodput import BUCKETS
-from tests.conftest import ledger_keys, read_ledgers, run_cli, wait_for
+from tests.conftest import ledger_by_step, ledger_keys, read_ledgers, run_cli, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_instance")]
 
@@ -114,7 +114,7 @@ def _kill_one_worker_after(run: str, step: int, done: threading.Event, killed: l
 
 
 def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
-    params = dict(steps=12, checkpoint_every=4, ledger=True, max_failures=2)
+    params = dict(steps=12, checkpoint_every=4, ledger=True, max_failures=2, streams=2)
     clean = fresh_run(ingested, tmp_path, "clean")
     summary = run_pipeline(parse_config(config(**params)), clean, RayExecutor())
     assert summary.ran == ["pretrain"] and summary.skipped == ["ingest"]
@@ -150,7 +150,8 @@ def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
 
     # What a driver killed during the step-12 checkpoint write leaves: the stage recorded as
     # running, no manifest or handoff, step 12's files without COMPLETE.json (one half-written).
-    # The resume must ignore step 12, continue from step 8 and still end identical.
+    # The resume, on one worker now (``workers`` is an execution param here: ``streams`` is set),
+    # must ignore step 12, continue from step 8 resharded, and still consume every step's samples.
     state = json.loads((Path(faulty) / "state.json").read_text())
     state["stages"]["pretrain"].update(status="running", finished=None)
     (Path(faulty) / "state.json").write_text(json.dumps(state))
@@ -159,16 +160,19 @@ def test_sigkill_a_worker_resumes_exactly(ingested, tmp_path):
     half = max((p for p in (out / "checkpoints/step-00000012").rglob("*.pt")), key=lambda p: p.stat().st_size)
     half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
     (out / "model.safetensors").unlink()
-    summary = run_pipeline(parse_config(config(**params)), faulty, RayExecutor())
+    summary = run_pipeline(parse_config(config(**params, workers=1)), faulty, RayExecutor())
     assert summary.ran == ["pretrain"], summary
-    resumed = [json.loads(line)["resumed_from"] for line in (out / "attempts.jsonl").read_text().splitlines()]
-    assert resumed[-1] == 8 and len(resumed) == 3, resumed  # continued, not started over
+    assert not (Path(faulty) / "stages/pretrain.partial").exists()  # continued in place, nothing set aside
+    attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
+    assert [(t["world_size"], t["resumed_from"]) for t in attempts][2:] == [(1, 8)], attempts  # not started over
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 13))
     c = weights(faulty)
-    for name in a:
-        assert (a[name] == c[name]).all(), f"{name} differs after resuming past a half-written checkpoint"
-    assert ledgers(clean) == ledgers(faulty)
+    # Measured once: 4.0e-5 off the clean run (reduction order differs on one worker); whole runs on
+    # one and on two workers end 1.7e-4 apart; with the Adam moments zeroed after the reshard: 4.1e-3.
+    worst = max((a[name] - c[name]).abs().max().item() for name in a)
+    assert worst < 1e-4, worst
+    assert ledger_by_step(ledgers(clean)) == ledger_by_step(ledgers(faulty))
 
 
 def test_bad_training_configs_are_rejected_at_load():
