@@ -131,3 +131,14 @@ def test_sample_ledgers_are_inherited_whole_across_a_resize_and_old_flat_ledgers
     state = TrainState()
     state.load_state_dict({"history": [], "ledger": ["k1", "k2"]})  # a checkpoint of an older vitpipe
     assert state.ledger == [(0, ["k1", "k2"])]
+
+
+def test_one_rank_per_node_fetches_what_the_nodes_ranks_load_between_them():
+    from stages.train.reshard import node_fetch_plan
+
+    # ZeRO 1-2: slices of the parameters; ZeRO-3 (None): all of them.
+    assert node_fetch_plan([("a", {"w1", "w2"}), ("a", {"w2", "w3"}), ("b", {"w4"}), ("b", set())]) == {
+        0: {"w1", "w2", "w3"}, 2: {"w4"}}
+    assert node_fetch_plan([("a", None), ("b", None), ("a", None)]) == {0: None, 1: None}
+    assert node_fetch_plan([("a", {"w1"}), ("a", None)]) == {0: None}
+    assert node_fetch_plan([("a", None), ("a", {"w1"})]) == {0: None}

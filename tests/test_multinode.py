@@ -38,7 +38,7 @@ def config() -> dict:
                          "params": {
                 "model": "Ti/4", "width": 64, "depth": 2, "heads": 2, "mlp_dim": 128, "image_size": 16,
                 "steps": STEPS, "global_batch": 32, "micro_batch": 16, "lr": 0.003, "warmup_steps": 3,
-                "weight_decay": 0.0, "crop_scale_min": 0.6, "hflip": False, "dropout": 0.1,
+                "weight_decay": 0.0, "crop_scale_min": 0.6, "hflip": False, "dropout": 0.1, "drop_path": 0.1,
                 "workers": [1, 2], "zero_stage": 2, "checkpoint_every": 20, "max_failures": 3,
                 "worker_start_timeout_s": 10, "resize_check_s": 2,
                 "ledger": True, "tensorboard": False, "log_every": 50}},

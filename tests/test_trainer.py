@@ -413,35 +413,38 @@ def test_a_checkpoint_file_is_never_unpickled_beyond_tensors_and_plain_data(proc
     assert not marker.exists()
 
 
-def _train_rank(rank: int, world: int, port: int, job: TrainJob) -> None:
-    """One spawned rank of a ``world``-rank gloo group training ``job``."""
+def _train_rank(rank: int, world: int, port: int, job: TrainJob, node_per_rank: bool) -> None:
+    """One spawned rank of a ``world``-rank gloo group training ``job`` (``node_per_rank``: each
+    rank poses as a node of its own)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        train(job, current_worker(CPU))
+        train(job, current_worker(CPU, node=f"node{rank}" if node_per_rank else None))
     finally:
         dist.destroy_process_group()
 
 
-def _train_on(job: TrainJob, world: int) -> None:
+def _train_on(job: TrainJob, world: int, node_per_rank: bool = False) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_train_rank, args=(world, free_port(), job), nprocs=world, join=True)
+    mp.spawn(_train_rank, args=(world, free_port(), job, node_per_rank), nprocs=world, join=True)
 
 
-# The 2 -> 1 cases also read with two loader processes per rank from one shard of 100 samples, so
-# that the resumed run crosses an epoch boundary (6 steps of 16 per epoch). ZeRO-0 keeps whole,
-# world-size-free state: it resumes without the universal form. The 1 -> 2 case resumes on S3.
-@pytest.mark.parametrize("zero, first, then, loader_workers, shards, on_s3",
-                         [(2, 1, 2, 0, 4, True), (1, 2, 1, 2, 1, False), (3, 2, 1, 2, 1, False), (0, 2, 1, 0, 4, False)])
+# The 1 -> 2 cases resume on S3: each rank a node of its own (ZeRO-2), or both on one node (ZeRO-3).
+# The 2 -> 1 case reads with two loader processes per rank from one shard of 100 samples, so that
+# the resumed run crosses an epoch boundary (6 steps of 16 per epoch). ZeRO-0 keeps whole,
+# world-size-free state: it resumes without the universal form.
+@pytest.mark.parametrize("zero, first, then, loader_workers, shards, stage_on", [
+    (2, 1, 2, 0, 4, "s3, a node per rank"), (3, 1, 2, 0, 4, "s3, one node"), (1, 2, 1, 2, 1, "disk"),
+    (0, 2, 1, 0, 4, "disk")])
 def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, s3_endpoint, s3_bucket, zero, first, then,
-                                                           loader_workers, shards, on_s3):
+                                                           loader_workers, shards, stage_on):
     """Model, Adam moments and step, LR schedule and the global data cursor carry over: the run ends
     where an uninterrupted one at the first size ends, within reduction-order noise. On S3 (moto,
-    through a proxy listing every object read): the conversion's download and upload, and each
-    rank reading only the universal files of the parameters it loads."""
+    through a proxy listing every object read): the conversion's download and upload, each rank
+    reading only the universal files of the parameters it loads, and each node reading them once."""
     from bench.faultproxy import FaultProxy
     from pipeline.config import StorageSettings
     from pipeline.storage import S3Storage
@@ -458,13 +461,13 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, s3_
             "step-00000008" not in p.parts and p.name != "model.safetensors"]
     resized = tmp_path / "resized"  # the resumed stage's folder (read back from S3 afterwards)
     staging = str(tmp_path / "staging")
-    if on_s3:
+    if stage_on.startswith("s3"):
         bucket = S3Storage(f"s3://{s3_bucket}/stage", endpoint_url=s3_endpoint)
         for path in left:
             bucket.upload_file(path, path.relative_to(clean.output.uri).as_posix())
         with FaultProxy(s3_endpoint) as proxy:
             _train_on(dataclasses.replace(clean, output=OutputSpec(bucket.uri, StorageSettings(endpoint_url=proxy.url),
-                                                                   staging)), then)
+                                                                   staging)), then, stage_on == "s3, a node per rank")
         for obj in bucket.list(""):
             bucket.download_file(obj.path, resized / obj.path)
     else:
@@ -477,7 +480,11 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, s3_
     universal = {p.relative_to(resized / "checkpoints/step-00000004/universal").as_posix()
                  for p in (resized / "checkpoints/step-00000004/universal").rglob("*") if p.is_file()}
     assert bool(universal) == (zero > 0)
-    if on_s3:
+    if stage_on == "s3, one node":  # one download of every file, shared by the node's ranks
+        reads = collections.Counter(p.split("/checkpoints/step-00000004/universal/", 1)[1]
+                                    for p in proxy.object_paths if "/universal/" in p)
+        assert reads == dict.fromkeys(universal, 1)
+    if stage_on == "s3, a node per rank":
         reads = collections.Counter(p.split("/checkpoints/step-00000004/universal/", 1)[1]
                                     for p in proxy.object_paths if "/universal/" in p)
         per_parameter = {rel for rel in universal if rel.startswith("zero/") and rel.count("/") == 2}

@@ -115,8 +115,12 @@ def _unshare_step_counters(optimizer: Any) -> None:
 
 class Checkpointer:
     def __init__(self, store: CheckpointStore, engine: Any, worker: WorkerContext, parts: dict[str, Stateful],
-                 keep: int) -> None:
+                 keep: int, node_store: CheckpointStore) -> None:
+        """``store``: this rank's view of the stage's checkpoints (its own scratch); ``node_store``:
+        the same checkpoints with a scratch every rank on this node shares (resharding downloads
+        there once per node)."""
         self.store = store
+        self.node_store = node_store
         self.engine = engine
         self.worker = worker
         self.parts = parts
@@ -170,6 +174,8 @@ class Checkpointer:
             raise DeterministicError(f"cannot reshard checkpoint parts {sorted(unknown)}")
         if reshard.universal:
             self._load_universal(step, written_by)
+            dist.barrier()  # every rank on this node has loaded from the node's copy
+            self.node_store.discard_local(step)
         else:  # whole, world-size-free state: the rank-less files, loaded as they are
             directory = self.store.fetch(step, self.worker.rank, self.store.record(step))
             self._load_engine(step, directory.parent, directory.name)
@@ -194,7 +200,7 @@ class Checkpointer:
     def _load_universal(self, step: int, written_by: int) -> None:
         from stages.train.reshard import UNIVERSAL, universal_form, universal_params_loaded
 
-        folder = universal_form(self.store, step, written_by, self.worker.is_main,
+        folder = universal_form(self.store, self.node_store, step, written_by, self.worker,
                                 universal_params_loaded(self.engine.optimizer))
         # DeepSpeed's ZeRO-3 universal load gives every parameter group the first group's
         # hyperparameters (zero/stage3.py, "generally ... the same"): ours differ (no weight decay

@@ -71,7 +71,7 @@ def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None)
     state = TrainState()
     checkpointer = Checkpointer(store, engine, worker,
                                 {"loader": loader, "rng": RngState(worker.device), "train": state},
-                                keep=job.checkpoints.keep)
+                                keep=job.checkpoints.keep, node_store=CheckpointStore(out, staging / "node"))
     mark = clock.charge("startup", mark)
     step = checkpointer.restore(reshard, seed=job.seed)
     mark = clock.charge("checkpoint_restore", mark)

@@ -15,9 +15,10 @@ The resume, when the newest checkpoint's world size differs from this run's:
    (``checkpoints/step-N/universal/``, committed by its own ``COMPLETE.json`` after every file),
    from the checkpoint's files checked against their record; a later resume at yet another size
    reuses it;
-2. every rank fetches the files it loads and loads them: under ZeRO 1-2 the parameters
-   overlapping its slice of the flat master (~1/M of the form), under ZeRO-3 every parameter
-   (each is split across all ranks);
+2. each node fetches, once, the files its ranks load (one rank downloads them into the node's
+   shared scratch), and every rank loads its own: under ZeRO 1-2 the parameters overlapping its
+   slice of the flat master (~1/M of the form), under ZeRO-3 every parameter (each is split
+   across all ranks: the whole form once per node);
 3. the JSON parts come from the old ranks' files: new rank r carries the sample ledgers of old
    ranks r, r + M, ... (so the ledgers of all ranks still hold every sample consumed) and takes the
    global data cursor from the first of them (or old rank r mod N when it has none), so only new
@@ -25,7 +26,7 @@ The resume, when the newest checkpoint's world size differs from this run's:
    afresh from (seed, step, rank) — the old ranks' streams cannot be split or joined.
 
 Costs: one conversion (~the fp32 model plus moments written again: 7.6 GB at H/14) and the reads
-of step 2. Only Adam-family state converts: an SGD (fine-tuning) checkpoint with partitioned
+of step 2 (ZeRO-3 at H/14 on 16 nodes: 16 x 7.6 GB). Only Adam-family state converts: an SGD (fine-tuning) checkpoint with partitioned
 state is refused in one line.
 """
 
@@ -37,6 +38,7 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +46,12 @@ from typing import Any
 import torch.distributed as dist
 
 from pipeline.errors import DeterministicError
-from stages.train.checkpoint import COMPLETE, ROOT, CheckpointStore, step_name
+from stages.train.checkpoint import COMPLETE, ROOT, CheckpointDamaged, CheckpointStore, step_name
+from stages.train.context import WorkerContext
 from stages.train.engine import weights_only_loads
 
-__all__ = ["UNIVERSAL", "Reshard", "partitioned_optimizer_state", "reshard_step", "reshard_refusal", "universal_form",
-           "universal_files", "universal_params_loaded"]
+__all__ = ["UNIVERSAL", "Reshard", "node_fetch_plan", "partitioned_optimizer_state", "reshard_step", "reshard_refusal",
+           "universal_form", "universal_files", "universal_params_loaded"]
 
 log = logging.getLogger("vitpipe.train")
 
@@ -105,14 +108,15 @@ def universal_params_loaded(optimizer: Any) -> set[str] | None:
     return {names[p] for group in groups for p in group if getattr(p, "_hp_mapping", None) is not None}
 
 
-def universal_form(store: CheckpointStore, step: int, written_by: int, is_main: bool,
-                   params: set[str] | None) -> Path:
-    """A collective: rank 0 makes (or finds) the universal form of ``step``; every rank then gets a
-    local copy of the files it loads (``params``: the parameters it reads, None for all), each
-    checked against its record. Returns the local checkpoint folder holding it, which DeepSpeed
-    loads with ``load_checkpoint(folder, tag=UNIVERSAL)``."""
+def universal_form(store: CheckpointStore, node_store: CheckpointStore, step: int, written_by: int,
+                   worker: WorkerContext, params: set[str] | None) -> Path:
+    """A collective: rank 0 makes (or finds) the universal form of ``step``; then one rank per node
+    fetches the files its node's ranks load (``params``: the parameters this rank reads, None for
+    all) into ``node_store``'s folder, each checked against its record. Returns the local
+    checkpoint folder holding it, which DeepSpeed loads with ``load_checkpoint(folder, tag=UNIVERSAL)``;
+    the caller discards it once every rank has loaded."""
     error = None
-    if is_main:
+    if worker.is_main:
         try:
             _ensure_universal(store, step, written_by)
         except Exception as err:  # noqa: BLE001 - every rank must hear of it, or they wait below forever
@@ -121,7 +125,40 @@ def universal_form(store: CheckpointStore, step: int, written_by: int, is_main: 
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise DeterministicError(f"checkpoint step {step}: cannot make its universal form: {verdict[0]}")
-    return _fetch_universal(store, step, params)
+    needs: list[Any] = [None] * worker.world_size
+    dist.all_gather_object(needs, (worker.node, None if params is None else sorted(params)))
+    plan = node_fetch_plan([(node, None if wanted is None else set(wanted)) for node, wanted in needs])
+    problem = None
+    if worker.rank in plan:
+        try:
+            _fetch_universal(node_store, step, plan[worker.rank])
+        except CheckpointDamaged as err:
+            problem = str(err)
+    problems: list[Any] = [None] * worker.world_size
+    dist.all_gather_object(problems, problem)  # also: no rank loads before its node's files are there
+    found = next((p for p in problems if p is not None), None)
+    if found is not None:
+        raise DeterministicError(f"checkpoint step {step}: its universal form is damaged: {found}; delete "
+                                 f"{store.storage.uri_of(_prefix(step))} to have it made again")
+    return node_store.local_dir(step)
+
+
+def node_fetch_plan(needs: Sequence[tuple[str, set[str] | None]]) -> dict[int, set[str] | None]:
+    """Who fetches which parameters' universal files: ``needs[r]`` is rank r's (node, parameters it
+    loads; None: all). The lowest rank of each node fetches what the node's ranks load between
+    them, once, into the node's shared folder — under ZeRO-3 every rank loads every parameter, so
+    a node of 8 GPUs reads the form once instead of 8 times. Ranks absent from the plan fetch
+    nothing."""
+    plan: dict[int, set[str] | None] = {}
+    first: dict[str, int] = {}
+    for rank, (node, wanted) in enumerate(needs):
+        fetcher = first.setdefault(node, rank)
+        if fetcher == rank:
+            plan[rank] = None if wanted is None else set(wanted)
+        else:
+            have = plan[fetcher]
+            plan[fetcher] = None if have is None or wanted is None else have | wanted
+    return plan
 
 
 def universal_files(files: dict[str, Any], params: set[str] | None) -> dict[str, Any]:
@@ -165,9 +202,7 @@ def _ensure_universal(store: CheckpointStore, step: int, written_by: int) -> Non
                                                                  sort_keys=True))
 
 
-def _fetch_universal(store: CheckpointStore, step: int, params: set[str] | None) -> Path:
+def _fetch_universal(store: CheckpointStore, step: int, params: set[str] | None) -> None:
     prefix = _prefix(step)
     record = json.loads(store.storage.read_text(f"{prefix}/{COMPLETE}"))
-    local = store.local_dir(step) / UNIVERSAL
-    store.fetch_files(prefix, local, universal_files(record["files"], params))
-    return local.parent
+    store.fetch_files(prefix, store.local_dir(step) / UNIVERSAL, universal_files(record["files"], params))
