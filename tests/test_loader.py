@@ -107,6 +107,21 @@ def test_every_global_step_holds_the_same_samples_for_any_world_size(store, worl
     assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
 
 
+@pytest.mark.parametrize("world,workers", [(2, 0), (2, 2), (4, 1)])
+def test_every_micro_batch_slot_holds_the_same_samples_in_order_for_any_world_size(store, world, workers):
+    """Micro-batches of 2 from a global batch of 8: four slots per step, whichever ranks run them
+    (one rank: 4 micro-batches; two: 2 each; four: 1 each). Dropout masks are seeded by slot."""
+    shards = make_shards(store, UNEVEN)
+
+    def slots(loaders) -> dict[tuple, list[str]]:
+        return {b["slot"]: b["key"] for loader in loaders for _ in range(2) for b in loader}  # two epochs
+
+    reference = slots([_loader(store, shards, micro_batch=2)])
+    assert len(reference) == 2 * 7 * 4 and sorted({g for _, _, g in reference}) == [0, 1, 2, 3]
+    assert slots([_loader(store, shards, world_size=world, rank=r, num_workers=workers, micro_batch=2)
+                  for r in range(world)]) == reference
+
+
 def _run(loader: ShardLoader, batches: int) -> tuple[list[list[str]], dict]:
     """Take ``batches`` micro-batches (crossing epochs as the trainer does), then the loader's state."""
     got, it = [], iter(loader)

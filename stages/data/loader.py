@@ -6,8 +6,10 @@ streams ``c ≡ r (mod R)`` — every shard byte is read by one process — and 
 split those streams between them (worker ``w`` of ``W``: ``(c // R) ≡ w (mod W)``). Each worker
 decodes and augments its streams' samples for one global step at a time and hands them over as
 one chunk; the rank puts the chunks of a step in global position order and cuts its share into
-micro-batches. So the samples of global step ``t``, and their crops, are the same for every
-world size, micro-batch and number of loader workers that keep the global batch.
+micro-batches by :func:`slot_order`. So the samples of global step ``t``, and their crops, are the
+same for every world size, micro-batch and number of loader workers that keep the global batch;
+and each micro-batch, tagged with its slot (epoch, step, g), holds the same samples for every
+world size that keeps the micro-batch too (the training step seeds its random masks by slot).
 
 State is one global cursor — ``{"epoch", "step"}`` plus a signature of what defines the order —
 taken between steps; a loader restored from it, at any world size, continues the stream exactly.
@@ -40,8 +42,8 @@ from stages.data.streams import Sample, StreamReader
 from stages.data.tarshards import ShardInfo, iter_tar_samples
 from stages.data.transforms import decode_sample, decode_train
 
-__all__ = ["UNREADABLE", "ShardInfo", "ShardLoader", "label_of", "scan_shards", "sample_seed", "check_layout",
-           "STATE_VERSION"]
+__all__ = ["UNREADABLE", "ShardInfo", "ShardLoader", "label_of", "scan_shards", "sample_seed", "slot_order",
+           "check_layout", "STATE_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,21 @@ def check_layout(shards: Sequence[ShardInfo], order: OrderSpec, global_batch: in
         raise VitpipeError(f"{sum(s.samples for s in shards)} samples cannot fill one global batch of {global_batch} "
                            f"over {order.streams} streams (each stream needs {global_batch // order.streams})")
     return steps
+
+
+def slot_order(samples: int, accumulation: int) -> torch.Tensor | None:
+    """The order in which a rank's samples of one step (in position order) are cut into its
+    ``accumulation`` micro-batches: micro-batch ``a`` takes samples a, a + A, a + 2A, ...
+
+    Rank r of R holds positions r, r + R, r + 2R, ..., so its micro-batch a holds the positions
+    ≡ r + R·a (mod R·A), and R·A = global batch / micro-batch whatever R is: micro-batch *slot*
+    g = r + R·a holds the same samples, in the same order, on any number of workers. The random
+    masks of training (dropout, stochastic depth) are seeded per slot, so they stay the same when
+    a run resumes on another world size. None: the samples are in that order already."""
+    if accumulation == 1:
+        return None
+    per_micro = samples // accumulation
+    return torch.tensor([a + accumulation * i for a in range(accumulation) for i in range(per_micro)])
 
 
 class _Chunks(IterableDataset):
@@ -224,14 +241,17 @@ class ShardLoader:
 
     def _micro_batches(self, pieces: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         step = pieces[0]["step"]
+        slots = slot_order(sum(len(p["key"]) for p in pieces), self.accumulation)
         if len(pieces) == 1:  # one worker: its chunk is already in position order
+            order = slots
             images, labels, keys = pieces[0]["image"], pieces[0]["label"], pieces[0]["key"]
         else:  # interleave the workers' chunks by position
-            order = torch.argsort(torch.cat([p["positions"] for p in pieces]))
-            images = torch.cat([p["image"] for p in pieces])[order]
-            labels = torch.cat([p["label"] for p in pieces])[order]
-            keys_all = [k for p in pieces for k in p["key"]]
-            keys = [keys_all[i] for i in order.tolist()]
+            by_position = torch.argsort(torch.cat([p["positions"] for p in pieces]))
+            order = by_position if slots is None else by_position[slots]
+            images, labels = torch.cat([p["image"] for p in pieces]), torch.cat([p["label"] for p in pieces])
+            keys = [k for p in pieces for k in p["key"]]
+        if order is not None:  # one gather: position order, then micro-batch slots
+            images, labels, keys = images[order], labels[order], [keys[i] for i in order.tolist()]
         skipped = [s for p in pieces for s in p["skipped"]]
         self.stats["samples"] += len(keys)
         if skipped:
@@ -245,8 +265,9 @@ class ShardLoader:
         if self.pin_memory:
             images, labels = images.pin_memory(), labels.pin_memory()
         m = self.micro_batch
-        for start in range(0, len(keys), m):
-            yield {"image": images[start:start + m], "label": labels[start:start + m], "key": keys[start:start + m]}
+        for a, start in enumerate(range(0, len(keys), m)):
+            yield {"image": images[start:start + m], "label": labels[start:start + m], "key": keys[start:start + m],
+                   "slot": (self._epoch, step, self.rank + self.layout.world_size * a)}
 
     # -- a worker's side ------------------------------------------------------------------------
 

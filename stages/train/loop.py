@@ -80,7 +80,7 @@ def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None)
                        staging / "tensorboard" if job.telemetry.tensorboard else None, state.history,
                        job.telemetry.show_progress, job.telemetry.trackers) if worker.is_main else None
     dtype = training_dtype(job.distributed.precision)
-    feed = DataFeed(loader, worker.device, dtype, record_keys=job.telemetry.ledger)
+    feed = DataFeed(loader, worker.device, dtype, record_keys=job.telemetry.ledger, seed=job.seed)
     monitor = StepMonitor(worker, geometry.global_batch, flops_per_image(job.model, training=True),
                           job.distributed.peak_flops)
     total, every = job.schedule.steps, job.checkpoints.every

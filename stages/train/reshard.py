@@ -23,7 +23,8 @@ The resume, when the newest checkpoint's world size differs from this run's:
    ranks r, r + M, ... (so the ledgers of all ranks still hold every sample consumed) and takes the
    global data cursor from the first of them (or old rank r mod N when it has none), so only new
    rank 0 reads old rank 0's file with the metrics history; the random generators are seeded
-   afresh from (seed, step, rank) — the old ranks' streams cannot be split or joined.
+   afresh from (seed, step, rank) — the old ranks' streams cannot be split or joined; dropout and
+   stochastic depth do not use them (seeded per micro-batch slot, ``stages.train.step.mask_seed``).
 
 Costs: one conversion (~the fp32 model plus moments written again: 7.6 GB at H/14) and the reads
 of step 2 (ZeRO-3 at H/14 on 16 nodes: 16 x 7.6 GB). Only Adam-family state converts: an SGD (fine-tuning) checkpoint with partitioned

@@ -8,6 +8,7 @@ logged step; :class:`~stages.train.metrics.StepMonitor`).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,13 +20,23 @@ import torch.nn.functional as F
 from stages.data.loader import UNREADABLE
 from stages.data.transforms import to_model_input
 
-__all__ = ["Batch", "DataFeed", "forward_backward", "train_step"]
+__all__ = ["Batch", "DataFeed", "forward_backward", "mask_seed", "train_step"]
 
 
 @dataclass(frozen=True)
 class Batch:
     images: torch.Tensor  # (B, 3, S, S), the training dtype, on the device
     labels: torch.Tensor  # (B,) int64, on the device
+    mask_seed: int | None = None  # seeds dropout and stochastic depth for this micro-batch (None: as they are)
+
+
+def mask_seed(seed: int, slot: tuple[int, int, int]) -> int:
+    """The seed of one micro-batch's random masks (dropout, stochastic depth): a function of the
+    run's seed and the micro-batch's slot (epoch, step, g) in the global order, which holds the same
+    samples on any number of workers (``stages.data.loader.slot_order``) — so a run resumed on
+    another world size, or restarted, draws the masks an uninterrupted run would have drawn."""
+    text = f"{seed}:{slot[0]}:{slot[1]}:{slot[2]}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
 class DataFeed:
@@ -35,8 +46,11 @@ class DataFeed:
     ``record_keys`` the consumed sample keys are kept until :meth:`take_keys` (the sample ledger).
     """
 
-    def __init__(self, loader: Any, device: torch.device, dtype: torch.dtype, record_keys: bool = False) -> None:
+    def __init__(self, loader: Any, device: torch.device, dtype: torch.dtype, record_keys: bool = False,
+                 seed: int | None = None) -> None:
+        """``seed``: the run's; each micro-batch then carries its :func:`mask_seed`."""
         self.loader = loader
+        self.seed = seed
         self.device = device
         self.dtype = dtype
         self.record_keys = record_keys
@@ -58,7 +72,8 @@ class DataFeed:
         if self.record_keys:
             self._keys.extend(raw["key"])
         return Batch(to_model_input(raw["image"], self.device, self.dtype),
-                     raw["label"].to(self.device, non_blocking=True))
+                     raw["label"].to(self.device, non_blocking=True),
+                     None if self.seed is None else mask_seed(self.seed, raw["slot"]))
 
     def take_keys(self) -> list[str]:
         """The keys of the samples consumed since the last call."""
@@ -80,6 +95,8 @@ def forward_backward(engine: Any, batch: Batch) -> torch.Tensor:
     damaged this is the mean).
     """
     labels = batch.labels
+    if batch.mask_seed is not None:
+        torch.manual_seed(batch.mask_seed)  # host-side: sets the generators' seed, no device sync
     logits = engine(batch.images).float()
     loss = F.cross_entropy(logits, labels, ignore_index=UNREADABLE, reduction="sum") / len(labels)
     engine.backward(loss)
