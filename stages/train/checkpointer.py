@@ -172,14 +172,14 @@ class Checkpointer:
         unknown = set(self.parts) - {"loader", "rng", "train"}
         if unknown:
             raise DeterministicError(f"cannot reshard checkpoint parts {sorted(unknown)}")
+        record = self.store.record(step)
         if reshard.universal:
             self._load_universal(step, written_by)
             dist.barrier()  # every rank on this node has loaded from the node's copy
             self.node_store.discard_local(step)
         else:  # whole, world-size-free state: the rank-less files, loaded as they are
-            directory = self.store.fetch(step, self.worker.rank, self.store.record(step))
+            directory = self.store.fetch(step, self.worker.rank, record)
             self._load_engine(step, directory.parent, directory.name)
-        record = self.store.record(step)
         # New rank r carries old ranks r, r + M, ...; a rank beyond the old ones (a grown group)
         # reads one old rank's file for the global cursor. Only new rank 0 reads old rank 0's
         # file, which alone holds the metrics history (~100 MB after 500k steps).

@@ -98,7 +98,7 @@ def reshard_step(store: CheckpointStore, world_size: int, universal: bool) -> Re
 def universal_params_loaded(optimizer: Any) -> set[str] | None:
     """The parameters whose universal files this rank's engine reads; None: all of them.
 
-    ZeRO 1 and 2 (and the bf16 optimizer) give each rank one contiguous slice of the flat fp32
+    ZeRO 1 and 2 give each rank one contiguous slice of the flat fp32
     master: DeepSpeed's universal loader reads only the parameters overlapping it (those it
     linked, ``_hp_mapping``), about 1/M of the form. ZeRO-3 splits every parameter across all
     ranks, so each rank reads every parameter's files and keeps its slice."""
