@@ -442,9 +442,9 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, s3_
                                                            loader_workers, stage_on):
     """Model, Adam moments and step, LR schedule, the global data cursor and the random masks carry
     over: the run ends where an uninterrupted one at the first size ends, within reduction-order
-    noise. On S3 (moto,
-    through a proxy listing every object read): the conversion's download and upload, each rank
-    reading only the universal files of the parameters it loads, and each node reading them once."""
+    noise. On S3 (moto, through a proxy listing every object read): the conversion's download and
+    upload, each rank reading only the universal files of the parameters it loads, and each node
+    reading them once."""
     from bench.faultproxy import FaultProxy
     from pipeline.config import StorageSettings
     from pipeline.storage import S3Storage
@@ -478,13 +478,11 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, s3_
     universal = {p.relative_to(resized / "checkpoints/step-00000004/universal").as_posix()
                  for p in (resized / "checkpoints/step-00000004/universal").rglob("*") if p.is_file()}
     assert bool(universal) == (zero > 0)
+    reads = collections.Counter(p.split("/checkpoints/step-00000004/universal/", 1)[1]
+                                for p in (proxy.object_paths if stage_on.startswith("s3") else []) if "/universal/" in p)
     if stage_on == "s3, one node":  # one download of every file, shared by the node's ranks
-        reads = collections.Counter(p.split("/checkpoints/step-00000004/universal/", 1)[1]
-                                    for p in proxy.object_paths if "/universal/" in p)
         assert reads == dict.fromkeys(universal, 1)
     if stage_on == "s3, a node per rank":
-        reads = collections.Counter(p.split("/checkpoints/step-00000004/universal/", 1)[1]
-                                    for p in proxy.object_paths if "/universal/" in p)
         per_parameter = {rel for rel in universal if rel.startswith("zero/") and rel.count("/") == 2}
         # Every rank reads the form's other files. Of the parameters, under ZeRO 1-2 a rank holds a
         # contiguous slice of each group's flat master, so it reads the parameters in its slice: of
@@ -495,10 +493,10 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, s3_
         assert len(shared) <= 2 * (then - 1), shared
     a = load_file(str(tmp_path / "clean/stage/model.safetensors"))
     b = load_file(str(resized / "model.safetensors"))
-    # Measured on this model, dropout and stochastic depth on: 0 (ZeRO 0, 1, 3) and 1.5e-8 (ZeRO-2) after
+    # Measured on this model, dropout and stochastic depth on: 0 (ZeRO 0, 3) and 1.5e-8 (ZeRO 1, 2) after
     # a reshard. Every micro-batch slot holds the same samples and masks at both sizes, and a sum of two
-    # gradients is the same in either order. Masks from per-rank generators instead: 6.2e-3; the Adam
-    # moments zeroed after the load: 5.8e-3; ZeRO-3's shared step counter: 2.0e-4.
+    # gradients is the same in either order. Masks not seeded per slot: 6.3-6.6e-3; the Adam moments
+    # zeroed after the load: 5.8e-3; ZeRO-3's shared step counter: 2.0e-4.
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-6, worst
     history = [json.loads(line) for line in (resized / "metrics.jsonl").read_text().splitlines()]

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import VitpipeError
 from pipeline.storage import Storage
-from stages.data.order import Layout, OrderSpec, epoch_pieces, steps_per_epoch
+from stages.data.order import Layout, OrderSpec, derived_seed, epoch_pieces, steps_per_epoch
 from stages.data.sources import label_name
 from stages.data.streams import Sample, StreamReader
 from stages.data.tarshards import ShardInfo, iter_tar_samples
@@ -54,8 +54,7 @@ UNREADABLE = -1  # the label of a sample that could not be read; the training st
 def sample_seed(seed: int, epoch: int, key: str, draw: int | None = None) -> int:
     """The augmentation seed of one sample: (seed, epoch, key) and, when a shard can be drawn twice
     in an epoch (resampled mode), the draw — never which rank or worker decodes it."""
-    text = f"{seed}:{epoch}:{key}" if draw is None else f"{seed}:{epoch}:{key}:{draw}"
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    return derived_seed(seed, epoch, key) if draw is None else derived_seed(seed, epoch, key, draw)
 
 
 def scan_shards(storage: Storage, paths: Sequence[str]) -> list[ShardInfo]:

@@ -38,13 +38,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 __all__ = ["OrderSpec", "Piece", "Slot", "Layout", "epoch_pieces", "read_order", "ShuffleBuffer", "stream_order",
-           "steps_per_epoch", "order_rng"]
+           "steps_per_epoch", "order_rng", "derived_seed"]
+
+
+def derived_seed(*parts: object) -> int:
+    """A 64-bit seed from ``parts`` alone (stable across processes and Python versions): every
+    seed of a run — the sample order, each sample's augmentation, each micro-batch's masks — is
+    one of these, never the state of a generator that depends on who computes it."""
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
 
 
 def order_rng(*parts: object) -> random.Random:
-    """A generator seeded from ``parts`` alone (stable across processes and Python versions)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
+    """A generator seeded from ``parts`` alone (:func:`derived_seed`)."""
+    return random.Random(derived_seed(*parts))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 The parts: the DeepSpeed engine (model, optimizer, LR-free engine state, written by DeepSpeed),
 and per rank a JSON file ``state-rank{R}.json`` holding the JSON-able parts — the data loader's
-position, the RNG states and the train state (metrics history on rank 0, the sample ledger when
-audited). :class:`~stages.train.checkpoint.CheckpointStore` makes the whole commit atomic
+position and the train state (metrics history on rank 0, the sample ledger when audited). No
+random generator state: every seed is derived from the run's seed and a position in the global
+order (dropout and stochastic depth: ``stages.train.step.mask_seed``), so it needs no saving. :class:`~stages.train.checkpoint.CheckpointStore` makes the whole commit atomic
 (``COMPLETE.json`` last) and keeps the newest ``keep`` checkpoints.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import random
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +28,7 @@ from stages.train.context import WorkerContext
 from stages.train.metrics import StepRecord
 from stages.train.reshard import Reshard
 
-__all__ = ["Stateful", "RngState", "TrainState", "Checkpointer"]
+__all__ = ["Stateful", "TrainState", "Checkpointer"]
 
 log = logging.getLogger("vitpipe.train")
 
@@ -41,30 +41,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class RngState:
-    """Python's, torch's and (training on a GPU) that GPU's generators: dropout and drop-path masks
-    resume exactly. ``cuda`` is None for a CPU run; a GPU run resumed from one keeps its seeded state."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def state_dict(self) -> dict[str, Any]:
-        cuda = torch.cuda.get_rng_state(self.device).tolist() if self.device.type == "cuda" else None
-        return {"python": random.getstate()[1], "torch": torch.get_rng_state().tolist(), "cuda": cuda}
-
-    def reseed(self, seed: int) -> None:
-        """Fresh generators (a resume on another number of workers: the old ranks' streams cannot
-        be split or joined)."""
-        random.seed(seed)
-        torch.manual_seed(seed)  # also every GPU's
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        random.setstate((3, tuple(state["python"]), None))
-        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-        if self.device.type == "cuda" and state["cuda"] is not None:
-            torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), self.device)
 
 
 LedgerEntry = tuple[int, list[str]]  # (global step, the keys of the samples this rank consumed in it)
@@ -129,7 +105,7 @@ class Checkpointer:
     def _state_file(self, directory: Path) -> Path:
         return directory / f"state-rank{self.worker.rank}.json"
 
-    def restore(self, reshard: Reshard | None = None, seed: int = 0) -> int:
+    def restore(self, reshard: Reshard | None = None) -> int:
         """Load the newest usable checkpoint into every part; returns its step (0: none, start fresh).
 
         A collective: every rank fetches and checks its own files (rank 0 also the listing), and
@@ -138,7 +114,7 @@ class Checkpointer:
         checkpoint was written by another number of workers; partitioned state is loaded through
         DeepSpeed's universal form (the engine was built for it; ``stages.train.reshard``)."""
         if reshard is not None:
-            return self._restore_resharded(reshard, seed)
+            return self._restore_resharded(reshard)
         damaged = []
         for step in reversed(self.store.steps()):
             record = self.store.record(step)
@@ -167,12 +143,11 @@ class Checkpointer:
                                      "warnings name the files); delete their folders to start the stage over")
         return 0
 
-    def _restore_resharded(self, reshard: Reshard, seed: int) -> int:
-        step, written_by = reshard.step, reshard.written_by
-        unknown = set(self.parts) - {"loader", "rng", "train"}
+    def _restore_resharded(self, reshard: Reshard) -> int:
+        step, written_by, record = reshard.step, reshard.written_by, reshard.record
+        unknown = set(self.parts) - {"loader", "train"}
         if unknown:
             raise DeterministicError(f"cannot reshard checkpoint parts {sorted(unknown)}")
-        record = self.store.record(step)
         if reshard.universal:
             self._load_universal(step, written_by)
             dist.barrier()  # every rank on this node has loaded from the node's copy
@@ -189,9 +164,6 @@ class Checkpointer:
         self.parts["train"].load_state_dict({"history": states[0]["train"]["history"] if self.worker.is_main else [],
                                              "ledger": merged_ledger([states[old]["train"]["ledger"]
                                                                       for old in carried])})
-        rng = self.parts["rng"]
-        assert isinstance(rng, RngState)
-        rng.reseed(seed * 1_000_003 + step * 1009 + self.worker.rank)
         self.store.discard_local(step)
         log.info("rank %d: resumed from checkpoint step %d, written by %d workers, on %d", self.worker.rank, step,
                  written_by, self.worker.world_size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -105,8 +104,6 @@ def build_engine(job: TrainJob, worker: WorkerContext, load_universal: bool = Fa
     model = ViT(job.model)
     if isinstance(job.task, FinetuneTask):
         _load_pretrained(model, job.task, job, worker)
-    torch.manual_seed(job.seed * 1000 + worker.rank + 1)  # per-rank dropout / drop-path masks
-    random.seed(job.seed * 1000 + worker.rank + 1)  # saved and restored with the checkpoints, as torch's
     d = job.distributed
     config = build_deepspeed_config(
         global_batch=geometry.global_batch, micro_batch=geometry.micro_batch, world_size=geometry.world_size,

@@ -26,7 +26,7 @@ from stages.data.loader import ShardLoader
 from stages.model.handoff import save_handoff
 from stages.model.vit import ViT, flops_per_image
 from stages.train.checkpoint import CheckpointStore
-from stages.train.checkpointer import Checkpointer, RngState, TrainState
+from stages.train.checkpointer import Checkpointer, TrainState
 from stages.train.context import WorkerContext, current_worker
 from stages.train.engine import build_engine, set_lr, training_dtype
 from stages.train.evaluate import evaluate
@@ -70,10 +70,10 @@ def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None)
     loader = _make_loader(job, worker, geometry)
     state = TrainState()
     checkpointer = Checkpointer(store, engine, worker,
-                                {"loader": loader, "rng": RngState(worker.device), "train": state},
+                                {"loader": loader, "train": state},
                                 keep=job.checkpoints.keep, node_store=CheckpointStore(out, staging / "node"))
     mark = clock.charge("startup", mark)
-    step = checkpointer.restore(reshard, seed=job.seed)
+    step = checkpointer.restore(reshard)
     mark = clock.charge("checkpoint_restore", mark)
     attempt = _record_attempt(out, worker, step) if worker.is_main else 0
     sink = MetricsSink(job.label, job.schedule.steps, job.telemetry.log_every, out,

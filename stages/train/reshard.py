@@ -22,9 +22,9 @@ The resume, when the newest checkpoint's world size differs from this run's:
 3. the JSON parts come from the old ranks' files: new rank r carries the sample ledgers of old
    ranks r, r + M, ... (so the ledgers of all ranks still hold every sample consumed) and takes the
    global data cursor from the first of them (or old rank r mod N when it has none), so only new
-   rank 0 reads old rank 0's file with the metrics history; the random generators are seeded
-   afresh from (seed, step, rank) — the old ranks' streams cannot be split or joined; dropout and
-   stochastic depth do not use them (seeded per micro-batch slot, ``stages.train.step.mask_seed``).
+   rank 0 reads old rank 0's file with the metrics history. There is no generator state to
+   carry: dropout and stochastic depth are seeded per micro-batch slot, the same on any number of
+   workers (``stages.train.step.mask_seed``).
 
 Costs: one conversion (~the fp32 model plus moments written again: 7.6 GB at H/14) and the reads
 of step 2 (ZeRO-3 at H/14 on 16 nodes: 16 x 7.6 GB). Only Adam-family state converts: an SGD (fine-tuning) checkpoint with partitioned
@@ -66,6 +66,7 @@ class Reshard:
     step: int
     written_by: int
     universal: bool  # its optimizer state is partitioned: it loads through DeepSpeed's universal form
+    record: dict[str, Any]  # its commit record (COMPLETE.json), read once
 
 
 def partitioned_optimizer_state(zero_stage: int) -> bool:
@@ -89,10 +90,11 @@ def reshard_step(store: CheckpointStore, world_size: int, universal: bool) -> Re
     steps = store.steps()
     if not steps:
         return None
-    written_by = store.record(steps[-1]).get("world_size")
+    record = store.record(steps[-1])
+    written_by = record.get("world_size")
     if written_by is None or written_by == world_size:
         return None
-    return Reshard(steps[-1], int(written_by), universal)
+    return Reshard(steps[-1], int(written_by), universal, record)
 
 
 def universal_params_loaded(optimizer: Any) -> set[str] | None:
@@ -104,9 +106,10 @@ def universal_params_loaded(optimizer: Any) -> set[str] | None:
     ranks, so each rank reads every parameter's files and keeps its slice."""
     groups = getattr(optimizer, "bit16_groups", None)
     names = getattr(optimizer, "param_names", None)
-    if groups is None or names is None:
-        return None
-    return {names[p] for group in groups for p in group if getattr(p, "_hp_mapping", None) is not None}
+    params = [p for group in groups or [] for p in group]
+    if names is None or not params or not all(hasattr(p, "_hp_mapping") for p in params):
+        return None  # not ZeRO 1-2 as DeepSpeed 0.19 lays it out: fetch everything rather than guess
+    return {names[p] for p in params if p._hp_mapping is not None}
 
 
 def universal_form(store: CheckpointStore, node_store: CheckpointStore, step: int, written_by: int,

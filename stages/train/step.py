@@ -8,7 +8,6 @@ logged step; :class:`~stages.train.metrics.StepMonitor`).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.data.loader import UNREADABLE
+from stages.data.order import derived_seed
 from stages.data.transforms import to_model_input
 
 __all__ = ["Batch", "DataFeed", "forward_backward", "mask_seed", "train_step"]
@@ -35,8 +35,7 @@ def mask_seed(seed: int, slot: tuple[int, int, int]) -> int:
     run's seed and the micro-batch's slot (epoch, step, g) in the global order, which holds the same
     samples on any number of workers (``stages.data.loader.slot_order``) — so a run resumed on
     another world size, or restarted, draws the masks an uninterrupted run would have drawn."""
-    text = f"{seed}:{slot[0]}:{slot[1]}:{slot[2]}"
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+    return derived_seed(seed, "masks", *slot)
 
 
 class DataFeed:
