@@ -1,8 +1,9 @@
 """Checkpoint commit protocol: only complete checkpoints count; damaged ones are rejected."""
 
+import logging
+
 import pytest
 
-from pipeline.errors import VitpipeError
 from pipeline.storage import LocalStorage, S3Storage
 from stages.train.checkpoint import COMPLETE, CheckpointDamaged, CheckpointStore
 
@@ -102,22 +103,19 @@ class _CountingS3(S3Storage):
         super().download_file(rel, local_path)
 
 
-def test_a_resume_on_another_number_of_workers_is_refused_before_any_worker_starts_unless_reshardable(tmp_path):
-    from stages.train.launch import check_resume_world_size
+def test_a_resume_on_another_number_of_workers_is_announced_before_any_worker_starts(tmp_path, caplog):
+    from stages.train.launch import announce_reshard
 
     store = CheckpointStore(LocalStorage(tmp_path / "stage"), tmp_path / "staging")
-    check_resume_world_size(store, workers=1, stage="finetune", optimizer="sgd", partitioned=True)  # nothing to resume
-    _write_step(store, 2)
-    store.commit(2, world_size=2)
-    check_resume_world_size(store, workers=2, stage="finetune", optimizer="sgd", partitioned=True)
-    check_resume_world_size(store, workers=1, stage="pretrain", optimizer="adamw", partitioned=True)  # resharded on load
-    check_resume_world_size(store, workers=1, stage="finetune", optimizer="sgd", partitioned=False)  # whole state
-    with pytest.raises(VitpipeError) as refused:
-        check_resume_world_size(store, workers=1, stage="finetune", optimizer="sgd", partitioned=True)
-    assert str(refused.value) == (
-        "finetune: its newest checkpoint (step 2) was written by 2 workers and this run asks for 1; only Adam-family "
-        "optimizer state can be resharded and this stage uses sgd: set finetune.workers=2, or re-run the stage from "
-        "scratch with --from finetune")
+    with caplog.at_level(logging.INFO, logger="stages.train.launch"):
+        announce_reshard(store, workers=1, stage="finetune")  # nothing to resume
+        _write_step(store, 2)
+        store.commit(2, world_size=2)
+        announce_reshard(store, workers=2, stage="finetune")  # the same size: a plain resume
+        assert caplog.messages == []
+        announce_reshard(store, workers=1, stage="finetune")
+    assert caplog.messages == ["finetune: resuming step 2 (written by 2 workers) on 1: its state is resharded as it "
+                               "loads"]
 
 
 def test_sample_ledgers_are_inherited_whole_across_a_resize_and_old_flat_ledgers_still_load():
@@ -142,3 +140,27 @@ def test_one_rank_per_node_fetches_what_the_nodes_ranks_load_between_them():
     assert node_fetch_plan([("a", None), ("b", None), ("a", None)]) == {0: None, 1: None}
     assert node_fetch_plan([("a", {"w1"}), ("a", None)]) == {0: None}
     assert node_fetch_plan([("a", None), ("a", {"w1"})]) == {0: None}
+
+
+def test_sgd_state_is_shown_to_deepspeeds_converter_under_adams_names_and_renamed_back_after_the_load():
+    import torch
+
+    from stages.train.reshard import momentum_as_adam_state, momentum_from_adam_state
+
+    buffer, moment = torch.ones(3), torch.zeros(3)
+    # The nesting of a ZeRO-1/2 optimizer file (ZeRO-3's differs: any depth is searched).
+    loaded = {"optimizer_state_dict": {"base_optimizer_state": {"state": {0: {"momentum_buffer": buffer}}},
+                                       "fp32_groups": [torch.zeros(3)]}, "adam": [{"exp_avg": moment, "step": 7}]}
+    momentum_as_adam_state(loaded)
+    sgd = loaded["optimizer_state_dict"]["base_optimizer_state"]["state"][0]
+    assert sgd["exp_avg"] is buffer and sgd["exp_avg_sq"] is buffer and sgd["step"].item() == 0
+    assert loaded["adam"] == [{"exp_avg": moment, "step": 7}]  # Adam state passes unchanged
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    sgd_optimizer, adam_optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9), torch.optim.AdamW([param])
+    sgd_optimizer.state[param] = {"exp_avg": buffer, "exp_avg_sq": buffer, "step": torch.zeros(())}  # as loaded
+    momentum_from_adam_state(sgd_optimizer)
+    assert sgd_optimizer.state[param] == {"momentum_buffer": buffer}
+    adam_optimizer.state[param] = {"exp_avg": moment, "exp_avg_sq": moment, "step": torch.zeros(())}
+    momentum_from_adam_state(adam_optimizer)
+    assert set(adam_optimizer.state[param]) == {"exp_avg", "exp_avg_sq", "step"}

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import traceback
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -285,48 +286,6 @@ def test_weights_an_update_made_non_finite_are_never_checkpointed(process_group,
     assert not (tmp_path / "stage/checkpoints/step-00000004/COMPLETE.json").exists()
 
 
-def test_a_checkpoint_that_cannot_be_resharded_is_refused_in_one_line(process_group, digits, tmp_path):
-    job = tiny_job(digits, tmp_path, optimizer=OptimizerSpec("sgd", 1e-2))
-    why = "only Adam-family optimizer state can be resharded"
-    train(job, current_worker(CPU))
-    stage = tmp_path / "stage"
-    for path in (stage / "checkpoints/step-00000008").rglob("*"):
-        if path.is_file():
-            path.unlink()
-    record = stage / "checkpoints/step-00000004/COMPLETE.json"
-    record.write_text(json.dumps({**json.loads(record.read_text()), "world_size": 2}))  # as 2 workers wrote it
-    with pytest.raises(VitpipeError, match=rf"^checkpoint step 4 was written by 2 workers and this run has 1: {why}"):
-        train(job, current_worker(CPU))
-
-
-def _guarded_rank(rank: int, port: int, uri: str, shards: list[ShardInfo], out: str, zero: int) -> None:
-    """One of two spawned ranks: train ZeRO-``zero`` under the device guard, record what it checked."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    with device_guard(CPU) as checked:  # installed before DeepSpeed builds its communication backend
-        job = tiny_job((uri, shards, []), Path(out), distributed=DistributedSpec(zero, "fp32"),
-                       telemetry=TelemetrySpec(log_every=2, tensorboard=False))
-        train(job, current_worker(CPU))
-    Path(out, f"checked-rank{rank}.json").write_text(json.dumps(sorted(set(checked))))
-    dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_ranks_pass_the_nccl_device_guard_deepspeed_collectives_included(digits, tmp_path, zero):
-    """With two ranks ZeRO really partitions: DeepSpeed's reduce-scatters and all-gathers are checked too."""
-    import torch.multiprocessing as mp
-
-    uri, shards, _ = digits
-    mp.spawn(_guarded_rank, args=(free_port(), uri, shards, str(tmp_path), zero), nprocs=2, join=True)
-    checked = [set(json.loads((tmp_path / f"checked-rank{r}.json").read_text())) for r in range(2)]
-    assert checked[0] == checked[1]
-    expected = {2: {"all_reduce", "broadcast", "all_gather_into_tensor"},
-                3: {"all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor"}}
-    assert checked[0] == expected[zero], checked[0]
-
-
 def test_an_unreadable_sample_adds_nothing_and_every_sample_weighs_the_same():
     from stages.data.loader import UNREADABLE
     from stages.train.step import Batch, forward_backward
@@ -413,46 +372,66 @@ def test_a_checkpoint_file_is_never_unpickled_beyond_tensors_and_plain_data(proc
     assert not marker.exists()
 
 
-def _train_rank(rank: int, world: int, port: int, job: TrainJob, node_per_rank: bool) -> None:
+def _train_rank(rank: int, world: int, port: int, job: TrainJob, node_per_rank: bool, checked_in: Path) -> None:
     """One spawned rank of a ``world``-rank gloo group training ``job`` (``node_per_rank``: each
-    rank poses as a node of its own)."""
+    rank poses as a node of its own) under the NCCL device guard; records the collectives it checked
+    in ``checked_in/rankR.json``."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        train(job, current_worker(CPU, node=f"node{rank}" if node_per_rank else None))
+        with device_guard(CPU) as checked:  # installed before DeepSpeed builds its communication backend
+            train(job, current_worker(CPU, node=f"node{rank}" if node_per_rank else None))
+        checked_in.mkdir(exist_ok=True)
+        (checked_in / f"rank{rank}.json").write_text(json.dumps(sorted(set(checked))))
     finally:
         dist.destroy_process_group()
 
 
-def _train_on(job: TrainJob, world: int, node_per_rank: bool = False) -> None:
+def _checked_collectives(checked_in: Path, world: int) -> set[str]:
+    """The collectives the ranks of a run checked (the same on every rank)."""
+    checked = [set(json.loads((checked_in / f"rank{r}.json").read_text())) for r in range(world)]
+    assert all(c == checked[0] for c in checked), checked
+    return checked[0]
+
+
+def _train_on(job: TrainJob, world: int, node_per_rank: bool = False) -> set[str]:
+    """Train ``job`` on ``world`` spawned ranks; returns the collectives they checked."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_train_rank, args=(world, free_port(), job, node_per_rank), nprocs=world, join=True)
+    checked_in = Path(job.output.staging).with_name(f"checked-{uuid.uuid4().hex[:8]}")
+    mp.spawn(_train_rank, args=(world, free_port(), job, node_per_rank, checked_in), nprocs=world, join=True)
+    return _checked_collectives(checked_in, world)
 
 
 # Every case reads one shard of 100 samples, so that the resumed run crosses an epoch boundary (6
-# steps of 16 per epoch); the 2 -> 1 case with two loader processes per rank. The 1 -> 2 cases resume
-# on S3: each rank a node of its own (ZeRO-2), or both on one node (ZeRO-3). ZeRO-0 keeps whole,
-# world-size-free state: it resumes without the universal form.
-@pytest.mark.parametrize("zero, first, then, loader_workers, stage_on", [
-    (2, 1, 2, 0, "s3, a node per rank"), (3, 1, 2, 0, "s3, one node"), (1, 2, 1, 2, "disk"), (0, 2, 1, 0, "disk")])
+# steps of 16 per epoch); ZeRO 1, 2 and 3 each once with two loader processes per rank (the 2 -> 1
+# cases). The 1 -> 2 cases resume on S3: each rank a node of its own (ZeRO-2), or both on one node
+# (ZeRO-3). ZeRO-0 keeps whole, world-size-free state: it resumes without the universal form. SGD
+# (fine-tuning) state rides DeepSpeed's conversion under Adam's names: ZeRO-2 and ZeRO-3 load it
+# by different code in DeepSpeed; the ZeRO-3 case trains in bf16 (fp32 master weights, bf16 copies).
+@pytest.mark.parametrize("zero, first, then, loader_workers, stage_on, optimizer, precision", [
+    (2, 1, 2, 0, "s3, a node per rank", "adamw", "fp32"), (3, 1, 2, 0, "s3, one node", "adamw", "fp32"),
+    (1, 2, 1, 2, "disk", "adamw", "fp32"), (0, 2, 1, 0, "disk", "adamw", "fp32"), (2, 2, 1, 2, "disk", "sgd", "fp32"),
+    (3, 2, 1, 2, "disk", "sgd", "bf16")])
 def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, s3_endpoint, s3_bucket, zero, first, then,
-                                                           loader_workers, stage_on):
-    """Model, Adam moments and step, LR schedule, the global data cursor and the random masks carry
-    over: the run ends where an uninterrupted one at the first size ends, within reduction-order
-    noise. On S3 (moto, through a proxy listing every object read): the conversion's download and
-    upload, each rank reading only the universal files of the parameters it loads, and each node
-    reading them once."""
+                                                           loader_workers, stage_on, optimizer, precision):
+    """Model, optimizer state (Adam's moments and step; SGD's momentum), LR schedule, the global
+    data cursor and the random masks carry over: the run ends where an uninterrupted one at the
+    first size ends, within reduction-order noise. On S3 (moto, through a proxy listing every
+    object read): the conversion's download and upload, each rank reading only the universal files
+    of the parameters it loads, and each node reading them once."""
     from bench.faultproxy import FaultProxy
     from pipeline.config import StorageSettings
     from pipeline.storage import S3Storage
 
     data = dataclasses.replace(tiny_job(digits, tmp_path).data, loader_workers=loader_workers, shards=(digits[1][0],))
-    changes = {"distributed": DistributedSpec(zero, "fp32"), "data": data}  # dropout and stochastic depth on
+    changes = {"distributed": DistributedSpec(zero, precision), "data": data}  # dropout and stochastic depth on
+    if optimizer == "sgd":  # the fine-tuning recipe
+        changes["optimizer"] = OptimizerSpec("sgd", 3e-2)
     clean = tiny_job(digits, tmp_path / "clean", **changes)
-    _train_on(clean, first)
+    checked = {first: _train_on(clean, first)}
     # What a kill after the step-4 checkpoint of the same run leaves (runs of a job on one machine are
     # bit-identical: test_resume_from_a_checkpoint_is_exact_with_dropout), without training it again.
     left = [p for p in Path(clean.output.uri).rglob("*") if p.is_file() and not p.name.startswith("ledger") and
@@ -464,15 +443,21 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, s3_
         for path in left:
             bucket.upload_file(path, path.relative_to(clean.output.uri).as_posix())
         with FaultProxy(s3_endpoint) as proxy:
-            _train_on(dataclasses.replace(clean, output=OutputSpec(bucket.uri, StorageSettings(endpoint_url=proxy.url),
-                                                                   staging)), then, stage_on == "s3, a node per rank")
+            checked[then] = _train_on(dataclasses.replace(
+                clean, output=OutputSpec(bucket.uri, StorageSettings(endpoint_url=proxy.url), staging)), then,
+                stage_on == "s3, a node per rank")
         for obj in bucket.list(""):
             bucket.download_file(obj.path, resized / obj.path)
     else:
         for path in left:
             (resized / path.relative_to(clean.output.uri)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, resized / path.relative_to(clean.output.uri))
-        _train_on(dataclasses.replace(clean, output=OutputSpec(str(resized), staging=staging)), then)
+        checked[then] = _train_on(dataclasses.replace(clean, output=OutputSpec(str(resized), staging=staging)), then)
+    # Every run passed the NCCL device guard; the two-rank one with DeepSpeed's partitioning
+    # collectives, reshard included (a 1-rank group partitions nothing).
+    partitioning = {0: set(), 1: {"all_gather_into_tensor"}, 2: {"all_gather_into_tensor"},
+                    3: {"all_gather_into_tensor", "reduce_scatter_tensor"}}
+    assert checked[2] == {"all_reduce", "broadcast"} | partitioning[zero], checked
     attempts = [json.loads(line) for line in (resized / "attempts.jsonl").read_text().splitlines()]
     assert [(a["world_size"], a["resumed_from"]) for a in attempts] == [(first, 0), (then, 4)]
     universal = {p.relative_to(resized / "checkpoints/step-00000004/universal").as_posix()
@@ -494,9 +479,10 @@ def test_a_checkpoint_resumes_on_another_number_of_workers(digits, tmp_path, s3_
     a = load_file(str(tmp_path / "clean/stage/model.safetensors"))
     b = load_file(str(resized / "model.safetensors"))
     # Measured on this model, dropout and stochastic depth on: 0 (ZeRO 0, 3) and 1.5e-8 (ZeRO 1, 2) after
-    # a reshard. Every micro-batch slot holds the same samples and masks at both sizes, and a sum of two
-    # gradients is the same in either order. Masks not seeded per slot: 6.3-6.6e-3; the Adam moments
-    # zeroed after the load: 5.8e-3; ZeRO-3's shared step counter: 2.0e-4.
+    # a reshard, with Adam and with SGD, fp32 and bf16 (the exported weights are the fp32 master). Every micro-batch slot holds the same samples and masks at both
+    # sizes, and a sum of two gradients is the same in either order. Masks not seeded per slot:
+    # 6.3-6.6e-3; the Adam moments zeroed after the load: 5.8e-3; ZeRO-3's shared step counter: 2.0e-4;
+    # the SGD momentum left under Adam's name (so zero): 1.3e-2.
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-6, worst
     history = [json.loads(line) for line in (resized / "metrics.jsonl").read_text().splitlines()]

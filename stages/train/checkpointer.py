@@ -26,7 +26,13 @@ from pipeline.errors import DeterministicError
 from stages.train.checkpoint import CheckpointDamaged, CheckpointStore
 from stages.train.context import WorkerContext
 from stages.train.metrics import StepRecord
-from stages.train.reshard import Reshard
+from stages.train.reshard import (
+    UNIVERSAL,
+    Reshard,
+    momentum_from_adam_state,
+    universal_form,
+    universal_params_loaded,
+)
 
 __all__ = ["Stateful", "TrainState", "Checkpointer"]
 
@@ -170,8 +176,6 @@ class Checkpointer:
         return step
 
     def _load_universal(self, step: int, written_by: int) -> None:
-        from stages.train.reshard import UNIVERSAL, universal_form, universal_params_loaded
-
         folder = universal_form(self.store, self.node_store, step, written_by, self.worker,
                                 universal_params_loaded(self.engine.optimizer))
         # DeepSpeed's ZeRO-3 universal load gives every parameter group the first group's
@@ -181,6 +185,7 @@ class Checkpointer:
         self._load_engine(step, folder, UNIVERSAL)
         for group, hyper in zip(self.engine.optimizer.param_groups, groups, strict=True):
             group.update(hyper)
+        momentum_from_adam_state(self.engine.optimizer)
         _unshare_step_counters(self.engine.optimizer)
 
     def _load_engine(self, step: int, folder: Path, tag: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -147,17 +147,19 @@ class WeightsOnlyLoads:
 
 
 @contextlib.contextmanager
-def weights_only_loads() -> Iterator[None]:
+def weights_only_loads(transform: Callable[[Any], Any] | None = None) -> Iterator[None]:
     """For the length of the block, every ``torch.load`` in this process unpickles tensors and plain
     data only (plus :func:`deepspeed_safe_globals`). DeepSpeed's universal-checkpoint loader and
     converter call ``torch.load`` themselves, past the checkpoint engine; used around those calls,
-    at start-up, before any other thread loads anything."""
+    at start-up, before any other thread loads anything. ``transform``: applied to what every load
+    returns (how the conversion shows DeepSpeed SGD state under Adam's names)."""
     original = torch.load
 
     def load(f: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return original(f, *args, **kwargs)
+            loaded = original(f, *args, **kwargs)
+        return loaded if transform is None else transform(loaded)
 
     torch.load = load  # type: ignore[assignment]
     try:

@@ -47,7 +47,6 @@ from stages.train.job import (
 from stages.train.loop import ATTEMPTS_FILE, EVAL_FILE, STOPPED_FILE, WORKERS_FILE, attempts_recorded
 from stages.train.metrics import METRICS_FILE, StepRecord, read_history
 from stages.train.params import TrainParams
-from stages.train.reshard import partitioned_optimizer_state, reshard_refusal
 from stages.train.timing import format_duration
 
 __all__ = ["training_job", "run_training", "scaling_config", "TrainingOutcome", "train_result", "worker_error_line"]
@@ -104,23 +103,15 @@ def _stopped_by(out: Storage) -> str | None:
     return f"training stopped: {json.loads(out.read_text(STOPPED_FILE))['error']} (not retried: it would happen again)"
 
 
-def check_resume_world_size(store: CheckpointStore, workers: int, stage: str, optimizer: str,
-                            partitioned: bool) -> None:
-    """Before any worker starts: a checkpoint written by another number of workers (``workers`` is
-    an execution param, so a resume may change it) is resharded on load (``stages.train.reshard``)
-    — which ``partitioned`` optimizer state allows for Adam-family state only; refuse the others
-    here, in one line, rather than on every rank of every retry."""
+def announce_reshard(store: CheckpointStore, workers: int, stage: str) -> None:
+    """Say on the console, before any worker starts, that the newest checkpoint was written by
+    another number of workers (``workers`` is an execution param, so a resume may change it) and
+    will be resharded as it loads (``stages.train.reshard``)."""
     steps = store.steps()
     written_by = store.world_size(steps[-1]) if steps else None
-    if written_by is None or written_by == workers:
-        return
-    why = reshard_refusal(optimizer, partitioned)
-    if why:
-        raise VitpipeError(f"{stage}: its newest checkpoint (step {steps[-1]}) was written by {written_by} workers and "
-                           f"this run asks for {workers}; {why}: set {stage}.workers={written_by}, or re-run the "
-                           f"stage from scratch with --from {stage}")
-    log.info("%s: resuming step %d (written by %d workers) on %d: its optimizer state will be resharded", stage,
-             steps[-1], written_by, workers)
+    if written_by is not None and written_by != workers:
+        log.info("%s: resuming step %d (written by %d workers) on %d: its state is resharded as it loads", stage,
+                 steps[-1], written_by, workers)
 
 
 # Ray Train reads it in its controller, which copies it from the environment of the process calling fit().
@@ -158,13 +149,8 @@ def run_training(ctx: StageContext, p: TrainParams, job: TrainJob) -> TrainingOu
     started = time.time()
     first_attempt = attempts_recorded(ctx.out)
     staging = tempfile.mkdtemp(prefix=f"vitpipe-{ctx.name}-")
-    if isinstance(p.workers, int):  # elastic params were checked at load: their optimizer state reshards
-        try:
-            check_resume_world_size(CheckpointStore(ctx.out, Path(staging)), p.workers, ctx.name, job.optimizer.name,
-                                    partitioned_optimizer_state(p.zero_stage))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    if isinstance(p.workers, int):  # an elastic group's size is known once it starts
+        announce_reshard(CheckpointStore(ctx.out, Path(staging)), p.workers, ctx.name)
     ctx.out.delete(STOPPED_FILE)  # an earlier attempt's verdict: this one tries again
     trainer_class: Any = partial(ElasticTorchTrainer, sizes=p.world_sizes) if p.elastic else TorchTrainer
     trainer = trainer_class(

@@ -35,7 +35,7 @@ from stages.train.geometry import StepGeometry
 from stages.train.goodput import PhaseClock, write_snapshot
 from stages.train.job import FinetuneTask, TrainJob
 from stages.train.metrics import MetricsSink, StepMonitor
-from stages.train.reshard import partitioned_optimizer_state, reshard_refusal, reshard_step
+from stages.train.reshard import partitioned_optimizer_state, reshard_step
 from stages.train.step import DataFeed, train_step
 
 __all__ = ["train", "ray_train_entry", "attempts_recorded", "EVAL_FILE", "WORKERS_FILE"]
@@ -61,10 +61,6 @@ def train(job: TrainJob, worker: WorkerContext, clock: PhaseClock | None = None)
     store = CheckpointStore(out, staging / f"rank{worker.rank}")
     reshard = reshard_step(store, worker.world_size,
                            partitioned_optimizer_state(job.distributed.zero_stage))
-    why = reshard_refusal(job.optimizer.name, reshard.universal) if reshard is not None else None
-    if reshard is not None and why:
-        raise DeterministicError(f"checkpoint step {reshard.step} was written by {reshard.written_by} workers and this "
-                                 f"run has {worker.world_size}: {why}; run with workers={reshard.written_by}")
     engine, geometry = build_engine(job, worker, load_universal=reshard is not None and reshard.universal)
     _record_placement(out, worker)
     loader = _make_loader(job, worker, geometry)

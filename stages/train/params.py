@@ -16,7 +16,6 @@ from pipeline.preflight import ResourceDemand
 from pipeline.stage import StageParams
 from stages.model.vit import ViTConfig, decode_variant
 from stages.train.geometry import accumulation_steps, valid_world_sizes
-from stages.train.reshard import partitioned_optimizer_state, reshard_refusal
 
 __all__ = ["TrainParams", "PretrainParams", "FinetuneParams"]
 
@@ -134,10 +133,6 @@ class TrainParams(StageParams):
                 raise ValueError(f"workers [{self.min_workers}, {self.max_workers}]: MIN and MAX must each split "
                                  f"global_batch {self.global_batch} into micro-batches of {self.micro_batch}; the "
                                  f"sizes in that range that do: {usable or 'none'}")
-            why = reshard_refusal(self.optimizer, partitioned_optimizer_state(self.zero_stage))
-            if why:  # every resize resumes a checkpoint written by another number of workers
-                raise ValueError(f"workers [{self.min_workers}, {self.max_workers}]: elastic training reshards its "
-                                 f"checkpoints on every resize, and {why}")
         for size in self.world_sizes:
             accumulation_steps(self.global_batch, self.micro_batch, size)  # raises a one-line ValueError
         streams = self.order_streams

@@ -26,9 +26,17 @@ The resume, when the newest checkpoint's world size differs from this run's:
    carry: dropout and stochastic depth are seeded per micro-batch slot, the same on any number of
    workers (``stages.train.step.mask_seed``).
 
-Costs: one conversion (~the fp32 model plus moments written again: 7.6 GB at H/14) and the reads
-of step 2 (ZeRO-3 at H/14 on 16 nodes: 16 x 7.6 GB). Only Adam-family state converts: an SGD (fine-tuning) checkpoint with partitioned
-state is refused in one line.
+SGD (the fine-tuning recipe): DeepSpeed's converter and its ZeRO-3 universal loader know Adam's
+state by name only (``exp_avg``, ``exp_avg_sq``, ``step``; an SGD checkpoint fails with
+``KeyError: 'exp_avg'``). SGD's one state tensor, the momentum buffer, has the shape and the
+partitioning of the fp32 master weights, so the conversion reads it under Adam's first-moment name
+(:func:`momentum_as_adam_state`, applied as the converter loads each file; the second moment and
+the step are placeholders the ZeRO-3 loader insists on) and it is renamed back once loaded
+(:func:`momentum_from_adam_state`). DeepSpeed's own slicing does the rest, for ZeRO 1-3.
+
+Costs: one conversion (~the fp32 model plus moments written again: 7.6 GB at H/14; for SGD the
+momentum is written twice, as both stand-ins) and the reads of step 2 (ZeRO-3 at H/14 on 16
+nodes: 16 x 7.6 GB).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from pipeline.errors import DeterministicError
@@ -51,8 +60,8 @@ from stages.train.checkpoint import COMPLETE, ROOT, CheckpointDamaged, Checkpoin
 from stages.train.context import WorkerContext
 from stages.train.engine import weights_only_loads
 
-__all__ = ["UNIVERSAL", "Reshard", "node_fetch_plan", "partitioned_optimizer_state", "reshard_step", "reshard_refusal",
-           "universal_form", "universal_files", "universal_params_loaded"]
+__all__ = ["UNIVERSAL", "Reshard", "momentum_as_adam_state", "momentum_from_adam_state", "node_fetch_plan",
+           "partitioned_optimizer_state", "reshard_step", "universal_form", "universal_files", "universal_params_loaded"]
 
 log = logging.getLogger("vitpipe.train")
 
@@ -77,11 +86,40 @@ def partitioned_optimizer_state(zero_stage: int) -> bool:
     return zero_stage > 0
 
 
-def reshard_refusal(optimizer: str, universal: bool) -> str | None:
-    """Why a checkpoint of this run cannot be resharded, or None if it can."""
-    if universal and optimizer != "adamw":  # DeepSpeed's converter carries Adam's moments only
-        return f"only Adam-family optimizer state can be resharded and this stage uses {optimizer}"
-    return None
+MOMENTUM = "momentum_buffer"  # torch SGD's per-parameter state
+_ADAM_NAMES = ("exp_avg", "exp_avg_sq", "step")  # what DeepSpeed's converter and ZeRO-3 loader read
+
+
+def momentum_as_adam_state(loaded: Any) -> Any:
+    """``loaded`` (what a checkpoint file held) with every SGD state in it — a dict holding a
+    momentum buffer — also under Adam's names, for DeepSpeed's converter: the buffer as both
+    moments (the second a placeholder, never loaded as such) and a zero step. Adam state and files
+    without optimizer state pass unchanged."""
+    if isinstance(loaded, dict):
+        buffer = loaded.get(MOMENTUM)
+        if torch.is_tensor(buffer) and "exp_avg" not in loaded:
+            loaded.update(exp_avg=buffer, exp_avg_sq=buffer)
+            loaded.setdefault("step", torch.zeros(()))
+        for value in loaded.values():
+            momentum_as_adam_state(value)
+    elif isinstance(loaded, list | tuple):
+        for value in loaded:
+            momentum_as_adam_state(value)
+    return loaded
+
+
+def momentum_from_adam_state(optimizer: Any) -> None:
+    """After a universal load into an SGD optimizer: the momentum came back under Adam's
+    first-moment name (:func:`momentum_as_adam_state`); put it where SGD reads it and drop the
+    placeholders. Adam optimizers are left alone."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps torch's optimizer
+    if not isinstance(inner, torch.optim.SGD):
+        return
+    for state in inner.state.values():
+        if "exp_avg" in state:
+            state[MOMENTUM] = state["exp_avg"]
+            for name in _ADAM_NAMES:
+                state.pop(name, None)
 
 
 def reshard_step(store: CheckpointStore, world_size: int, universal: bool) -> Reshard | None:
@@ -196,7 +234,8 @@ def _ensure_universal(store: CheckpointStore, step: int, written_by: int) -> Non
     log.info("checkpoint step %d: converting it to DeepSpeed's universal form (written by %d workers)", step,
              written_by)
     chatter = io.StringIO()  # the converter prints a line per parameter
-    with contextlib.redirect_stdout(chatter), weights_only_loads():  # the converter unpickles the files
+    # The converter unpickles the files: tensors and plain data only, SGD state shown as Adam's.
+    with contextlib.redirect_stdout(chatter), weights_only_loads(momentum_as_adam_state):
         to_universal(argparse.Namespace(input_folder=str(source), output_folder=str(out), num_extract_workers=1,
                                         num_merge_workers=1, keep_temp_folder=False, strict=True,
                                         inject_missing_state=True))
