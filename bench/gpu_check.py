@@ -577,7 +577,7 @@ def ray_config(args: argparse.Namespace, shards: ShardSet, gpus: int, card: str,
         "ray": {"num_gpus": gpus if cuda else 0, "include_dashboard": False},
         "stages": {
             "ingest": {"type": "ingest", "params": {"source": "webdataset", "path": str(shards.root),
-                                                    "shard_samples": args.shard_samples, "validate_images": False,
+                                                    "shard_samples": args.shard_samples, "validate": "none",
                                                     "workers": 4}},
             "pretrain": {"type": "pretrain", "inputs": {"data": "ingest"}, "params": pretrain},
         },

@@ -26,9 +26,9 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from pipeline.config import StageResources
 from pipeline.errors import VitpipeError
@@ -36,7 +36,7 @@ from pipeline.preflight import ResourceDemand
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageParams
 from pipeline.storage import Storage
-from stages.data.images import EXTENSION_OF, IMAGE_EXTENSIONS, BadImage, check_image, open_image, reencode
+from stages.data.images import EXTENSION_OF, IMAGE_EXTENSIONS, BadImage, Validation, inspect_image, reencode
 from stages.data.order import order_rng
 from stages.data.sources import SPLIT_NAMES, Source, SourceItem, make_source
 from stages.data.tarshards import ShardTarWriter
@@ -51,6 +51,9 @@ _SHARD_TASK_CPUS = 1.0  # each shard-writing task decodes and encodes on one cor
 
 
 class IngestParams(StageParams):
+    # ``validate`` in configs; the attribute is ``validation`` (``validate`` is pydantic's own name).
+    model_config = ConfigDict(populate_by_name=True)
+
     source: Literal["digits", "imagefolder", "list", "webdataset"]
     path: str | None = Field(default=None, description="folder / list file / shard folder (local or s3://)")
     image_size: int = Field(default=32, ge=8, le=1024, description="digits only: rendered size")
@@ -59,7 +62,10 @@ class IngestParams(StageParams):
     mode: Literal["copy", "reencode"] = "copy"
     max_side: int = Field(default=512, ge=16, description="reencode: shorter side at most this")
     jpeg_quality: int = Field(default=90, ge=1, le=100)
-    validate_images: bool = Field(default=True, description="decode every image to catch corrupt ones (copy mode)")
+    validation: Validation = Field(default="structure", alias="validate", description=(
+        "how deeply each input is checked before it is written: structure (header and container: JPEG markers "
+        "through EOI, PNG chunk CRCs, ...; no pixels decoded), decode (every pixel) or none (header only, for "
+        "trusted corpora); the README's table lists what each catches"))
     shuffle: bool = Field(default=True, description="cut shards from a seeded permutation of the listing, so each "
                                                     "mixes classes (not for source: webdataset, read shard by shard)")
     max_skip_fraction: float = Field(default=0.01, ge=0, le=1)
@@ -67,6 +73,15 @@ class IngestParams(StageParams):
 
     # The shards are a pure function of the listing and the other params: parallelism is not.
     execution_params: ClassVar[frozenset[str]] = frozenset({"workers"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_validate_images(cls, data: Any) -> Any:
+        """``validate_images: true|false`` (before ``validate``) keeps its meaning: decode or none."""
+        if isinstance(data, dict) and "validate_images" in data and "validate" not in data:
+            data = dict(data)
+            data["validate"] = "decode" if data.pop("validate_images") else "none"
+        return data
 
     @model_validator(mode="after")
     def _path_needed(self) -> IngestParams:
@@ -177,22 +192,16 @@ def plan_shards(items: Iterable[SourceItem], shard_samples: int, shard_bytes: in
 
 
 def _encode(data: bytes, mode: str, max_side: int, quality: int,
-            validate: bool = True) -> tuple[str, bytes, tuple[int, int]]:
-    if mode == "copy" and not validate:
-        # Trusted input (e.g. re-sharding validated shards): read the header only.
-        with open_image(data) as im:
-            if im.format not in EXTENSION_OF:
-                raise BadImage(f"unsupported format {im.format}")
-            return EXTENSION_OF[im.format], data, im.size
-    width, height, fmt = check_image(data)
+            validate: Validation) -> tuple[str, bytes, tuple[int, int]]:
+    width, height, fmt = inspect_image(data, validate)
     if mode == "copy":
         return EXTENSION_OF[fmt], data, (width, height)
-    encoded, _ = reencode(data, max_side, quality)
+    encoded, _ = reencode(data, max_side, quality)  # decodes every pixel, whatever ``validate`` says
     return "jpg", encoded, (width, height)
 
 
 def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict[str, int], mode: str,
-                max_side: int, quality: int, validate: bool = True, digest: str = "") -> ShardResult:
+                max_side: int, quality: int, validate: Validation = "structure", digest: str = "") -> ShardResult:
     """Read, check and convert one shard's items and write the shard, then its stats file."""
     skipped: list[dict[str, str]] = []
     counts: dict[str, int] = {}
@@ -288,7 +297,7 @@ class Ingest(Stage):
         plans = plan_shards(kept, p.shard_samples, p.shard_bytes, shuffle_seed=shuffle)
         ctx.logger.info("%d inputs -> %d shards (%d skipped before reading)", len(listed), len(plans), len(skipped))
 
-        encoding = (p.mode, p.max_side, p.jpeg_quality, p.validate_images)
+        encoding = (p.mode, p.max_side, p.jpeg_quality, p.validation)
         digests = {plan.name: plan_digest(plan, class_index, encoding) for plan in plans}
         results: dict[str, ShardResult] = {}
         todo = []
@@ -311,7 +320,7 @@ class Ingest(Stage):
                 while queue and len(pending) < p.workers:
                     plan = queue.pop(0)
                     ref = remote.remote(source_ref, plan, ctx.out, class_index, p.mode, p.max_side, p.jpeg_quality,
-                                        p.validate_images, digests[plan.name])
+                                        p.validation, digests[plan.name])
                     pending[ref] = plan
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:

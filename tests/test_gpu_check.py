@@ -156,7 +156,7 @@ def test_the_ray_config_is_a_valid_run_config(tmp_path):
     loaded = load_config(str(path))
     pretrain = loaded.stages["pretrain"].params
     assert (pretrain["workers"], pretrain["use_gpu"], pretrain["gpu"], pretrain["global_batch"]) == (8, True, "h200", 1024)
-    assert loaded.stages["ingest"].params["validate_images"] is False
+    assert loaded.stages["ingest"].params["validation"] == "none"
 
 
 def test_synthetic_shards_are_cached_deterministic_and_plain_webdataset(tmp_path):

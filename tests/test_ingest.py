@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,9 @@ from pipeline.engine import run_pipeline
 from pipeline.errors import StageFailedError
 from pipeline.manifest import read_manifest
 from pipeline.storage import open_storage
-from stages.data.images import BadImage, check_image, reencode, to_rgb
+from stages.data.images import BadImage, check_image, inspect_image, reencode, to_rgb
 from stages.data.sources import SourceItem
-from stages.data.tarshards import iter_tar_samples
+from stages.data.tarshards import ShardTarWriter, iter_tar_samples
 from stages.ingest import plan_shards, screen_items, sort_labels
 from stages.records import IngestResult
 
@@ -160,6 +161,105 @@ def test_bad_images_are_rejected_with_a_reason(name):
     data, reason = bad_images()[name]
     with pytest.raises(BadImage, match=reason):
         check_image(data)
+
+
+def _png_chunks(data: bytes) -> dict[bytes, tuple[int, int]]:
+    """{chunk type: (offset of its length field, data length)} (the first of each type)."""
+    pos, chunks = 8, {}
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        chunks.setdefault(data[pos + 4:pos + 8], (pos, length))
+        pos += 12 + length
+    return chunks
+
+
+def _png_with_chunk(data: bytes, kind: bytes, change) -> bytes:
+    """``data`` with chunk ``kind``'s data changed by ``change`` and its CRC made right again."""
+    pos, length = _png_chunks(data)[kind]
+    body = bytearray(data[pos + 8:pos + 8 + length])
+    change(body)
+    chunk = len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    return data[:pos] + chunk + data[pos + 12 + length:]
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+def _overwrite(body: bytearray, start: int, count: int) -> None:
+    body[start:start + count] = bytes([0x55]) * count
+
+
+def validation_faults() -> dict[str, tuple[bytes, set[str]]]:
+    """Faulty inputs, each with the validation depths that catch it: the README's table."""
+    jpg, png, everything = encode(photo(64, 48), "JPEG", quality=90), encode(photo(64, 48), "PNG"), {
+        "none", "structure", "decode"}
+    idat = _png_chunks(png)[b"IDAT"][0] + 8
+    scan = jpg.index(b"\xff\xda") + 20  # inside the entropy-coded data
+    return {
+        "zero-byte file": (b"", everything),
+        "not an image": (b"\x00\x01 definitely not an image" * 10, everything),
+        "unsupported format (PPM)": (encode(photo(), "PPM"), everything),
+        "more pixels than the limit (15000x15000 PNG header)": (
+            _png_with_chunk(png, b"IHDR", lambda b: b.__setitem__(slice(0, 8), (15000).to_bytes(4, "big") * 2)),
+            everything),
+        "truncated WebP": (encode(photo(), "WEBP")[:-100], everything),  # its header no longer parses
+        "truncated JPEG": (jpg[:len(jpg) // 2], {"structure", "decode"}),
+        "JPEG without its EOI marker": (jpg[:-2], {"structure", "decode"}),
+        "truncated PNG": (png[:len(png) // 2], {"structure", "decode"}),
+        "PNG chunk damaged (CRC mismatch)": (_flip(png, idat + 5), {"structure", "decode"}),
+        "truncated GIF": (encode(photo(), "GIF")[:-50], {"structure", "decode"}),
+        "truncated BMP": (encode(photo(), "BMP")[:-100], {"structure", "decode"}),
+        "PNG compressed data damaged, CRC made right": (
+            _png_with_chunk(png, b"IDAT", lambda b: _overwrite(b, len(b) // 3, 8)), {"decode"}),
+        "truncated TIFF": (encode(photo(), "TIFF")[:-100], {"decode"}),
+        "JPEG scan data overwritten, markers intact": (jpg[:scan] + b"\x55" * 40 + jpg[scan + 40:], set()),
+    }
+
+
+@pytest.mark.parametrize("validation", ["none", "structure", "decode"])
+def test_each_validation_depth_catches_the_faults_the_readme_lists(validation):
+    for name, (data, caught_by) in validation_faults().items():
+        if validation in caught_by:
+            with pytest.raises(BadImage):
+                inspect_image(data, validation)
+        else:
+            assert inspect_image(data, validation)[2] in {"JPEG", "PNG", "TIFF", "GIF", "BMP"}, name
+    for name, data in odd_images().items():  # valid, at every depth
+        assert inspect_image(data, validation)[:2] == Image.open(io.BytesIO(data)).size, name
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"):
+        assert inspect_image(encode(photo(), fmt), validation) == (40, 24, fmt)
+    progressive = encode(photo(64, 48), "JPEG", quality=90, progressive=True)  # several scans
+    restarts = encode(photo(64, 48), "JPEG", quality=90, restart_marker_blocks=2)  # RSTn inside the scan data
+    assert b"\xff\xd0" in restarts
+    assert inspect_image(progressive, validation) == inspect_image(restarts, validation) == (64, 48, "JPEG")
+
+
+def test_validation_defaults_to_structure_and_the_former_switch_keeps_its_meaning():
+    from stages.ingest import IngestParams
+
+    assert IngestParams(source="digits").validation == "structure"
+    assert IngestParams.model_validate({"source": "digits", "validate": "none"}).validation == "none"
+    assert IngestParams.model_validate({"source": "digits", "validate_images": True}).validation == "decode"
+    assert IngestParams.model_validate({"source": "digits", "validate_images": False}).validation == "none"
+
+
+def test_shards_are_written_byte_for_byte_as_tarfile_writes_them():
+    samples = [("a/k1", {"jpg": b"x" * 1000, "cls": b"3"}), ("d/" * 10 + "k" * 90, {"json": b"{}"}),
+               ("k3", {"png": b"", "txt": b"y" * 512})]
+    ours = io.BytesIO()
+    with ShardTarWriter(ours) as writer:
+        for key, files in samples:
+            writer.write(key, files)
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for key, files in samples:
+            for ext in sorted(files):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(files[ext]), 0, 0o444, 0, 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(files[ext]))
+    assert ours.getvalue() == reference.getvalue()
 
 
 # -- the stage ------------------------------------------------------------------------------------
