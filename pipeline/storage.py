@@ -218,6 +218,13 @@ class Storage(ABC):
         with self.open_read(rel) as f:
             return f.read()
 
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        """``length`` bytes of ``rel`` from byte ``start`` (fewer at its end): what a reader of a
+        file format with an index (Parquet's footer, then its column chunks) needs, without the rest."""
+        with self.open_read(rel) as f:
+            f.seek(start)
+            return f.read(length)
+
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
@@ -448,12 +455,14 @@ class _ResilientBody(io.RawIOBase):
     caller (for a tar, a truncated shard).
     """
 
-    def __init__(self, storage: S3Storage, key: str, uri: str, retries: int) -> None:
+    def __init__(self, storage: S3Storage, key: str, uri: str, retries: int, start: int = 0,
+                 end: int | None = None) -> None:
         self._storage = storage
         self._key = key
         self._uri = uri
         self._retries = retries
-        self._offset = 0
+        self._offset = start
+        self._end = end  # exclusive; None: to the end of the object
         self._failures = 0  # in a row, without a byte of progress
         self._reopens = 0
         self._etag: str | None = None
@@ -463,8 +472,8 @@ class _ResilientBody(io.RawIOBase):
 
     def _get(self) -> Any:
         kwargs: dict[str, Any] = {"Bucket": self._storage.bucket, "Key": self._key}
-        if self._offset:
-            kwargs["Range"] = f"bytes={self._offset}-"
+        if self._offset or self._end is not None:
+            kwargs["Range"] = f"bytes={self._offset}-{'' if self._end is None else self._end - 1}"
         if self._etag:
             kwargs["IfMatch"] = self._etag
         return self._storage.client.get_object(**kwargs)
@@ -486,8 +495,8 @@ class _ResilientBody(io.RawIOBase):
             return
         if self._etag is None:
             self._etag = response.get("ETag")
-            length = response.get("ContentLength")
-            self._length = None if length is None else int(length)
+            length = response.get("ContentLength")  # of the range asked for, from the first byte asked
+            self._length = None if length is None else self._offset + int(length)
         self._body = response["Body"]
 
     def readable(self) -> bool:
@@ -744,6 +753,13 @@ class S3Storage(Storage):
     def open_read(self, rel: str) -> BinaryIO:
         body = _ResilientBody(self, self._key(rel), self.uri_of(rel), self.read_retries)
         return io.BufferedReader(body, buffer_size=_CHUNK)  # type: ignore[return-value]
+
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        # One ranged GET, read on from the byte reached after a transient fault like any read.
+        if length <= 0:
+            return b""
+        with _ResilientBody(self, self._key(rel), self.uri_of(rel), self.read_retries, start, start + length) as body:
+            return body.read()
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:

@@ -54,8 +54,12 @@ class IngestParams(StageParams):
     # ``validate`` in configs; the attribute is ``validation`` (``validate`` is pydantic's own name).
     model_config = ConfigDict(populate_by_name=True)
 
-    source: Literal["digits", "imagefolder", "list", "webdataset"]
-    path: str | None = Field(default=None, description="folder / list file / shard folder (local or s3://)")
+    source: Literal["digits", "imagefolder", "list", "webdataset", "parquet"]
+    path: str | None = Field(default=None, description="folder / list file / shard folder / Parquet folder "
+                                                       "(local or s3://)")
+    image_column: str = Field(default="image", description="parquet: the column of encoded images (bytes or "
+                                                           "{bytes, path})")
+    label_column: str = Field(default="label", description="parquet: the column of labels (ClassLabel index or name)")
     image_size: int = Field(default=32, ge=8, le=1024, description="digits only: rendered size")
     shard_samples: int = Field(default=1000, ge=1)
     shard_bytes: int | None = Field(default=None, ge=1 << 16, description="also cut shards at this many bytes")
@@ -67,7 +71,7 @@ class IngestParams(StageParams):
         "through EOI, PNG chunk CRCs, ...; no pixels decoded), decode (every pixel) or none (header only, for "
         "trusted corpora); the README's table lists what each catches"))
     shuffle: bool = Field(default=True, description="cut shards from a seeded permutation of the listing, so each "
-                                                    "mixes classes (not for source: webdataset, read shard by shard)")
+                                                    "mixes classes (not for sources read in order: webdataset, parquet)")
     max_skip_fraction: float = Field(default=0.01, ge=0, le=1)
     workers: int = Field(default=2, ge=1, description="shard-writing Ray tasks in flight")
 
@@ -285,7 +289,7 @@ class Ingest(Stage):
 
         p: IngestParams = ctx.params  # type: ignore[assignment]
         settings = ctx.run_storage_settings
-        source = make_source(p.source, p.path, p.image_size, settings)
+        source = make_source(p.source, p.path, p.image_size, settings, (p.image_column, p.label_column))
         listed = source.items()
         kept, skipped = screen_items(listed)
         names = source.class_names() or sort_labels({i.label for i in kept if i.label is not None})

@@ -512,3 +512,100 @@ def test_hostile_tar_members_and_symlinks_are_skipped_with_reasons_never_followe
     assert sorted(item.key for item in kept) == ["cat/inside", "cat/real"]
     assert skipped == [{"origin": str(folder / "cat/leak.jpg"), "kind": "refused",
                         "reason": "symbolic link leading outside the source folder (not followed)"}]
+
+
+# -- a Hugging Face-style Parquet source -----------------------------------------------------------
+
+_HF_NAMES = ["cat", "dog", "fish"]
+
+
+def _write_parquet_dataset(root: Path) -> dict[str, tuple[bytes, str | None]]:
+    """Three files as Hugging Face lays them out (row groups of 3): the train files with the
+    ``Image`` struct column, the validation file with plain bytes; one row without a label and
+    one with bytes that are not an image. Returns {key: (image bytes, class name)} of every row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    metadata = {b"huggingface": json.dumps({"info": {"features": {
+        "image": {"_type": "Image"}, "label": {"names": _HF_NAMES, "_type": "ClassLabel"}}}}).encode()}
+    rows, seed = {}, 0
+    for name, count, struct in (("train-00000-of-00002", 7, True), ("train-00001-of-00002", 5, True),
+                                ("validation-00000-of-00001", 4, False)):
+        images, labels = [], []
+        for row in range(count):
+            data = b"not an image at all" if (name, row) == ("train-00001-of-00002", 4) else encode(
+                photo(160, 120, seed=seed), "PNG")  # files past the 64 KiB a Parquet footer read takes
+            label = None if (name, row) == ("train-00000-of-00002", 2) else seed % 3
+            seed += 1
+            images.append({"bytes": data, "path": f"{row}.png"} if struct else data)
+            labels.append(label)
+            rows[f"data/{name}/{row:09d}"] = (data, None if label is None else _HF_NAMES[label])
+        table = pa.table({"image": images, "label": pa.array(labels, pa.int64())}).replace_schema_metadata(metadata)
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, root / "data" / f"{name}.parquet", row_group_size=3)
+    return rows
+
+
+def test_a_parquet_dataset_is_listed_by_label_column_and_ingested_row_group_by_row_group(tmp_path):
+    from stages.data.parquet_source import ParquetSource, parquet_split
+
+    assert [parquet_split(p) for p in ("data/train-00000-of-00004.parquet", "validation/0000.parquet",
+                                       "x/test_part.parquet", "other.parquet")] == ["train", "val", "test", "train"]
+    rows = _write_parquet_dataset(tmp_path / "hf")
+    source = ParquetSource(str(tmp_path / "hf"))
+    assert source.class_names() == _HF_NAMES
+    items = source.items()
+    assert {i.key: i.label for i in items} == {key: label for key, (_, label) in rows.items()}
+    assert [i.split for i in items] == ["train"] * 12 + ["val"] * 4
+    read = dict(source.read_many(items))
+    assert all(read[i] == rows[i.key][0] for i in items)
+
+    store, m = run_ingest(str(tmp_path / "run"), {"source": "parquet", "path": str(tmp_path / "hf"),
+                                                  "shard_samples": 5, "max_skip_fraction": 0.2})
+    result = record(m)
+    assert {k: v.samples for k, v in result.splits.items()} == {"train": 10, "val": 4} and result.skipped == 2
+    assert result.classes == _HF_NAMES
+    samples = all_samples(store, m)
+    assert {key: files["png"] for key, files in samples.items()} == {
+        key: data for key, (data, label) in rows.items() if label is not None and data.startswith(b"\x89PNG")}
+    assert all(result.classes[int(files["cls"])] == rows[key][1] for key, files in samples.items())
+    reasons = sorted(json.loads(line)["kind"] for line in store.read_text("skipped.jsonl").splitlines())
+    assert reasons == ["bad image", "missing label"]
+
+
+def test_a_parquet_dataset_on_s3_is_read_by_ranged_gets_through_cuts(tmp_path, s3_endpoint, s3_bucket, monkeypatch):
+    from bench.faultproxy import FaultProxy
+    from pipeline.config import StorageSettings
+    from pipeline.storage import S3Storage
+    from stages.data.parquet_source import ParquetSource
+
+    rows = _write_parquet_dataset(tmp_path / "hf")
+    bucket = S3Storage(f"s3://{s3_bucket}/hf", endpoint_url=s3_endpoint)
+    sizes = {}
+    for path in (tmp_path / "hf").rglob("*.parquet"):
+        bucket.upload_file(path, path.relative_to(tmp_path / "hf").as_posix())
+        sizes[path.relative_to(tmp_path / "hf").as_posix()] = path.stat().st_size
+    ranges: list[tuple[str, int, int]] = []
+    real_range = S3Storage.read_range
+
+    def recording(self, rel, start, length):
+        ranges.append((rel, start, length))
+        return real_range(self, rel, start, length)
+
+    def whole(self, rel):
+        raise AssertionError(f"{rel} read whole")
+
+    monkeypatch.setattr(S3Storage, "read_range", recording)
+    monkeypatch.setattr(S3Storage, "open_read", whole)
+    with FaultProxy(s3_endpoint, cut=0.3, seed=5) as proxy:  # cuts 30% of responses mid-body
+        source = ParquetSource(bucket.uri, StorageSettings(endpoint_url=proxy.url))
+        items = source.items()
+        assert {i.key: i.label for i in items} == {key: label for key, (_, label) in rows.items()}
+        listed = sum(length for _, _, length in ranges)
+        wanted = [i for i in items if i.locator[:2] == ("data/train-00000-of-00002.parquet", 1)]  # one row group
+        assert [data for _, data in source.read_many(wanted)] == [rows[i.key][0] for i in wanted]
+    # Listing read footers (pyarrow reads a file's last 64 KiB) and label columns, not the images;
+    # reading one row group of three images: its file's footer and those images, not the other four.
+    assert listed < sum(sizes.values()) / 2, (listed, sizes)
+    images = sum(len(rows[i.key][0]) for i in wanted)
+    assert sum(length for _, _, length in ranges) - listed <= 64 * 1024 + images + 1024

@@ -30,6 +30,7 @@ def test_roundtrip_list_and_delete(store):
     assert store.exists("a/b.bin") and not store.exists("a/zzz")
     assert store.size("a/b.bin") == 5 and store.size("nope") is None
     assert store.read_bytes("a/b.bin") == b"hello"
+    assert [store.read_range("a/b.bin", *r) for r in ((1, 3), (3, 10), (0, 0))] == [b"ell", b"lo", b""]
     assert [o.path for o in store.list()] == ["a/b.bin", "a/c.txt", "ab/d.txt"]
     assert [o.path for o in store.list("a")] == ["a/b.bin", "a/c.txt"]  # "a" never matches "ab"
     child = store.child("a")

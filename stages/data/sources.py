@@ -13,6 +13,7 @@ be planned before any image is opened and written in parallel.
 - ``webdataset``: existing shards (``.tar``), re-sharded; labels from ``KEY.cls`` (an integer
   index, with class names from a ``classes.json`` beside the shards when present), ``KEY.txt``
   or ``KEY.json`` (``label`` field).
+- ``parquet``: a Hugging Face-style dataset of Parquet files (``stages.data.parquet_source``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import Any
 from pipeline.errors import VitpipeError
 from pipeline.storage import Storage, is_s3_uri, open_storage
 
-__all__ = ["SourceItem", "Source", "DigitsSource", "ImageFolderSource", "ListSource", "WebDatasetSource",
-           "make_source", "label_name", "SPLIT_NAMES", "sanitize_key"]
+__all__ = ["SourceItem", "Source", "StorageSource", "DigitsSource", "ImageFolderSource", "ListSource",
+           "WebDatasetSource", "make_source", "label_name", "SPLIT_NAMES", "sanitize_key"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class DigitsSource(Source):
         return out.getvalue()
 
 
-class _StorageSource(Source):
+class StorageSource(Source):
     def __init__(self, root: str, storage_settings: Any = None) -> None:
         self.root = root
         self.storage_settings = storage_settings
@@ -143,7 +144,7 @@ class _StorageSource(Source):
         return self.storage.read_bytes(item.locator)
 
 
-class ImageFolderSource(_StorageSource):
+class ImageFolderSource(StorageSource):
     def items(self) -> list[SourceItem]:
         objects = self.storage.list()
         if not objects:
@@ -226,7 +227,7 @@ class ListSource(Source):
         return self._store(parent).read_bytes(name)
 
 
-class WebDatasetSource(_StorageSource):
+class WebDatasetSource(StorageSource):
     random_access = False  # a shard mixing samples of many source shards would stream all of them
 
     """Existing shards under ``root`` (every ``*.tar``), in name order."""
@@ -311,7 +312,9 @@ def label_name(files: dict[str, bytes], names: list[str] | None) -> str | None:
     return None
 
 
-def make_source(kind: str, path: str | None, image_size: int, storage_settings: Any = None) -> Source:
+def make_source(kind: str, path: str | None, image_size: int, storage_settings: Any = None,
+                columns: tuple[str, str] = ("image", "label")) -> Source:
+    """``columns``: a ``parquet`` source's image and label columns."""
     if kind == "digits":
         return DigitsSource(image_size=image_size)
     if not path:
@@ -322,4 +325,8 @@ def make_source(kind: str, path: str | None, image_size: int, storage_settings: 
         return ListSource(path, storage_settings)
     if kind == "webdataset":
         return WebDatasetSource(path, storage_settings)
+    if kind == "parquet":
+        from stages.data.parquet_source import ParquetSource
+
+        return ParquetSource(path, storage_settings, *columns)
     raise VitpipeError(f"unknown source {kind!r}")
