@@ -42,8 +42,8 @@ from stages.data.sources import SPLIT_NAMES, Source, SourceItem, make_source
 from stages.data.tarshards import ShardTarWriter
 from stages.records import IngestResult, ShardRecord, SplitRecord
 
-__all__ = ["IngestParams", "Ingest", "ShardPlan", "ShardResult", "SKIPPED_FILE", "ingest_record", "plan_shards",
-           "screen_items", "write_shard"]
+__all__ = ["IngestParams", "Ingest", "ShardPlan", "ShardResult", "SKIPPED_FILE", "finished_shards", "ingest_record",
+           "plan_shards", "screen_items", "write_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -258,17 +258,32 @@ def plan_digest(plan: ShardPlan, class_index: dict[str, int], settings: tuple) -
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _existing_result(out: Storage, plan: ShardPlan, digest: str) -> ShardResult | None:
-    """A shard finished by an earlier, interrupted attempt (stats file present, tar intact)."""
-    if not out.exists(plan.stats_path):
-        return None
-    try:
-        result = ShardResult(**json.loads(out.read_text(plan.stats_path)))
-    except (ValueError, TypeError):
-        return None
-    if result.plan_digest != digest:
-        return None  # planned from a different listing or class list: rewrite it
-    return result if out.size(plan.tar_path) == result.bytes else None
+def finished_shards(out: Storage, plans: list[ShardPlan], digests: dict[str, str],
+                    readers: int = 16) -> dict[str, ShardResult]:
+    """The shards an earlier, interrupted attempt finished (stats file present, tar of the size it
+    records, planned from the same listing and encoding), by name.
+
+    One listing of ``shards/`` (a LIST per 1000 objects on S3) says which stats files and tars
+    exist and their sizes; only the stats files found are read, ``readers`` at a time: one request
+    per finished shard, none for the others (at 300k shards and ~20 ms a request, ~6 minutes
+    instead of 5 hours of three sequential requests per shard)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes = {o.path: o.size for o in out.list("shards")}
+    found = [plan for plan in plans if plan.stats_path in sizes and plan.tar_path in sizes]
+
+    def read(plan: ShardPlan) -> ShardResult | None:
+        try:
+            result = ShardResult(**json.loads(out.read_text(plan.stats_path)))
+        except (ValueError, TypeError):
+            return None
+        if result.plan_digest != digests[plan.name]:
+            return None  # planned from a different listing or class list: rewrite it
+        return result if sizes[plan.tar_path] == result.bytes else None
+
+    with ThreadPoolExecutor(max_workers=readers) as pool:
+        results = list(pool.map(read, found))
+    return {plan.name: result for plan, result in zip(found, results, strict=True) if result is not None}
 
 
 @register_stage("ingest")
@@ -303,14 +318,8 @@ class Ingest(Stage):
 
         encoding = (p.mode, p.max_side, p.jpeg_quality, p.validation)
         digests = {plan.name: plan_digest(plan, class_index, encoding) for plan in plans}
-        results: dict[str, ShardResult] = {}
-        todo = []
-        for plan in plans:
-            done = _existing_result(ctx.out, plan, digests[plan.name]) if ctx.resumed else None
-            if done is not None:
-                results[plan.name] = done
-            else:
-                todo.append(plan)
+        results = finished_shards(ctx.out, plans, digests) if ctx.resumed else {}
+        todo = [plan for plan in plans if plan.name not in results]
         if results:
             ctx.logger.info("resuming: %d shards already written, %d to go", len(results), len(todo))
 

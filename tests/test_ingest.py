@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import tarfile
@@ -370,6 +371,34 @@ def test_interrupted_ingest_rewrites_only_missing_shards(tmp_path):
     assert [o.model_dump() for o in manifest2.outputs] == [o.model_dump() for o in manifest.outputs]
     keys = all_samples(store2, manifest2)
     assert len(keys) == 1797 and set(keys) == {f"digits-{i:04d}" for i in range(1797)}
+
+
+def test_a_resumed_ingest_finds_its_finished_shards_with_one_listing_and_one_read_each(tmp_path):
+    from pipeline.storage import LocalStorage
+    from stages.ingest import ShardPlan, ShardResult, finished_shards
+
+    class Counting(LocalStorage):
+        calls: list[str] = []
+
+        def __getattribute__(self, name):
+            if name in ("list", "exists", "size", "open_read"):  # each a request on S3 (reads open)
+                Counting.calls.append(name)
+            return super().__getattribute__(name)
+
+    out = Counting(tmp_path / "stage")
+    plans = [ShardPlan(f"train-{n:06d}", "train", []) for n in range(6)]
+    digests = {plan.name: f"d{n}" for n, plan in enumerate(plans)}
+    for n, plan in enumerate(plans[:4]):  # 0-3 finished; 4 has a tar but no stats (cut); 5 nothing
+        out.write_bytes(plan.tar_path, b"x" * (100 + n))
+        recorded = 100 + n if n != 2 else 999  # 2: its tar is not the one the stats describe
+        digest = digests[plan.name] if n != 3 else "planned from another listing"
+        out.write_text(plan.stats_path, json.dumps(dataclasses.asdict(ShardResult(
+            plan.name, "train", plan.tar_path, 1, recorded, "sha", plan_digest=digest))))
+    out.write_bytes(plans[4].tar_path, b"partial")
+    Counting.calls.clear()
+    found = finished_shards(out, plans, digests)
+    assert sorted(found) == ["train-000000", "train-000001"]
+    assert sorted(Counting.calls) == ["list"] + ["open_read"] * 4  # one listing; the four stats files found
 
 
 def test_list_sources_and_resharding_other_tools_shards(tmp_path):
