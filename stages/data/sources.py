@@ -45,7 +45,7 @@ def sanitize_key(text: str) -> str:
     return _KEY_CHARS.sub("_", text).strip("/") or "_"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no __dict__: ~64 bytes less per listed input (bench/ingest_scale.py)
 class SourceItem:
     key: str
     split: str
