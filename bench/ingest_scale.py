@@ -46,8 +46,8 @@ def _keys(n: int):
 
 def measure_ours(n: int) -> dict[str, float]:
     """In this (fresh) process: listing to plan for ``n`` synthetic inputs."""
-    from stages.data.sources import SourceItem
-    from stages.ingest import plan_digest, plan_shards, screen_items, sort_labels
+    from stages.data.sources import SourceItem, sort_labels
+    from stages.ingest import plan_digest, plan_shards, screen_items
 
     start_rss, started = _peak_rss(), time.perf_counter()
     items = [SourceItem(key=key[:-5], split="train", label=key.split("/", 1)[0], locator=key,

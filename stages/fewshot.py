@@ -54,7 +54,8 @@ class FewshotParams(StageParams):
 
 
 def extract_features(handoff: HandoffRef | None, architecture: ViTConfig, image_size: int, data_uri: str,
-                     slices: list[ShardSlice], batch_size: int, settings: dict[str, Any], seed: int) -> dict[str, Any]:
+                     slices: list[ShardSlice], batch_size: int, settings: dict[str, Any], seed: int,
+                     class_names: list[str] | None = None) -> dict[str, Any]:
     """Representations of every sample in ``slices`` (a Ray task; ``handoff`` None: random init)."""
     import torch
 
@@ -80,7 +81,8 @@ def extract_features(handoff: HandoffRef | None, architecture: ViTConfig, image_
     model.to(dtype)
     feats, labels, keys, skipped = [], [], [], []
     with torch.inference_mode():
-        for batch in iter_eval_batches(open_storage(data_uri, store), slices, batch_size, image_size, skipped=skipped):
+        for batch in iter_eval_batches(open_storage(data_uri, store), slices, batch_size, image_size, class_names,
+                                       skipped=skipped):
             feats.append(model.representation(to_model_input(batch["image"], device, dtype)).float().cpu().numpy())
             labels.append(batch["label"].numpy())
             keys.extend(batch["key"])
@@ -135,8 +137,8 @@ class Fewshot(Stage):
         for tag, ref in models.items():
             for split, shards in splits.items():
                 shares = [share for i in range(p.workers) if (share := split_samples(shards, i, p.workers))]
-                refs[(tag, split)] = [remote.remote(ref, source, image_size, data.storage.uri, share, p.batch_size,
-                                                    settings, ctx.seed) for share in shares]
+                refs[(tag, split)] = [remote.remote(ref, source, image_size, ingested.shard_uri(data), share,
+                                                    p.batch_size, settings, ctx.seed, ingested.classes) for share in shares]
         total = sum(len(v) for v in refs.values())
         with ctx.progress(total, desc=f"{ctx.name}: feature extraction") as bar:
             gathered = {}

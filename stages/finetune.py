@@ -58,7 +58,8 @@ class Finetune(Stage):
         target = transfer_config(source, p.image_size, len(ingested.classes), dropout=p.dropout,
                                  drop_path=p.drop_path, checkpoint_activations=p.checkpoint_activations)
         optimizer = OptimizerSpec(p.optimizer, p.lr, momentum=p.momentum, grad_clip=p.grad_clip)
-        job = training_job(ctx, p, target, optimizer, data.storage.uri, shards, FinetuneTask(handoff, evaluation))
+        job = training_job(ctx, p, target, optimizer, ingested.shard_uri(data), shards, ingested.classes,
+                           FinetuneTask(handoff, evaluation))
         dataset = p.dataset or data.stage
         ctx.logger.info("fine-tuning on %s (%d classes) at %d px (grid %d -> %d), %d steps on %s worker(s)",
                         dataset, len(ingested.classes), p.image_size, source.grid, target.grid, p.steps, p.workers_label)

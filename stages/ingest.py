@@ -26,7 +26,7 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -38,7 +38,8 @@ from pipeline.stage import Stage, StageContext, StageParams
 from pipeline.storage import Storage
 from stages.data.images import EXTENSION_OF, IMAGE_EXTENSIONS, BadImage, Validation, inspect_image, reencode
 from stages.data.order import order_rng
-from stages.data.sources import SPLIT_NAMES, Source, SourceItem, make_source
+from stages.data.shard_index import INDEX_DIR, ShardIndex, class_list, index_shard, index_stats_path
+from stages.data.sources import SPLIT_NAMES, Source, SourceItem, WebDatasetSource, make_source, sort_labels
 from stages.data.tarshards import ShardTarWriter
 from stages.records import IngestResult, ShardRecord, SplitRecord
 
@@ -46,6 +47,7 @@ __all__ = ["IngestParams", "Ingest", "ShardPlan", "ShardResult", "SKIPPED_FILE",
            "plan_shards", "screen_items", "write_shard"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SHARD_TASK_CPUS = 1.0  # each shard-writing task decodes and encodes on one core
 
@@ -63,7 +65,9 @@ class IngestParams(StageParams):
     image_size: int = Field(default=32, ge=8, le=1024, description="digits only: rendered size")
     shard_samples: int = Field(default=1000, ge=1)
     shard_bytes: int | None = Field(default=None, ge=1 << 16, description="also cut shards at this many bytes")
-    mode: Literal["copy", "reencode"] = "copy"
+    mode: Literal["copy", "reencode", "index"] = Field(default="copy", description=(
+        "copy: image bytes into new shards; reencode: resized to max_side and JPEG-encoded; index (webdataset "
+        "source only): the source shards are used in place, each streamed once to count and check it"))
     max_side: int = Field(default=512, ge=16, description="reencode: shorter side at most this")
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     validation: Validation = Field(default="structure", alias="validate", description=(
@@ -91,6 +95,9 @@ class IngestParams(StageParams):
     def _path_needed(self) -> IngestParams:
         if self.source != "digits" and not self.path:
             raise ValueError(f"source {self.source!r} needs a path")
+        if self.mode == "index" and self.source != "webdataset":
+            raise ValueError(f"mode 'index' uses existing webdataset shards in place; source {self.source!r} has none "
+                             "(use mode: copy)")
         return self
 
 
@@ -154,14 +161,6 @@ def screen_items(items: Iterable[SourceItem]) -> tuple[list[SourceItem], list[di
             seen[item.key] = item.origin
             kept.append(item)
     return kept, skipped
-
-
-def sort_labels(labels: Iterable[str]) -> list[str]:
-    """Class order: numeric when every label is an integer ("2" before "10"), else lexicographic."""
-    labels = list(labels)
-    if labels and all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
 
 
 def plan_shards(items: Iterable[SourceItem], shard_samples: int, shard_bytes: int | None = None,
@@ -267,23 +266,30 @@ def finished_shards(out: Storage, plans: list[ShardPlan], digests: dict[str, str
     exist and their sizes; only the stats files found are read, ``readers`` at a time: one request
     per finished shard, none for the others (at 300k shards and ~20 ms a request, ~6 minutes
     instead of 5 hours of three sequential requests per shard)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     sizes = {o.path: o.size for o in out.list("shards")}
     found = [plan for plan in plans if plan.stats_path in sizes and plan.tar_path in sizes]
+    results = _read_stats(out, [plan.stats_path for plan in found], ShardResult, readers)
 
-    def read(plan: ShardPlan) -> ShardResult | None:
+    def usable(plan: ShardPlan, result: ShardResult | None) -> bool:
+        # Planned from the same listing and class list, and its tar whole.
+        return result is not None and result.plan_digest == digests[plan.name] and sizes[plan.tar_path] == result.bytes
+
+    return {plan.name: result for plan, result in zip(found, results, strict=True) if usable(plan, result)}
+
+
+def _read_stats(out: Storage, paths: list[str], record: type[T], readers: int = 16) -> list[T | None]:
+    """The stats files at ``paths`` (JSON of a ``record`` dataclass), ``readers`` at a time; None
+    for one that is unreadable (a torn write of an attempt that died: it is redone)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(path: str) -> T | None:
         try:
-            result = ShardResult(**json.loads(out.read_text(plan.stats_path)))
+            return record(**json.loads(out.read_text(path)))
         except (ValueError, TypeError):
             return None
-        if result.plan_digest != digests[plan.name]:
-            return None  # planned from a different listing or class list: rewrite it
-        return result if sizes[plan.tar_path] == result.bytes else None
 
     with ThreadPoolExecutor(max_workers=readers) as pool:
-        results = list(pool.map(read, found))
-    return {plan.name: result for plan, result in zip(found, results, strict=True) if result is not None}
+        return list(pool.map(read, paths))
 
 
 @register_stage("ingest")
@@ -304,11 +310,17 @@ class Ingest(Stage):
         return ResourceDemand(bundles=({"CPU": _SHARD_TASK_CPUS},), label="shard-writing task")
 
     def run(self, ctx: StageContext) -> None:
+        p: IngestParams = ctx.params  # type: ignore[assignment]
+        source = make_source(p.source, p.path, p.image_size, ctx.run_storage_settings, (p.image_column, p.label_column))
+        if p.mode == "index":
+            assert isinstance(source, WebDatasetSource)
+            self._index(ctx, p, source)
+        else:
+            self._copy(ctx, p, source)
+
+    def _copy(self, ctx: StageContext, p: IngestParams, source: Source) -> None:
         import ray
 
-        p: IngestParams = ctx.params  # type: ignore[assignment]
-        settings = ctx.run_storage_settings
-        source = make_source(p.source, p.path, p.image_size, settings, (p.image_column, p.label_column))
         listed = source.items()
         kept, skipped = screen_items(listed)
         names = source.class_names() or sort_labels({i.label for i in kept if i.label is not None})
@@ -329,41 +341,102 @@ class Ingest(Stage):
 
         remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(write_shard)
         source_ref = ray.put(source)
-        pending: dict[object, ShardPlan] = {}
-        with ctx.progress(len(plans), desc=f"{ctx.name}: shards") as bar:
-            bar.update(len(results))
-            queue = list(todo)
-            while queue or pending:
-                while queue and len(pending) < p.workers:
-                    plan = queue.pop(0)
-                    ref = remote.remote(source_ref, plan, ctx.out, class_index, p.mode, p.max_side, p.jpeg_quality,
-                                        p.validation, digests[plan.name])
-                    pending[ref] = plan
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    plan = pending.pop(ref)
-                    results[plan.name] = ray.get(ref)
-                    bar.update()
+        calls = {plan.name: (source_ref, plan, ctx.out, class_index, p.mode, p.max_side, p.jpeg_quality, p.validation,
+                             digests[plan.name]) for plan in todo}
+        results.update(_run_tasks(ctx, remote, calls, p.workers, len(plans), "shards"))
 
         ordered = [results[plan.name] for plan in plans]
         for r in ordered:  # the stats files only mark finished shards for a resumed ingest: not outputs
             skipped.extend(r.skipped)
             ctx.record_output(r.path, r.bytes, r.sha256)
-        total = len(listed)
-        if total == 0:
-            raise VitpipeError(f"source {p.source!r} at {p.path} has no inputs")
-        fraction = len(skipped) / total
-        if fraction > p.max_skip_fraction:
-            first = skipped[0]
-            raise VitpipeError(
-                f"{len(skipped)} of {total} inputs skipped ({fraction:.1%}, above max_skip_fraction="
-                f"{p.max_skip_fraction:g}); first: {first['origin']}: {first['reason']}"
-            )
+        _check_skips(p, skipped, len(listed), len(skipped))
         ctx.write_json("classes.json", {"classes": names})
-        ctx.result = ingest_record(ordered, names, total, len(skipped))
-        with ctx.open_write(SKIPPED_FILE) as f:  # the whole list, outside the manifest
-            for record in skipped:
-                f.write((json.dumps(record, sort_keys=True) + "\n").encode())
-        ctx.metrics["skipped_by_kind"] = dict(sorted(Counter(r["kind"] for r in skipped).items()))
-        ctx.metrics["skipped_first"] = skipped[:SKIPPED_SHOWN]
+        ctx.result = ingest_record(ordered, names, len(listed), len(skipped))
+        _record_skips(ctx, skipped)
         ctx.logger.info("wrote %d samples in %d shards; skipped %d", ctx.result.samples, len(ordered), len(skipped))
+
+    def _index(self, ctx: StageContext, p: IngestParams, source: WebDatasetSource) -> None:
+        """``mode: index``: one task per source shard streams it once (:mod:`stages.data.shard_index`);
+        the shards stay where they are and the result names their folder as its ``root``."""
+        import ray
+
+        shards = source.shards()
+        digests = {o.path: f"{o.size}:{p.validation}" for o in shards}
+        paths = [o.path for o in shards]
+        stats = [index_stats_path(rel) for rel in paths]
+        if len(set(stats)) < len(stats):
+            raise VitpipeError(f"{p.path}: two shards map to one index entry (names differing only in odd characters)")
+        results: dict[str, ShardIndex] = {}
+        if ctx.resumed:  # one listing of index/, then one read per stats file found
+            present = {o.path for o in ctx.out.list(INDEX_DIR)}
+            found = [(rel, path) for rel, path in zip(paths, stats, strict=True) if path in present]
+            read = _read_stats(ctx.out, [path for _, path in found], ShardIndex)
+            results = {rel: index for (rel, _), index in zip(found, read, strict=True)
+                       if index is not None and index.digest == digests[rel]}
+        if results:
+            ctx.logger.info("resuming: %d shards already indexed, %d to go", len(results), len(paths) - len(results))
+        remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(index_shard)
+        calls = {rel: (source.storage, rel, ctx.out, p.validation, digests[rel]) for rel in paths if rel not in results}
+        results.update(_run_tasks(ctx, remote, calls, p.workers, len(paths), "shards indexed"))
+
+        ordered = [results[rel] for rel in paths]
+        kept = [index for index in ordered if not index.damaged]
+        names, counts = class_list(kept, source.class_names(), source.storage.uri)
+        skipped = [record for index in ordered for record in index.skipped]
+        unusable = sum(index.unusable for index in kept) + sum(index.lost for index in ordered)
+        samples = sum(index.samples for index in kept)
+        _check_skips(p, skipped, samples + sum(index.lost for index in ordered), unusable)
+        splits: dict[str, SplitRecord] = {}
+        for split in sorted({index.split for index in kept}, key=_split_rank):
+            mine = [index for index in kept if index.split == split]
+            splits[split] = SplitRecord(samples=sum(i.samples for i in mine), class_counts=counts[split],
+                                        shards=[ShardRecord(path=i.path, samples=i.samples) for i in mine])
+        ctx.write_json("classes.json", {"classes": names})
+        ctx.result = IngestResult(classes=names, splits=splits, inputs=samples + sum(i.lost for i in ordered),
+                                  samples=samples, skipped=unusable, root=source.storage.uri)
+        _record_skips(ctx, skipped)
+        ctx.logger.info("indexed %d samples in %d shards in place (%s); %d unusable, %d shards left out", samples,
+                        len(kept), source.storage.uri, unusable, len(ordered) - len(kept))
+
+
+def _run_tasks(ctx: StageContext, remote: Any, calls: dict[str, tuple], workers: int, total: int,
+               what: str) -> dict[str, Any]:
+    """Run ``remote(*args)`` for each entry of ``calls``, ``workers`` at a time, with a progress bar
+    over ``total`` (those done before count as done); results by the entry's name."""
+    import ray
+
+    results: dict[str, Any] = {}
+    pending: dict[object, str] = {}
+    queue = list(calls)
+    with ctx.progress(total, desc=f"{ctx.name}: {what}") as bar:
+        bar.update(total - len(calls))
+        while queue or pending:
+            while queue and len(pending) < workers:
+                name = queue.pop(0)
+                pending[remote.remote(*calls[name])] = name
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                results[pending.pop(ref)] = ray.get(ref)
+                bar.update()
+    return results
+
+
+def _check_skips(p: IngestParams, skipped: list[dict[str, str]], total: int, count: int) -> None:
+    """Fail when more than ``max_skip_fraction`` of the inputs are skipped, naming the first."""
+    if total == 0:
+        raise VitpipeError(f"source {p.source!r} at {p.path} has no inputs")
+    fraction = count / total
+    if fraction > p.max_skip_fraction:
+        first = skipped[0]
+        raise VitpipeError(
+            f"{count} of {total} inputs skipped ({fraction:.1%}, above max_skip_fraction="
+            f"{p.max_skip_fraction:g}); first: {first['origin']}: {first['reason']}"
+        )
+
+
+def _record_skips(ctx: StageContext, skipped: list[dict[str, str]]) -> None:
+    with ctx.open_write(SKIPPED_FILE) as f:  # the whole list, outside the manifest
+        for record in skipped:
+            f.write((json.dumps(record, sort_keys=True) + "\n").encode())
+    ctx.metrics["skipped_by_kind"] = dict(sorted(Counter(r["kind"] for r in skipped).items()))
+    ctx.metrics["skipped_first"] = skipped[:SKIPPED_SHOWN]

@@ -47,7 +47,7 @@ class Pretrain(Stage):
         model = p.vit_config(len(ingested.classes))
         optimizer = OptimizerSpec(p.optimizer, p.lr, weight_decay=p.weight_decay, betas=(p.betas[0], p.betas[1]),
                                   grad_clip=p.grad_clip)
-        job = training_job(ctx, p, model, optimizer, data.storage.uri, shards, PretrainTask())
+        job = training_job(ctx, p, model, optimizer, ingested.shard_uri(data), shards, ingested.classes, PretrainTask())
         ctx.logger.info("pretraining ViT-%s (%.2fM params) on %s worker(s), ZeRO-%d, %s, %d steps",
                         p.model, count_params(model) / 1e6, p.workers_label, p.zero_stage, p.precision, p.steps)
         ctx.result = train_result("pretrain", model, run_training(ctx, p, job))

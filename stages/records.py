@@ -27,7 +27,7 @@ class _Record(BaseModel):
 
 
 class ShardRecord(_Record):
-    path: str  # relative to the ingest stage's folder
+    path: str  # relative to the ingest stage's folder, or to IngestResult.root
     samples: int
     # Read from older manifests, never written: the manifest's outputs list has each shard's size
     # and checksum once (an ingest of 300k shards keeps its manifest O(shards) and small).
@@ -48,6 +48,13 @@ class IngestResult(_Record):
     inputs: int
     samples: int
     skipped: int
+    # Where the shards are when they are not in the ingest stage's folder: a corpus indexed in
+    # place (``mode: index``), read where it lies.
+    root: str | None = None
+
+    def shard_uri(self, data: StageInput) -> str:
+        """The folder the shards' paths are relative to, for a consumer of ``data`` (this stage)."""
+        return self.root or data.storage.uri
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.splits:

@@ -30,6 +30,7 @@ from pydantic import Field
 from pipeline.errors import VitpipeError
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageInput, StageParams
+from pipeline.storage import open_storage
 from stages.records import (
     FewshotResult,
     GoodputRecord,
@@ -303,7 +304,8 @@ def _model_figures(inp: StageInput, data: StageInput | None, settings: Any, p: R
     if split is None:
         return
     count = max(p.distance_images, p.images)
-    batch = next(iter(iter_eval_batches(data.storage, ingested.shards(split), count, cfg.image_size)), None)
+    shards = open_storage(ingested.shard_uri(data), settings)
+    batch = next(iter(iter_eval_batches(shards, ingested.shards(split), count, cfg.image_size, ingested.classes)), None)
     if batch is None:
         return
     images = to_model_input(batch["image"])

@@ -21,9 +21,9 @@ from pipeline.errors import StageFailedError
 from pipeline.manifest import read_manifest
 from pipeline.storage import open_storage
 from stages.data.images import BadImage, check_image, inspect_image, reencode, to_rgb
-from stages.data.sources import SourceItem
+from stages.data.sources import SourceItem, sort_labels
 from stages.data.tarshards import ShardTarWriter, iter_tar_samples
-from stages.ingest import plan_shards, screen_items, sort_labels
+from stages.ingest import plan_shards, screen_items
 from stages.records import IngestResult
 
 pytestmark = pytest.mark.usefixtures("ray_instance")
@@ -576,9 +576,10 @@ def _write_parquet_dataset(root: Path) -> dict[str, tuple[bytes, str | None]]:
 
 
 def test_a_parquet_dataset_is_listed_by_label_column_and_ingested_row_group_by_row_group(tmp_path):
-    from stages.data.parquet_source import ParquetSource, parquet_split
+    from stages.data.parquet_source import ParquetSource
+    from stages.data.sources import split_of_path
 
-    assert [parquet_split(p) for p in ("data/train-00000-of-00004.parquet", "validation/0000.parquet",
+    assert [split_of_path(p) for p in ("data/train-00000-of-00004.parquet", "validation/0000.parquet",
                                        "x/test_part.parquet", "other.parquet")] == ["train", "val", "test", "train"]
     rows = _write_parquet_dataset(tmp_path / "hf")
     source = ParquetSource(str(tmp_path / "hf"))

@@ -24,24 +24,9 @@ from typing import Any
 
 from pipeline.errors import VitpipeError
 from stages.data.images import BadImage
-from stages.data.sources import SourceItem, StorageSource, sanitize_key
+from stages.data.sources import SourceItem, StorageSource, sanitize_key, split_of_path
 
-__all__ = ["ParquetSource", "parquet_split"]
-
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                  "test": "test"}
-
-
-def parquet_split(rel: str) -> str:
-    """The split a Parquet file belongs to, from its name, else its folders; ``train`` by default."""
-    parts = rel.split("/")
-    names = [posixpath.splitext(parts[-1])[0], *reversed(parts[:-1])]
-    for name in names:
-        token = name.lower().replace("_", "-").split("-")[0]
-        if token in _SPLIT_ALIASES:
-            return _SPLIT_ALIASES[token]
-    return "train"
-
+__all__ = ["ParquetSource"]
 
 class _RangeFile(io.RawIOBase):
     """A seekable, read-only file over ranged reads of one object: how pyarrow reads a Parquet
@@ -124,7 +109,7 @@ class ParquetSource(StorageSource):
             parquet = self._open(rel)
             self._check_columns(rel, parquet.schema_arrow.names)
             labels = parquet.read(columns=[self.label_column]).column(0).to_pylist()
-            split, stem, row = parquet_split(rel), posixpath.splitext(rel)[0], 0
+            split, stem, row = split_of_path(rel), posixpath.splitext(rel)[0], 0
             for group in range(parquet.num_row_groups):
                 for index in range(parquet.metadata.row_group(group).num_rows):
                     items.append(SourceItem(key=sanitize_key(f"{stem}/{row:09d}"), split=split,

@@ -24,20 +24,37 @@ import json
 import logging
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import VitpipeError
-from pipeline.storage import Storage, is_s3_uri, open_storage
+from pipeline.storage import ObjectInfo, Storage, is_s3_uri, open_storage
 
 __all__ = ["SourceItem", "Source", "StorageSource", "DigitsSource", "ImageFolderSource", "ListSource",
-           "WebDatasetSource", "make_source", "label_name", "SPLIT_NAMES", "sanitize_key"]
+           "WebDatasetSource", "make_source", "label_name", "SPLIT_NAMES", "sanitize_key", "split_of_path",
+           "sort_labels"]
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_/-]")
+
+
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test"}
+
+
+def split_of_path(rel: str) -> str:
+    """The split a file of a sharded dataset (tar shard, Parquet file) belongs to: from its name
+    (``train-00000-of-00004.parquet``, ``val-000003.tar``), else its folders (``validation/0000.tar``);
+    ``validation`` and ``valid`` mean ``val``; ``train`` by default (img2dataset's ``00000.tar``)."""
+    parts = rel.split("/")
+    for name in [posixpath.splitext(parts[-1])[0], *reversed(parts[:-1])]:
+        token = name.lower().replace("_", "-").split("-")[0]
+        if token in _SPLIT_ALIASES:
+            return _SPLIT_ALIASES[token]
+    return "train"
 
 
 def sanitize_key(text: str) -> str:
@@ -228,12 +245,13 @@ class ListSource(Source):
 
 
 class WebDatasetSource(StorageSource):
-    random_access = False  # a shard mixing samples of many source shards would stream all of them
-
     """Existing shards under ``root`` (every ``*.tar``), in name order."""
 
-    def _shards(self) -> list[str]:
-        shards = sorted(o.path for o in self.storage.list() if o.path.endswith(".tar"))
+    random_access = False  # a shard mixing samples of many source shards would stream all of them
+
+    def shards(self) -> list[ObjectInfo]:
+        """Every ``*.tar`` under the root (with sizes), in name order; one listing."""
+        shards = sorted((o for o in self.storage.list() if o.path.endswith(".tar")), key=lambda o: o.path)
         if not shards:
             raise VitpipeError(f"{self.root}: no .tar shards found")
         return shards
@@ -250,8 +268,8 @@ class WebDatasetSource(StorageSource):
 
         names = self.class_names()
         items = []
-        for shard in self._shards():
-            split = shard.split("/")[-1].split("-")[0] if shard.split("/")[-1].split("-")[0] in SPLIT_NAMES else "train"
+        for shard in (o.path for o in self.shards()):
+            split = split_of_path(shard)
 
             def refuse(member: str, reason: str, shard: str = shard, split: str = split) -> None:
                 items.append(SourceItem(key=sanitize_key(f"{shard}-refused-{member}"), split=split, label=None,
@@ -310,6 +328,14 @@ def label_name(files: dict[str, bytes], names: list[str] | None) -> str | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return None
+
+
+def sort_labels(labels: Iterable[str]) -> list[str]:
+    """Class order: numeric when every label is an integer ("2" before "10"), else lexicographic."""
+    labels = list(labels)
+    if labels and all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
 
 
 def make_source(kind: str, path: str | None, image_size: int, storage_settings: Any = None,

@@ -9,6 +9,7 @@ Counts are summed across ranks on the device.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,8 @@ log = logging.getLogger("vitpipe.train")
 
 
 def evaluate(model: ViT, data: Storage, spec: EvalSpec, batch_size: int, dtype: torch.dtype,
-             worker: WorkerContext) -> EvalRecord:
-    """``model`` is on ``worker.device`` in ``dtype``."""
+             worker: WorkerContext, class_names: Sequence[str] | None = None) -> EvalRecord:
+    """``model`` is on ``worker.device`` in ``dtype``; ``class_names`` for samples labelled by name."""
     device = worker.device
     mine = split_samples(spec.shards, worker.rank, worker.world_size)
     skipped: list[dict[str, str]] = []
@@ -36,7 +37,7 @@ def evaluate(model: ViT, data: Storage, spec: EvalSpec, batch_size: int, dtype: 
     scored = 0
     model.eval()
     with torch.inference_mode():
-        for batch in iter_eval_batches(data, mine, batch_size, model.cfg.image_size, skipped=skipped):
+        for batch in iter_eval_batches(data, mine, batch_size, model.cfg.image_size, class_names, skipped=skipped):
             labels = batch["label"].to(device, non_blocking=True)
             correct += (model(to_model_input(batch["image"], device, dtype)).argmax(-1) == labels).sum()
             scored += len(batch["key"])

@@ -67,6 +67,9 @@ class DataSpec:
     streams: int = 8
     open_shards: int = 4
     shuffle_buffer: int = 512
+    # Label names in class-index order: samples labelled by name (KEY.txt/.json, in a corpus indexed
+    # in place) are looked up here; ingest's own shards carry the index (KEY.cls).
+    class_names: tuple[str, ...] = ()
 
     def order(self, seed: int) -> OrderSpec:
         return OrderSpec(seed, self.streams, self.open_shards, self.shuffle_buffer)

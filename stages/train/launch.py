@@ -79,14 +79,14 @@ def worker_error_line(text: str, limit: int = 400) -> str:
 
 
 def training_job(ctx: StageContext, p: TrainParams, model: ViTConfig, optimizer: OptimizerSpec, data_uri: str,
-                 shards: list[ShardInfo], task: Task) -> TrainJob:
+                 shards: list[ShardInfo], class_names: list[str], task: Task) -> TrainJob:
     """The job a training stage runs: its params, model and optimizer, and where it reads and writes."""
     return TrainJob(
         label=ctx.name, seed=ctx.seed, model=model, optimizer=optimizer,
         schedule=ScheduleSpec(p.steps, p.warmup_steps, p.decay),
         batch=BatchGeometry(p.global_batch, p.micro_batch),
         data=DataSpec(data_uri, tuple(shards), (p.crop_scale_min, 1.0), p.hflip, p.loader_workers, p.order_streams,
-                      p.open_shards, p.shuffle_buffer),
+                      p.open_shards, p.shuffle_buffer, tuple(class_names)),
         distributed=DistributedSpec(p.zero_stage, p.precision, p.grad_comm_fp32, p.offload_optimizer, p.offload_params,
                                     p.use_gpu, ACCELERATORS[p.gpu].peak_flops if p.use_gpu else None),
         checkpoints=CheckpointPolicy(p.checkpoint_every, p.keep_checkpoints),

@@ -136,7 +136,7 @@ def _make_loader(job: TrainJob, worker: WorkerContext, geometry: StepGeometry) -
                        global_batch=geometry.global_batch, micro_batch=geometry.micro_batch,
                        image_size=job.model.image_size, world_size=worker.world_size, rank=worker.rank,
                        num_workers=job.data.loader_workers, crop_scale=job.data.crop_scale, hflip=job.data.hflip,
-                       pin_memory=worker.device.type == "cuda")
+                       pin_memory=worker.device.type == "cuda", class_names=job.data.class_names or None)
 
 
 def _write_ledger(out: Storage, worker: WorkerContext, state: TrainState) -> None:
@@ -181,7 +181,7 @@ def _evaluate(job: TrainJob, task: FinetuneTask, weights: dict[str, torch.Tensor
     model.load_state_dict(weights)
     model.to(worker.device, dtype)
     result = evaluate(model, open_storage(job.data.uri, job.output.storage), task.evaluation,
-                      job.batch.micro_batch, dtype, worker)
+                      job.batch.micro_batch, dtype, worker, class_names=job.data.class_names or None)
     if worker.is_main:
         out.write_text(EVAL_FILE, result.model_dump_json(indent=2))
         log.info("%s: top-1 %.4f on %d %s samples (%d skipped)", job.label, result.top1 or 0.0, result.total,
