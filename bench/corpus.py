@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from stages.data.sources import ImageFolderSource, SourceItem
 from stages.ingest import ShardPlan, plan_shards, screen_items
 
 __all__ = ["Corpus", "ShardSetup", "build_corpus", "plan_corpus_shards", "warm_page_cache",
-           "cpu_busy_before_start", "run_rounds", "summarize", "machine_info", "emit_result", "log"]
+           "cpu_busy_before_start", "run_rounds", "summarize", "machine_info", "emit_result", "log", "free_port"]
 
 CORPUS_VERSION = 1  # bump when the generation below changes, so stale caches are not reused
 
@@ -208,6 +209,13 @@ def bench_args(doc: str | None, images: int, quick_shard_samples: int) -> argpar
     if args.quick:
         args.images, args.shard_samples, args.repeats = 200, quick_shard_samples, 1
     return args
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a local server the bench starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def log(message: str) -> None:

@@ -12,13 +12,27 @@ any per-item Python listing holds (what ``aws s3 ls`` or ``os.walk`` output kept
 ``ratio`` is ours / baseline bytes per input at the largest size. Goal from the issue: <= 100
 bytes per input (300M inputs in <= 30 GB); the line also gives the 300M extrapolation.
 
+``--listing`` measures instead the listing of a bucket split across Ray tasks (one per class
+folder, ``stages.ingest.list_source``) with 1 and then 2 tasks in flight, against moto's S3 server
+behind a proxy that adds ``--latency`` seconds to every request (a far-away S3: moto on loopback
+answers in a millisecond, which would measure only Ray's task overhead). The bucket is small
+because moto, in this process, spends CPU on every key of the bucket for each LIST (0.5 s a page
+at 6400 keys): a larger one measures moto. Also timed, for reference: one process listing the
+whole bucket with one paginated LIST (1000 keys a page), which needs fewer requests than one per
+class folder — parts win when there are enough tasks to share them (ImageNet-21k: ~14k pages in
+sequence against 21k class folders shared by the tasks). ``ratio`` is the time with 1 task over
+the time with 2 (goal >= 1.7).
+
     python bench/ingest_scale.py [--inputs 1000000 10000000] [--quick]
+    python bench/ingest_scale.py --listing [--classes 32] [--per-class 50] [--latency 0.1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import resource
 import subprocess
 import sys
@@ -29,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from corpus import cpu_busy_before_start, emit_result, log, machine_info  # noqa: E402
+from corpus import cpu_busy_before_start, emit_result, free_port, log, machine_info  # noqa: E402
 
 CLASSES, SHARD_SAMPLES, PAPER_INPUTS, GOAL_BYTES = 1000, 1000, 300_000_000, 100
 PREFIX = "s3://datasets/imagenet21k/train"
@@ -74,6 +88,77 @@ def measure_baseline(n: int) -> dict[str, float]:
     return {"bytes_per_input": (_peak_rss() - start_rss) / n, "seconds": done - started}
 
 
+def measure_listing(classes: int, per_class: int, latency: float, rounds: int = 3) -> dict[str, object]:
+    """Listing of a moto bucket of ``classes`` x ``per_class`` objects through a latency-adding
+    proxy: one Ray task per class folder, 1 vs 2 in flight; and one process's single listing."""
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    import ray
+    from faultproxy import FaultProxy
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.config import StorageSettings
+    from stages.data.sources import ImageFolderSource
+    from stages.ingest import list_source
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):  # moto's; Ray's workers inherit them
+        os.environ.setdefault(name, value)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server: a line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="corpus")
+    keys = [f"n{c:08d}/n{c:08d}_{i:06d}.JPEG" for c in range(classes) for i in range(per_class)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: s3.put_object(Bucket="corpus", Key=f"train/{key}", Body=b"x"), keys))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    times: dict[str, list[float]] = {"one_listing": [], "tasks_1": [], "tasks_2": []}
+    try:
+        with FaultProxy(endpoint, latency_s=latency) as proxy:
+            source = ImageFolderSource("s3://corpus/train", StorageSettings(endpoint_url=proxy.url))
+            runs = {"one_listing": source.items, "tasks_1": lambda: list_source(None, source, 1),
+                    "tasks_2": lambda: list_source(None, source, 2)}
+            assert len(runs["tasks_2"]()) == len(keys)  # warm-up: Ray's worker processes start here
+            for _ in range(rounds):
+                for name, run in runs.items():
+                    started = time.perf_counter()
+                    found = run()
+                    times[name].append(time.perf_counter() - started)
+                    assert len(found) == len(keys)
+            requests = proxy.counts["requests"]
+    finally:
+        ray.shutdown()
+        server.stop()
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {"median_s": median, "runs_s": times, "requests": requests}
+
+
+def listing_main(args: argparse.Namespace, cpu_busy: float | None) -> None:
+    result = measure_listing(args.classes, args.per_class, args.latency)
+    median = result["median_s"]
+    ratio = median["tasks_1"] / median["tasks_2"]
+    log(f"  listing {args.classes} class folders x {args.per_class} objects, +{args.latency * 1000:.0f} ms a "
+        f"request: 1 task {median['tasks_1']:.2f} s, 2 tasks {median['tasks_2']:.2f} s ({ratio:.2f}x); one "
+        f"paginated listing in one process {median['one_listing']:.2f} s")
+    emit_result({
+        "name": "ingest_listing",
+        "ours": round(median["tasks_2"], 3),
+        "baseline": round(median["tasks_1"], 3),
+        "unit": "seconds to list the bucket (median of 3): 2 listing tasks (ours) vs 1",
+        "ratio": round(ratio, 3),
+        "extra": {"goal_ratio": 1.7, "goal_met": ratio >= 1.7, "classes": args.classes,
+                  "per_class": args.per_class, "latency_s": args.latency,
+                  "one_process_paginated_listing_s": round(median["one_listing"], 3),
+                  "runs_s": {k: [round(v, 3) for v in vs] for k, vs in result["runs_s"].items()}},
+        "machine": machine_info(cpu_busy),
+    })
+
+
 def in_fresh_process(which: str, n: int) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "--child", which, str(n)], check=True, capture_output=True,
                          text=True)
@@ -85,13 +170,20 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--quick", action="store_true", help="one small size (100k inputs)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--listing", action="store_true", help="measure parallel listing on moto instead")
+    parser.add_argument("--classes", type=int, default=32, help="--listing: class folders")
+    parser.add_argument("--per-class", type=int, default=50, help="--listing: objects per class folder")
+    parser.add_argument("--latency", type=float, default=0.1, help="--listing: seconds added to each request")
     args = parser.parse_args()
     if args.child:
         which, n = args.child[0], int(args.child[1])
         print(json.dumps((measure_ours if which == "ours" else measure_baseline)(n)))
         return
-    sizes = [100_000] if args.quick else args.inputs
     cpu_busy = cpu_busy_before_start()
+    if args.listing:
+        listing_main(args, cpu_busy)
+        return
+    sizes = [100_000] if args.quick else args.inputs
     rows = {}
     for n in sizes:
         ours, base = in_fresh_process("ours", n), in_fresh_process("baseline", n)

@@ -32,7 +32,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from corpus import _cpu_jiffies, cpu_busy_before_start, emit_result, log, machine_info
+from corpus import _cpu_jiffies, cpu_busy_before_start, emit_result, free_port, log, machine_info
 
 from stages.model.vit import ViT, ViTConfig, count_params, decode_variant, flops_per_image
 from stages.train.context import current_worker
@@ -93,12 +92,6 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_single_rank() -> None:

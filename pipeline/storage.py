@@ -164,6 +164,20 @@ class Storage(ABC):
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every committed object under ``prefix`` (recursive), sorted by path."""
 
+    def list_level(self, prefix: str = "") -> tuple[list[str], list[ObjectInfo]]:
+        """One level under ``prefix``: the names of its sub-folders and the objects directly in it,
+        each sorted — so that a large tree can be listed folder by folder, in parallel (on S3 a
+        delimited LIST). This fallback derives it from the recursive listing."""
+        base = f"{_clean_rel(prefix)}/" if _clean_rel(prefix) else ""
+        folders, files = set(), []
+        for obj in self.list(prefix):
+            head, slash, _ = obj.path[len(base):].partition("/")
+            if slash:
+                folders.add(head)
+            else:
+                files.append(obj)
+        return sorted(folders), files
+
     @abstractmethod
     def delete(self, rel: str) -> None:
         """Delete one object; a missing object is not an error."""
@@ -324,6 +338,21 @@ class LocalStorage(Storage):
                     found.append(ObjectInfo(rel, full.stat().st_size))
         return sorted(found, key=lambda o: o.path)
 
+    def list_level(self, prefix: str = "") -> tuple[list[str], list[ObjectInfo]]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return [], self.list(prefix)
+        folders, files = [], []
+        with os.scandir(base) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):  # a linked folder is not walked (as in list())
+                    folders.append(entry.name)
+                elif entry.is_file() and not (entry.name.startswith(".") and _TMP_MARK in entry.name):
+                    with contextlib.suppress(FileNotFoundError):
+                        files.append(ObjectInfo(Path(entry.path).relative_to(self.root).as_posix(),
+                                                entry.stat().st_size))
+        return sorted(folders), sorted(files, key=lambda o: o.path)
+
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(rel).unlink()
@@ -406,6 +435,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 _CLIENT_LOCK = threading.Lock()
+_CLIENTS: dict[tuple[Any, ...], tuple[int, Any]] = {}  # S3 clients by configuration: (pid, client)
 _BUCKETS_SEEN: set[str] = set()  # buckets known to exist, in this process
 _RETRIES_LOCK = threading.Lock()
 _RETRY_COUNT = 0  # reads resumed after a transient fault, in this process (tests and logs read it)
@@ -685,6 +715,18 @@ class S3Storage(Storage):
         return self._client
 
     def _make_client(self) -> Any:
+        # One client per process and configuration, shared by the storages of every task the
+        # process runs: a Ray task gets its storage unpickled, without a client, and making one
+        # takes ~0.1 s (boto3 loads its service model) — at 300k shards or 21k class folders,
+        # hours of CPU. The environment boto3 reads at creation is part of the key.
+        key = (self.endpoint_url, self.region, self.read_timeout_s,
+               *(os.environ.get(name) for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")))
+        made = _CLIENTS.get(key)
+        if made is None or made[0] != os.getpid():
+            made = _CLIENTS[key] = (os.getpid(), self._new_client())
+        return made[1]
+
+    def _new_client(self) -> Any:
         import boto3
         from botocore.config import Config
 
@@ -791,6 +833,19 @@ class S3Storage(Storage):
                 for obj in page.get("Contents", ()):
                     found.append(ObjectInfo(obj["Key"][len(root):], int(obj["Size"])))
         return sorted(found, key=lambda o: o.path)
+
+    def list_level(self, prefix: str = "") -> tuple[list[str], list[ObjectInfo]]:
+        key_prefix = self._key(prefix)
+        if key_prefix:
+            key_prefix += "/"
+        root = f"{self.prefix}/" if self.prefix else ""
+        folders, files = [], []
+        with _s3_errors(self.uri_of(prefix)):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix, Delimiter="/"):
+                folders.extend(p["Prefix"][len(key_prefix):].rstrip("/") for p in page.get("CommonPrefixes", ()))
+                files.extend(ObjectInfo(o["Key"][len(root):], int(o["Size"])) for o in page.get("Contents", ()))
+        return sorted(folders), sorted(files, key=lambda o: o.path)
 
     def delete(self, rel: str) -> None:
         with _s3_errors(self.uri_of(rel)):

@@ -39,7 +39,15 @@ from pipeline.storage import Storage
 from stages.data.images import EXTENSION_OF, IMAGE_EXTENSIONS, BadImage, Validation, inspect_image, reencode
 from stages.data.order import order_rng
 from stages.data.shard_index import INDEX_DIR, ShardIndex, class_list, index_shard, index_stats_path
-from stages.data.sources import SPLIT_NAMES, Source, SourceItem, WebDatasetSource, make_source, sort_labels
+from stages.data.sources import (
+    SPLIT_NAMES,
+    ListingPart,
+    Source,
+    SourceItem,
+    WebDatasetSource,
+    make_source,
+    sort_labels,
+)
 from stages.data.tarshards import ShardTarWriter
 from stages.records import IngestResult, ShardRecord, SplitRecord
 
@@ -321,7 +329,7 @@ class Ingest(Stage):
     def _copy(self, ctx: StageContext, p: IngestParams, source: Source) -> None:
         import ray
 
-        listed = source.items()
+        listed = list_source(ctx, source, p.workers)
         kept, skipped = screen_items(listed)
         names = source.class_names() or sort_labels({i.label for i in kept if i.label is not None})
         unknown = sorted({i.label for i in kept} - set(names))
@@ -399,16 +407,44 @@ class Ingest(Stage):
                         len(kept), source.storage.uri, unusable, len(ordered) - len(kept))
 
 
-def _run_tasks(ctx: StageContext, remote: Any, calls: dict[str, tuple], workers: int, total: int,
+def list_source(ctx: StageContext | None, source: Source, workers: int) -> list[SourceItem]:
+    """The source's listing, its parts (class folders, source shards) listed by ``workers`` Ray
+    tasks at a time and joined in part order: the items one process listing it all would find
+    (``bench/ingest_scale.py --listing`` measures 1 against 2 tasks). ``ctx``: for a progress bar."""
+    import ray
+
+    parts = source.parts()
+    if len(parts) <= 1:
+        return source.items()
+    remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(_list_part)
+    source_ref = ray.put(source)
+    found = _run_tasks(ctx, remote, {str(n): (source_ref, part) for n, part in enumerate(parts)}, workers,
+                       len(parts), "listing")
+    return [item for n in range(len(parts)) for item in found[str(n)]]
+
+
+def _list_part(source: Source, part: ListingPart) -> list[SourceItem]:
+    return source.items_of(part)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _run_tasks(ctx: StageContext | None, remote: Any, calls: dict[str, tuple], workers: int, total: int,
                what: str) -> dict[str, Any]:
     """Run ``remote(*args)`` for each entry of ``calls``, ``workers`` at a time, with a progress bar
     over ``total`` (those done before count as done); results by the entry's name."""
+    import contextlib
+
     import ray
 
     results: dict[str, Any] = {}
     pending: dict[object, str] = {}
     queue = list(calls)
-    with ctx.progress(total, desc=f"{ctx.name}: {what}") as bar:
+    progress = ctx.progress(total, desc=f"{ctx.name}: {what}") if ctx else contextlib.nullcontext(_NoBar())
+    with progress as bar:
         bar.update(total - len(calls))
         while queue or pending:
             while queue and len(pending) < workers:

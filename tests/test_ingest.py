@@ -639,3 +639,43 @@ def test_a_parquet_dataset_on_s3_is_read_by_ranged_gets_through_cuts(tmp_path, s
     assert listed < sum(sizes.values()) / 2, (listed, sizes)
     images = sum(len(rows[i.key][0]) for i in wanted)
     assert sum(length for _, _, length in ranges) - listed <= 64 * 1024 + images + 1024
+
+
+def _tree(put) -> None:
+    """An ImageFolder by split with loose files at every level and a folder name that sorts
+    differently from its paths ("a" / "a-b": '-' sorts before '/')."""
+    for path in ("train/a/1.jpg", "train/a/x/2.jpg", "train/a-b/3.jpg", "train/b/4.jpg", "train/loose.jpg",
+                 "val/a/5.jpg", "val/b/6.jpg", "top.jpg"):
+        put(path, path.encode())
+
+
+def test_a_tree_lists_level_by_level_and_in_parts_as_in_one_listing(tmp_path, s3_endpoint, s3_bucket):
+    from pipeline.config import StorageSettings
+    from pipeline.storage import Storage
+    from stages.data.sources import ImageFolderSource, ListingPart
+
+    local = tmp_path / "tree"
+    _tree(lambda path, data: (local / path).parent.mkdir(parents=True, exist_ok=True) or (local / path).write_bytes(data))
+    (local / "train" / ".b.jpg.tmp-123").write_bytes(b"uncommitted")
+    (local / "linked").symlink_to(local / "train")  # a linked folder: not listed, as list() does not walk it
+    settings = StorageSettings(endpoint_url=s3_endpoint)
+    s3 = open_storage(f"s3://{s3_bucket}/tree", settings)
+    _tree(s3.write_bytes)
+    for root, store in ((str(local), open_storage(str(local))), (s3.uri, s3)):
+        for prefix in ("", "train", "train/a"):
+            assert store.list_level(prefix) == Storage.list_level(store, prefix), (root, prefix)  # = from list()
+        folders, files = store.list_level("train")
+        assert folders == ["a", "a-b", "b"] and [(o.path, o.size) for o in files] == [("train/loose.jpg", 15)]
+        source = ImageFolderSource(root, settings if root.startswith("s3://") else None)
+        parts = source.parts()
+        assert parts == [ListingPart("", recursive=False, by_split=True),
+                         ListingPart("train", recursive=False, by_split=True),
+                         ListingPart("train/a-b", by_split=True), ListingPart("train/a", by_split=True),
+                         ListingPart("train/b", by_split=True), ListingPart("val/a", by_split=True),
+                         ListingPart("val/b", by_split=True)]
+        joined = [item for part in parts for item in source.items_of(part)]
+        whole = source.items()
+        assert sorted(joined, key=lambda i: i.origin) == whole  # the same items; in part order
+        assert [i.locator for i in joined if i.split == "train"] == [
+            "train/loose.jpg", "train/a-b/3.jpg", "train/a/1.jpg", "train/a/x/2.jpg", "train/b/4.jpg"]
+

@@ -134,3 +134,16 @@ def test_boto_config_uses_standard_retries_and_never_exposes_secrets(s3_endpoint
     store.write_text("plain.txt", "interop")
     body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=s3_bucket, Key="r/plain.txt")["Body"]
     assert body.read() == b"interop"
+
+
+def test_storages_unpickled_in_one_process_share_its_s3_client(monkeypatch):
+    """A Ray task gets its storage unpickled, without a client; making one costs ~0.1 s, so a
+    process keeps one per configuration (and environment boto3 reads) for all of them."""
+    import pickle
+
+    first = pickle.loads(pickle.dumps(S3Storage("s3://bkt/one", endpoint_url="http://127.0.0.1:9")))
+    second = pickle.loads(pickle.dumps(S3Storage("s3://bkt/two", endpoint_url="http://127.0.0.1:9")))
+    assert first.client is second.client
+    assert S3Storage("s3://bkt/one", endpoint_url="http://127.0.0.1:8").client is not first.client
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")
+    assert S3Storage("s3://bkt/one", endpoint_url="http://127.0.0.1:9").client is not first.client
