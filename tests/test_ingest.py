@@ -632,6 +632,8 @@ def test_a_parquet_dataset_on_s3_is_read_by_ranged_gets_through_cuts(tmp_path, s
         items = source.items()
         assert {i.key: i.label for i in items} == {key: label for key, (_, label) in rows.items()}
         listed = sum(length for _, _, length in ranges)
+        reads = len(ranges)
+        assert source.class_names() == _HF_NAMES and len(ranges) == reads  # read once, with the listing
         wanted = [i for i in items if i.locator[:2] == ("data/train-00000-of-00002.parquet", 1)]  # one row group
         assert [data for _, data in source.read_many(wanted)] == [rows[i.key][0] for i in wanted]
     # Listing read footers (pyarrow reads a file's last 64 KiB) and label columns, not the images;

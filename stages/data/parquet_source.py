@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline.errors import VitpipeError
 from stages.data.images import BadImage
-from stages.data.sources import SourceItem, StorageSource, sanitize_key, split_of_path
+from stages.data.sources import ListingPart, SourceItem, StorageSource, sanitize_key, split_of_path
 
 __all__ = ["ParquetSource"]
 
@@ -91,8 +91,15 @@ class ParquetSource(StorageSource):
             raise VitpipeError(f"{self.storage.uri_of(rel)}: no column {', '.join(map(repr, missing))} (it has "
                                f"{', '.join(names)}); set image_column / label_column")
 
+    _names: list[str] | None | bool = False  # read once (False: not yet)
+
     def class_names(self) -> list[str] | None:
         """A ``ClassLabel``'s names from the first file's ``huggingface`` schema metadata, if any."""
+        if self._names is False:
+            self._names = self._read_class_names()
+        return self._names  # type: ignore[return-value]
+
+    def _read_class_names(self) -> list[str] | None:
         metadata = self._open(self._files()[0]).schema_arrow.metadata or {}
         try:
             info = json.loads(metadata[b"huggingface"])
@@ -103,19 +110,25 @@ class ParquetSource(StorageSource):
         return [str(n) for n in names] if isinstance(names, list) else None
 
     def items(self) -> list[SourceItem]:
-        names = self.class_names()
-        items = []
-        for rel in self._files():
-            parquet = self._open(rel)
-            self._check_columns(rel, parquet.schema_arrow.names)
-            labels = parquet.read(columns=[self.label_column]).column(0).to_pylist()
-            split, stem, row = split_of_path(rel), posixpath.splitext(rel)[0], 0
-            for group in range(parquet.num_row_groups):
-                for index in range(parquet.metadata.row_group(group).num_rows):
-                    items.append(SourceItem(key=sanitize_key(f"{stem}/{row:09d}"), split=split,
-                                            label=_label_name(labels[row], names), locator=(rel, group, index),
-                                            origin=f"{self.storage.uri_of(rel)}#row={row}"))
-                    row += 1
+        return [item for part in self.parts() for item in self.items_of(part)]
+
+    def parts(self) -> list[ListingPart]:
+        """One per file: its footer and label column read by its own task."""
+        self.class_names()  # read here, so that the tasks get it (and the files' sizes) with the source
+        return [ListingPart(rel) for rel in self._files()]
+
+    def items_of(self, part: ListingPart) -> list[SourceItem]:
+        rel, names, items = part.path, self.class_names(), []
+        parquet = self._open(rel)
+        self._check_columns(rel, parquet.schema_arrow.names)
+        labels = parquet.read(columns=[self.label_column]).column(0).to_pylist()
+        split, stem, row = split_of_path(rel), posixpath.splitext(rel)[0], 0
+        for group in range(parquet.num_row_groups):
+            for index in range(parquet.metadata.row_group(group).num_rows):
+                items.append(SourceItem(key=sanitize_key(f"{stem}/{row:09d}"), split=split,
+                                        label=_label_name(labels[row], names), locator=(rel, group, index),
+                                        origin=f"{self.storage.uri_of(rel)}#row={row}"))
+                row += 1
         return items
 
     def read(self, item: SourceItem) -> bytes:
