@@ -239,6 +239,13 @@ class Storage(ABC):
             f.seek(start)
             return f.read(length)
 
+    def open_range(self, rel: str, start: int, end: int) -> BinaryIO:
+        """A streaming reader of bytes ``[start, end)`` of ``rel`` (fewer at its end): a part of a
+        large object (some samples of a tar shard) without reading the rest."""
+        f = self.open_read(rel)
+        f.seek(start)
+        return io.BufferedReader(_Bounded(f, end - start))  # type: ignore[return-value]
+
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
@@ -471,6 +478,26 @@ def _is_transient(err: BaseException) -> bool:
         return status >= 500 or error.get("Code") in ("SlowDown", "RequestTimeout", "Throttling",
                                                       "ThrottlingException", "InternalError", "ServiceUnavailable")
     return False
+
+
+class _Bounded(io.RawIOBase):
+    """The next ``limit`` bytes of a stream (closed with it)."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self._stream, self._left = stream, max(0, limit)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: self._left]
+        n = self._stream.readinto(view) if view.nbytes else 0  # type: ignore[attr-defined]
+        self._left -= n or 0
+        return n or 0
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
 
 
 class _ResilientBody(io.RawIOBase):
@@ -802,6 +829,12 @@ class S3Storage(Storage):
             return b""
         with _ResilientBody(self, self._key(rel), self.uri_of(rel), self.read_retries, start, start + length) as body:
             return body.read()
+
+    def open_range(self, rel: str, start: int, end: int) -> BinaryIO:
+        if end <= start:
+            return io.BytesIO(b"")  # type: ignore[return-value]
+        body = _ResilientBody(self, self._key(rel), self.uri_of(rel), self.read_retries, start, end)
+        return io.BufferedReader(body, buffer_size=_CHUNK)  # type: ignore[return-value]
 
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import posixpath
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
@@ -442,13 +442,13 @@ def _run_tasks(ctx: StageContext | None, remote: Any, calls: dict[str, tuple], w
 
     results: dict[str, Any] = {}
     pending: dict[object, str] = {}
-    queue = list(calls)
+    queue = deque(calls)  # popped from the left: 300k entries (shards) is a common size
     progress = ctx.progress(total, desc=f"{ctx.name}: {what}") if ctx else contextlib.nullcontext(_NoBar())
     with progress as bar:
         bar.update(total - len(calls))
         while queue or pending:
             while queue and len(pending) < workers:
-                name = queue.pop(0)
+                name = queue.popleft()
                 pending[remote.remote(*calls[name])] = name
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:

@@ -681,3 +681,46 @@ def test_a_tree_lists_level_by_level_and_in_parts_as_in_one_listing(tmp_path, s3
         assert [i.locator for i in joined if i.split == "train"] == [
             "train/loose.jpg", "train/a-b/3.jpg", "train/a/1.jpg", "train/a/x/2.jpg", "train/b/4.jpg"]
 
+
+
+def test_a_shard_writer_reads_only_its_own_samples_of_each_source_shard(tmp_path):
+    from pipeline.storage import LocalStorage
+    from stages.data.sources import WebDatasetSource
+
+    class Counting(LocalStorage):
+        read = 0
+        ranged = False
+
+        def open_read(self, rel):
+            Counting.read += 0 if Counting.ranged else self.size(rel)
+            return super().open_read(rel)
+
+        def open_range(self, rel, start, end):
+            Counting.read += end - start
+            Counting.ranged = True  # its open_read
+            try:
+                return super().open_range(rel, start, end)
+            finally:
+                Counting.ranged = False
+
+    root, images = tmp_path / "wds", {}
+    root.mkdir()
+    for shard in range(2):
+        with tarfile.open(root / f"train-{shard:06d}.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+            for i in range(10):
+                key = f"s{shard}-{i:02d}" + ("x" * 120 if i == 3 else "")  # a long name (extended header) opens a range
+                images[key] = _jpeg(shard * 10 + i)
+                for ext, data in (("jpg", images[key]), ("cls", str(i % 2).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    source = WebDatasetSource(str(root))
+    source._storage = Counting(root)
+    plans = plan_shards(screen_items(source.items())[0], shard_samples=3)
+    Counting.read = 0
+    got = {item.key: data for plan in plans for item, data in source.read_many(plan.items)}
+    assert got == images  # every sample's bytes, the long-named one included
+    corpus = sum(p.stat().st_size for p in root.iterdir())
+    # Seven shards of <= 3 samples: each source byte read once (the two end markers and record
+    # padding not at all); whole source shards per writing task would read 3.5 shards' worth.
+    assert Counting.read <= corpus, (Counting.read, corpus)

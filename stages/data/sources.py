@@ -281,6 +281,17 @@ class ListSource(Source):
         return self._store(parent).read_bytes(name)
 
 
+@dataclass(frozen=True, slots=True)
+class TarLocator:
+    """Where a sample of a source shard is: its position among the shard's samples (-1: a member
+    refused, or the damage of a damaged shard) and the bytes it spans (``TarSample``)."""
+
+    shard: str
+    index: int
+    start: int = 0
+    end: int = 0
+
+
 class WebDatasetSource(StorageSource):
     """Existing shards under ``root`` (every ``*.tar``), in name order."""
 
@@ -311,39 +322,46 @@ class WebDatasetSource(StorageSource):
         return [ListingPart(o.path) for o in self.shards()]
 
     def items_of(self, part: ListingPart) -> list[SourceItem]:
-        from stages.data.tarshards import BadShard, iter_tar_samples
+        from stages.data.tarshards import BadShard, iter_tar_spans
 
         shard, names, items = part.path, self.class_names(), []
         split, uri = split_of_path(shard), self.storage.uri_of(shard)
 
         def refuse(member: str, reason: str) -> None:
             items.append(SourceItem(key=sanitize_key(f"{shard}-refused-{member}"), split=split, label=None,
-                                    locator=(shard, -1), origin=f"{uri}#{member}", refused=reason))
+                                    locator=TarLocator(shard, -1), origin=f"{uri}#{member}", refused=reason))
 
         try:
             with self.storage.open_read(shard) as f:
-                for index, (key, files) in enumerate(iter_tar_samples(f, name=shard, refused=refuse)):
-                    items.append(SourceItem(key=sanitize_key(key), split=split, label=label_name(files, names),
-                                            locator=(shard, index), origin=f"{uri}#{key}"))
+                for index, sample in enumerate(iter_tar_spans(f, name=shard, refused=refuse)):
+                    items.append(SourceItem(key=sanitize_key(sample.key), split=split,
+                                            label=label_name(sample.files, names), origin=f"{uri}#{sample.key}",
+                                            locator=TarLocator(shard, index, sample.start, sample.end)))
         except BadShard as err:
             log.warning("%s; samples after the damage are skipped", err)
             items.append(SourceItem(key=sanitize_key(f"{shard}-damaged"), split=split, label=None,
-                                    locator=(shard, -1), origin=f"{uri}: {err}"))
+                                    locator=TarLocator(shard, -1), origin=f"{uri}: {err}"))
         return items
 
     def read_many(self, items: list[SourceItem]) -> Iterator[tuple[SourceItem, bytes | Exception]]:
-        # Stream each source shard once for all the items wanted from it (not once per item).
+        # From each source shard, one ranged read from the first wanted sample's first byte to the
+        # last one's last: a shard's samples are cut into new shards in order, so a writing task
+        # reads its own part of a source shard, never the whole of it (a 10k-sample source shard
+        # cut into shards of 1000 was read whole by each of ten tasks).
         from stages.data.images import BadImage, image_member
         from stages.data.tarshards import BadShard, iter_tar_samples
 
         found: dict[tuple[str, int], bytes | Exception] = {}
-        wanted: dict[str, set[int]] = {}
+        wanted: dict[str, list[TarLocator]] = {}
         for item in items:
-            wanted.setdefault(item.locator[0], set()).add(item.locator[1])
-        for shard, indices in wanted.items():
+            if item.locator.index >= 0:
+                wanted.setdefault(item.locator.shard, []).append(item.locator)
+        for shard, locators in wanted.items():
+            first, last = min(locators, key=lambda loc: loc.index), max(locators, key=lambda loc: loc.index)
+            indices = {loc.index for loc in locators}
             try:
-                with self.storage.open_read(shard) as f:
-                    for i, (_key, files) in enumerate(iter_tar_samples(f, name=shard)):
+                with self.storage.open_range(shard, first.start, last.end) as f:
+                    for i, (_key, files) in enumerate(iter_tar_samples(f, name=shard), start=first.index):
                         if i in indices:
                             try:
                                 found[(shard, i)] = image_member(files)
@@ -353,7 +371,7 @@ class WebDatasetSource(StorageSource):
                 for i in indices:
                     found.setdefault((shard, i), BadImage(str(err)))
         for item in items:
-            yield item, found.get(tuple(item.locator), BadImage("shard is truncated or corrupt"))
+            yield item, found.get((item.locator.shard, item.locator.index), BadImage("shard is truncated or corrupt"))
 
 
 def label_name(files: dict[str, bytes], names: list[str] | None) -> str | None:

@@ -14,7 +14,20 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
-__all__ = ["ShardInfo", "BadShard", "split_key", "ShardTarWriter", "iter_tar_samples", "refusal"]
+__all__ = ["ShardInfo", "BadShard", "TarSample", "split_key", "ShardTarWriter", "iter_tar_samples", "iter_tar_spans",
+           "refusal"]
+
+
+@dataclass(frozen=True, slots=True)
+class TarSample:
+    """A sample and the bytes of the tar it spans: ``[start, end)`` from its first member's header
+    (extended headers included) to the end of its last member's padded data, relative to where the
+    reader started. Reading just that range gives back the sample (a tar without an end marker)."""
+
+    key: str
+    files: dict[str, bytes]
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -99,12 +112,20 @@ def iter_tar_samples(stream: BinaryIO, name: str = "shard",
 
     Members that are not plain files with safe names (:func:`refusal`) are never part of a sample;
     ``refused(member name, reason)`` hears of each (directories are not members, silently)."""
+    for sample in iter_tar_spans(stream, name, refused):
+        yield sample.key, sample.files
+
+
+def iter_tar_spans(stream: BinaryIO, name: str = "shard",
+                   refused: Callable[[str, str], None] | None = None) -> Iterator[TarSample]:
+    """:func:`iter_tar_samples`, each sample with the byte range it spans in the stream."""
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115
     except (tarfile.TarError, EOFError, OSError) as err:
         raise BadShard(f"{name}: not a readable tar ({err})") from None
     current: str | None = None
     files: dict[str, bytes] = {}
+    start = end = 0
     try:
         for member in tar:
             if member.isdir():
@@ -121,12 +142,13 @@ def iter_tar_samples(stream: BinaryIO, name: str = "shard",
                 raise BadShard(f"{name}: truncated in member {member.name}")
             if key != current:
                 if current is not None:
-                    yield current, files
-                current, files = key, {}
+                    yield TarSample(current, files, start, end)
+                current, files, start = key, {}, member.offset
             files[ext] = data
+            end = member.offset_data + member.size + (-member.size % tarfile.BLOCKSIZE)
     except (tarfile.TarError, EOFError, OSError) as err:
         raise BadShard(f"{name}: truncated or corrupt tar ({err})") from None
     finally:
         tar.close()
     if current is not None:
-        yield current, files
+        yield TarSample(current, files, start, end)
