@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.errors import StorageError
-from pipeline.storage import S3Storage, read_retries
+from pipeline.storage import S3Storage, open_storage, read_retries
 from tests.test_loader import _loader, make_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -115,3 +115,28 @@ def test_a_source_shard_that_stays_unreadable_fails_the_listing_in_one_line(s3_e
     message = str(failed.value)
     assert "\n" not in message and message.endswith("; giving up")
     assert message.startswith(f"s3://{s3_bucket}/data/{shards[1].path}: reading failed 3 times in a row at byte 0")
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_an_ingest_whose_listing_task_cannot_read_a_source_shard_fails_in_one_line(s3_endpoint, s3_bucket,
+                                                                                   tmp_path):
+    """The stage lists each source shard in a Ray task of its own: the task's StorageError reaches
+    the run as the stage's one-line error, not a traceback or a skip record for the lost shard."""
+    from cluster.executor import RayExecutor
+    from pipeline.config import parse_config
+    from pipeline.engine import run_pipeline
+    from pipeline.errors import StageFailedError
+    from pipeline.state import load_state
+
+    direct = S3Storage(f"s3://{s3_bucket}/data", endpoint_url=s3_endpoint)
+    shards = make_shards(direct, [4, 4])
+    with FaultProxy(s3_endpoint, permanent=shards[1].path) as proxy:
+        config = parse_config({"name": "lst", "ray": {"include_dashboard": False},
+                               "storage": {"endpoint_url": proxy.url, "read_timeout_s": 0.4, "read_retries": 2},
+                               "stages": {"ingest": {"type": "ingest", "params": {
+                                   "source": "webdataset", "path": f"s3://{s3_bucket}/data/shards"}}}})
+        with pytest.raises(StageFailedError):
+            run_pipeline(config, str(tmp_path / "run"), RayExecutor())
+    error = load_state(open_storage(str(tmp_path / "run")), "lst").stages["ingest"].error
+    assert "\n" not in error and error.endswith("; giving up"), error
+    assert f"s3://{s3_bucket}/data/shards/{shards[1].path.split('/')[-1]}: reading failed 3 times" in error
