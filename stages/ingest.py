@@ -25,7 +25,7 @@ import logging
 import posixpath
 from collections import Counter, deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import ConfigDict, Field, model_validator
@@ -132,7 +132,6 @@ class ShardResult:
     samples: int
     bytes: int
     sha256: str
-    keys: list[str] = field(default_factory=list)
     class_counts: dict[str, int] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     plan_digest: str = ""
@@ -216,7 +215,7 @@ def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict
     """Read, check and convert one shard's items and write the shard, then its stats file."""
     skipped: list[dict[str, str]] = []
     counts: dict[str, int] = {}
-    keys: list[str] = []
+    samples = 0
     with out.open_write(plan.tar_path) as stream, ShardTarWriter(stream) as tar:
         for item, data in source.read_many(plan.items):
             try:
@@ -236,10 +235,11 @@ def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict
             tar.write(item.key, {ext: payload, "cls": str(class_index[item.label]).encode(),
                                  "json": json.dumps(meta, sort_keys=True).encode()})
             counts[item.label] = counts.get(item.label, 0) + 1
-            keys.append(item.key)
+            samples += 1
     written = stream.written  # type: ignore[attr-defined]
-    result = ShardResult(plan.name, plan.split, plan.tar_path, len(keys), written.size, written.sha256,
-                         keys, counts, skipped, digest)
+    # No list of keys: the coordinator gathers every shard's result, and 300M keys are ~20 GB.
+    result = ShardResult(plan.name, plan.split, plan.tar_path, samples, written.size, written.sha256, counts,
+                         skipped, digest)
     out.write_text(plan.stats_path, json.dumps(asdict(result), sort_keys=True))
     return result
 
@@ -290,10 +290,14 @@ def _read_stats(out: Storage, paths: list[str], record: type[T], readers: int = 
     for one that is unreadable (a torn write of an attempt that died: it is redone)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    known = {f.name for f in fields(record)}  # type: ignore[arg-type]
+
     def read(path: str) -> T | None:
         try:
-            return record(**json.loads(out.read_text(path)))
-        except (ValueError, TypeError):
+            # Fields of older versions are dropped (stats files listed each shard's keys until
+            # 2026-12-03), so that an ingest resumed across the upgrade keeps its finished shards.
+            return record(**{k: v for k, v in json.loads(out.read_text(path)).items() if k in known})
+        except (ValueError, TypeError, AttributeError):
             return None
 
     with ThreadPoolExecutor(max_workers=readers) as pool:

@@ -392,8 +392,10 @@ def test_a_resumed_ingest_finds_its_finished_shards_with_one_listing_and_one_rea
         out.write_bytes(plan.tar_path, b"x" * (100 + n))
         recorded = 100 + n if n != 2 else 999  # 2: its tar is not the one the stats describe
         digest = digests[plan.name] if n != 3 else "planned from another listing"
-        out.write_text(plan.stats_path, json.dumps(dataclasses.asdict(ShardResult(
-            plan.name, "train", plan.tar_path, 1, recorded, "sha", plan_digest=digest))))
+        stats = dataclasses.asdict(ShardResult(plan.name, "train", plan.tar_path, 1, recorded, "sha", plan_digest=digest))
+        if n == 1:
+            stats["keys"] = ["k"]  # written by a version that listed each shard's keys: still finished
+        out.write_text(plan.stats_path, json.dumps(stats))
     out.write_bytes(plans[4].tar_path, b"partial")
     Counting.calls.clear()
     found = finished_shards(out, plans, digests)
