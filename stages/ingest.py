@@ -8,6 +8,11 @@ Output (under the stage folder)::
     classes.json              {"classes": [names in index order]}
     skipped.jsonl             every skipped input: {"origin", "kind", "reason"} per line
 
+With ``mode: index`` (a ``webdataset`` source) no shard is written: ``index/NAME.json`` holds each
+source shard's stats (:mod:`stages.data.shard_index`) and the result names the source folder as
+the root the shard paths are relative to. Listing runs in Ray tasks, one per part of the source
+(class folder, source shard, Parquet file: :func:`list_source`).
+
 Shard contents are planned before any image is read (keys sorted, then put in an order seeded by
 the run's seed so that every shard mixes classes; fixed shard boundaries), so the same input and
 config give the same shards, byte for byte, however many workers write them. A

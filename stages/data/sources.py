@@ -191,10 +191,15 @@ class ImageFolderSource(StorageSource):
     def parts(self) -> list[ListingPart]:
         """One part per class folder (per split's class folder), and one per level's loose files:
         on S3 a delimited LIST per level, then each class listed by its own task (ImageNet-21k:
-        21k parts instead of ~300k sequential LIST pages in one process)."""
+        21k parts shared by the tasks instead of ~14k LIST pages in sequence in one process)."""
         folders, files = self.storage.list_level()
         if not folders and not files:
             raise VitpipeError(f"{self.root}: no files found (expected CLASS/IMAGE or SPLIT/CLASS/IMAGE folders)")
+        if any(f in SPLIT_NAMES for f in folders) and not set(folders) <= set(SPLIT_NAMES):
+            # Split folders beside others: an empty folder on a disk (lost+found, a checkpoint
+            # folder) is no class folder and must not turn the splits into classes (items() never
+            # sees it: it lists files).
+            folders = [f for f in folders if f in SPLIT_NAMES or self.storage.list(f)]
         by_split = bool(folders) and set(folders) <= set(SPLIT_NAMES)
         parts = [ListingPart("", recursive=False, by_split=by_split)] if files else []
         for folder in sorted(folders, key=lambda name: f"{name}/"):  # the order of the paths under them
