@@ -29,7 +29,7 @@ import json
 import logging
 import posixpath
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -416,10 +416,34 @@ class Ingest(Stage):
                         len(kept), source.storage.uri, unusable, len(ordered) - len(kept))
 
 
-def list_source(ctx: StageContext | None, source: Source, workers: int) -> list[SourceItem]:
+# Coordinator memory per listed input, from listing to plan (bench/ingest_scale.py: 631-695 B).
+LISTED_INPUT_BYTES = 700
+
+
+def check_listing_fits(listed: int, parts_done: int, parts: int, available: int, where: str) -> None:
+    """Fail now, in one line, when the inputs the listing is on course to hold (projected from the
+    parts listed so far) will not fit in ``available`` bytes: better than the coordinator killed
+    for memory after listing for an hour, and retried to be killed again (pure)."""
+    projected = listed * parts // max(parts_done, 1)
+    needed = projected * LISTED_INPUT_BYTES
+    if needed > available:
+        raise VitpipeError(
+            f"{where}: ~{projected:,} inputs (projected from {parts_done} of {parts} listing parts) need ~"
+            f"{needed / 1e9:.0f} GB in the ingest coordinator, {available / 1e9:.0f} GB available: give the stage "
+            "more (resources: {memory_gb: ...}, on a node that has it), ingest the corpus in pieces, or use "
+            "mode: index for webdataset shards")
+
+
+def list_source(ctx: StageContext | None, source: Source, workers: int,
+                available_bytes: int | None = None) -> list[SourceItem]:
     """The source's listing, its parts (class folders, source shards) listed by ``workers`` Ray
     tasks at a time and joined in part order: the items one process listing it all would find
-    (``bench/ingest_scale.py --listing`` measures 1 against 2 tasks). ``ctx``: for a progress bar."""
+    (``bench/ingest_scale.py --listing`` measures 1 against 2 tasks). ``ctx``: for a progress bar.
+
+    After the first parts (2%, at least 16) and at every tenth of them, the memory the whole
+    listing will take is projected and checked against ``available_bytes`` (default: what the
+    machine has available now, plus what the listing holds already)."""
+    import psutil
     import ray
 
     parts = source.parts()
@@ -427,8 +451,19 @@ def list_source(ctx: StageContext | None, source: Source, workers: int) -> list[
         return source.items()
     remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(_list_part)
     source_ref = ray.put(source)
+    listed = 0
+    first = min(len(parts), max(16, len(parts) // 50))  # enough parts for a projection to mean something
+    checks = {first, *(n for n in (len(parts) * k // 10 for k in range(1, 10)) if n > first)}
+
+    def on_part(done: int, items: list[SourceItem]) -> None:
+        nonlocal listed
+        listed += len(items)
+        if done in checks:
+            available = available_bytes or psutil.virtual_memory().available + listed * LISTED_INPUT_BYTES
+            check_listing_fits(listed, done, len(parts), available, getattr(source, "root", type(source).__name__))
+
     found = _run_tasks(ctx, remote, {str(n): (source_ref, part) for n, part in enumerate(parts)}, workers,
-                       len(parts), "listing")
+                       len(parts), "listing", on_result=on_part)
     return [item for n in range(len(parts)) for item in found[str(n)]]
 
 
@@ -442,9 +477,10 @@ class _NoBar:
 
 
 def _run_tasks(ctx: StageContext | None, remote: Any, calls: dict[str, tuple], workers: int, total: int,
-               what: str) -> dict[str, Any]:
+               what: str, on_result: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
     """Run ``remote(*args)`` for each entry of ``calls``, ``workers`` at a time, with a progress bar
-    over ``total`` (those done before count as done); results by the entry's name."""
+    over ``total`` (those done before count as done); results by the entry's name. ``on_result(n,
+    result)`` hears of the n-th result as it comes."""
     import contextlib
 
     import ray
@@ -461,8 +497,10 @@ def _run_tasks(ctx: StageContext | None, remote: Any, calls: dict[str, tuple], w
                 pending[remote.remote(*calls[name])] = name
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
+                result = results[pending.pop(ref)] = ray.get(ref)
                 bar.update()
+                if on_result is not None:
+                    on_result(len(results), result)
     return results
 
 

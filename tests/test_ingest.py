@@ -728,3 +728,23 @@ def test_a_shard_writer_reads_only_its_own_samples_of_each_source_shard(tmp_path
     # Seven shards of <= 3 samples: each source byte read once (the two end markers and record
     # padding not at all); whole source shards per writing task would read 3.5 shards' worth.
     assert Counting.read <= corpus, (Counting.read, corpus)
+
+
+def test_a_listing_that_will_not_fit_in_memory_fails_early_in_one_line(tmp_path):
+    from pipeline.errors import VitpipeError
+    from stages.data.sources import ImageFolderSource
+    from stages.ingest import LISTED_INPUT_BYTES, check_listing_fits, list_source
+
+    check_listing_fits(1000, 10, 300, 300 * 100 * LISTED_INPUT_BYTES, "s3://b/c")  # exactly fits
+    with pytest.raises(VitpipeError, match=r"^s3://b/c: ~30,000 inputs \(projected from 10 of 300 listing parts\) "
+                                           r"need ~0 GB in the ingest coordinator"):
+        check_listing_fits(1000, 10, 300, 300 * 100 * LISTED_INPUT_BYTES - 1, "s3://b/c")
+    root = tmp_path / "classes"
+    for c in range(20):  # 20 class folders of 3: the first check comes after the 16th part
+        (root / f"c{c:02d}").mkdir(parents=True)
+        for i in range(3):
+            (root / f"c{c:02d}" / f"{i}.jpg").write_bytes(b"x")
+    source = ImageFolderSource(str(root))
+    assert len(list_source(None, source, 2, available_bytes=60 * LISTED_INPUT_BYTES)) == 60
+    with pytest.raises(VitpipeError, match=r"~60 inputs \(projected from 16 of 20 listing parts\)"):
+        list_source(None, source, 2, available_bytes=60 * LISTED_INPUT_BYTES - 1)
