@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -443,6 +444,9 @@ def _fsync_dir(path: Path) -> None:
 
 _CLIENT_LOCK = threading.Lock()
 _CLIENTS: dict[tuple[Any, ...], tuple[int, Any]] = {}  # S3 clients by configuration: (pid, client)
+_CLIENT_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                       "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE",
+                       "AWS_SHARED_CREDENTIALS_FILE")
 _BUCKETS_SEEN: set[str] = set()  # buckets known to exist, in this process
 _RETRIES_LOCK = threading.Lock()
 _RETRY_COUNT = 0  # reads resumed after a transient fault, in this process (tests and logs read it)
@@ -745,9 +749,10 @@ class S3Storage(Storage):
         # One client per process and configuration, shared by the storages of every task the
         # process runs: a Ray task gets its storage unpickled, without a client, and making one
         # takes ~0.1 s (boto3 loads its service model) — at 300k shards or 21k class folders,
-        # hours of CPU. The environment boto3 reads at creation is part of the key.
-        key = (self.endpoint_url, self.region, self.read_timeout_s,
-               *(os.environ.get(name) for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")))
+        # hours of CPU. The environment boto3 reads at creation is part of the key (hashed: no
+        # second copy of a secret).
+        environment = json.dumps([os.environ.get(name) for name in _CLIENT_ENVIRONMENT])
+        key = (self.endpoint_url, self.region, self.read_timeout_s, hashlib.sha256(environment.encode()).hexdigest())
         made = _CLIENTS.get(key)
         if made is None or made[0] != os.getpid():
             made = _CLIENTS[key] = (os.getpid(), self._new_client())
