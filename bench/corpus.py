@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stages.data.listing import Listing, unique_key_order
 from stages.data.sources import ImageFolderSource, SourceItem
-from stages.ingest import ShardPlan, plan_shards, screen_items
+from stages.ingest import ShardPlan, plan_shards
 
 __all__ = ["Corpus", "ShardSetup", "build_corpus", "plan_corpus_shards", "warm_page_cache",
            "cpu_busy_before_start", "run_rounds", "summarize", "machine_info", "emit_result", "log", "free_port"]
@@ -138,11 +139,14 @@ class ShardSetup:
 def plan_corpus_shards(corpus: Corpus, shard_samples: int) -> ShardSetup:
     """Screen and plan the corpus exactly as the ingest stage does (sorted keys, fixed boundaries)."""
     source = ImageFolderSource(str(corpus.root))
-    kept, skipped = screen_items(source.items())
-    if skipped or len(kept) != corpus.images:
-        raise RuntimeError(f"corpus {corpus.root}: {len(kept)} usable images of {corpus.images}; skipped {skipped[:3]}")
-    names = sorted({item.label for item in kept if item.label is not None})
-    return ShardSetup(source, plan_shards(kept, shard_samples), {name: i for i, name in enumerate(names)})
+    listing = Listing.of_items(source, source.items())
+    order, duplicates = unique_key_order(listing)
+    skipped = listing.skipped + duplicates
+    if skipped or len(order) != corpus.images:
+        raise RuntimeError(f"corpus {corpus.root}: {len(order)} usable images of {corpus.images}; skipped {skipped[:3]}")
+    names = sorted(listing.codes("label")[1])
+    plans = [cut.plan(listing) for cut in plan_shards(listing, order, shard_samples)]
+    return ShardSetup(source, plans, {name: i for i, name in enumerate(names)})
 
 
 def warm_page_cache(paths: list[Path]) -> None:

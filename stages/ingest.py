@@ -11,7 +11,8 @@ Output (under the stage folder)::
 With ``mode: index`` (a ``webdataset`` source) no shard is written: ``index/NAME.json`` holds each
 source shard's stats (:mod:`stages.data.shard_index`) and the result names the source folder as
 the root the shard paths are relative to. Listing runs in Ray tasks, one per part of the source
-(class folder, source shard, Parquet file: :func:`list_source`).
+(class folder, source shard, Parquet file: :func:`list_source`), which send back compact columns
+(:mod:`stages.data.listing`); planning works on row numbers of those columns.
 
 Shard contents are planned before any image is read (keys sorted, then put in an order seeded by
 the run's seed so that every shard mixes classes; fixed shard boundaries), so the same input and
@@ -27,12 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import posixpath
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal, TypeVar
 
+import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 
 from pipeline.config import StageResources
@@ -41,8 +42,17 @@ from pipeline.preflight import ResourceDemand
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageContext, StageParams
 from pipeline.storage import Storage
-from stages.data.images import EXTENSION_OF, IMAGE_EXTENSIONS, BadImage, Validation, inspect_image, reencode
-from stages.data.order import order_rng
+from stages.data.images import EXTENSION_OF, BadImage, Validation, inspect_image, reencode
+from stages.data.listing import (
+    Listing,
+    ListingBuilder,
+    ListingChunk,
+    encode_chunk,
+    screen_items,
+    skip_record,
+    unique_key_order,
+)
+from stages.data.order import derived_seed
 from stages.data.shard_index import INDEX_DIR, ShardIndex, class_list, index_shard, index_stats_path
 from stages.data.sources import (
     SPLIT_NAMES,
@@ -56,7 +66,7 @@ from stages.data.sources import (
 from stages.data.tarshards import ShardTarWriter
 from stages.records import IngestResult, ShardRecord, SplitRecord
 
-__all__ = ["IngestParams", "Ingest", "ShardPlan", "ShardResult", "SKIPPED_FILE", "finished_shards", "ingest_record",
+__all__ = ["IngestParams", "Ingest", "ShardCut", "ShardPlan", "ShardResult", "SKIPPED_FILE", "finished_shards", "ingest_record",
            "plan_shards", "screen_items", "write_shard"]
 
 log = logging.getLogger(__name__)
@@ -114,11 +124,8 @@ class IngestParams(StageParams):
         return self
 
 
-@dataclass
-class ShardPlan:
+class _ShardFiles:
     name: str  # e.g. "train-000003"
-    split: str
-    items: list[SourceItem]
 
     @property
     def tar_path(self) -> str:
@@ -126,7 +133,28 @@ class ShardPlan:
 
     @property
     def stats_path(self) -> str:
-        return f"shards/{self.name}.json"
+        return f"shards/{self.name}.json"  # written after the tar: marks it finished
+
+
+@dataclass
+class ShardCut(_ShardFiles):
+    """A planned shard as the coordinator holds it: rows of the listing (4 bytes an input)."""
+
+    name: str
+    split: str
+    rows: np.ndarray
+
+    def plan(self, listing: Listing) -> ShardPlan:
+        return ShardPlan(self.name, self.split, listing.items(self.rows))
+
+
+@dataclass
+class ShardPlan(_ShardFiles):
+    """A planned shard with its items, as the task that writes it gets it."""
+
+    name: str
+    split: str
+    items: list[SourceItem]
 
 
 @dataclass
@@ -146,64 +174,49 @@ SKIPPED_FILE = "skipped.jsonl"  # every skipped input, one JSON object per line 
 SKIPPED_SHOWN = 20  # the manifest keeps the first few and the counts by kind: it stays O(shards)
 
 
-def _skip(item: SourceItem, kind: str, reason: str) -> dict[str, str]:
-    """A skip record: ``kind`` is what the manifest counts by, ``reason`` the detail."""
-    return {"origin": item.origin, "kind": kind, "reason": reason}
-
-
 def _split_rank(split: str) -> tuple[int, str]:
     return (SPLIT_NAMES.index(split) if split in SPLIT_NAMES else len(SPLIT_NAMES), split)
 
 
-def screen_items(items: Iterable[SourceItem]) -> tuple[list[SourceItem], list[dict[str, str]]]:
-    """Drop items that cannot be ingested before reading them: missing labels, non-image files,
-    duplicate keys (the first in source order is kept). Returns (kept, skipped-with-reasons)."""
-    kept, skipped, seen = [], [], {}
-    for item in items:
-        ext = posixpath.splitext(item.filename)[1].lower() if item.filename else ""
-        if item.refused is not None:
-            skipped.append(_skip(item, "refused", item.refused))
-        elif item.label is None:
-            skipped.append(_skip(item, "missing label", "missing label"))
-        elif ext and ext[1:] not in IMAGE_EXTENSIONS:
-            skipped.append(_skip(item, "unsupported file type", f"unsupported file type {ext}"))
-        elif item.key in seen:
-            skipped.append(_skip(item, "duplicate key", f"duplicate key {item.key!r} (kept {seen[item.key]})"))
-        else:
-            seen[item.key] = item.origin
-            kept.append(item)
-    return kept, skipped
-
-
-def plan_shards(items: Iterable[SourceItem], shard_samples: int, shard_bytes: int | None = None,
-                shuffle_seed: int | None = None) -> list[ShardPlan]:
-    """Fixed shard boundaries: per split (train, val, test, others), items sorted by key — then,
-    with ``shuffle_seed``, put in a permutation seeded by it and the split — and a new shard every
-    ``shard_samples`` items or when known sizes would pass ``shard_bytes``.
+def plan_shards(listing: Listing, order: np.ndarray, shard_samples: int, shard_bytes: int | None = None,
+                shuffle_seed: int | None = None) -> list[ShardCut]:
+    """Fixed shard boundaries: per split (train, val, test, others), the listing's rows in
+    ``order`` (key order, duplicates dropped: :func:`unique_key_order`) — then, with
+    ``shuffle_seed``, in a permutation seeded by it and the split — and a new shard every
+    ``shard_samples`` rows or when known sizes would pass ``shard_bytes``.
 
     Shuffling matters because listings sort by key, which for class folders means by class: cut in
     that order, every shard holds one class. Seeded, the same input and config still give the
-    same shards, byte for byte.
+    same shards, byte for byte. Works on row numbers only: 4 bytes an input.
     """
-    by_split: dict[str, list[SourceItem]] = {}
-    for item in items:
-        by_split.setdefault(item.split, []).append(item)
-    plans = []
-    for split in sorted(by_split, key=_split_rank):
-        ordered = sorted(by_split[split], key=lambda i: i.key)
-        if shuffle_seed is not None:
-            order_rng("ingest", shuffle_seed, split).shuffle(ordered)
-        groups: list[list[SourceItem]] = [[]]
-        size = 0
-        for item in ordered:
-            current = groups[-1]
-            if current and (len(current) >= shard_samples or (shard_bytes and size + (item.size or 0) > shard_bytes)):
-                groups.append([])
-                size = 0
-            groups[-1].append(item)
-            size += item.size or 0
-        plans.extend(ShardPlan(f"{split}-{n:06d}", split, group) for n, group in enumerate(groups) if group)
-    return plans
+    codes, names = listing.codes("split")
+    split_of_row = codes[order]
+    cuts = []
+    for code, split in sorted(enumerate(names), key=lambda pair: _split_rank(pair[1])):
+        rows = order[split_of_row == code]
+        if not len(rows):
+            continue
+        if shuffle_seed is not None:  # in place: ``rows`` is this split's own copy
+            np.random.Generator(np.random.PCG64(derived_seed("ingest", shuffle_seed, split))).shuffle(rows)
+        bounds = _shard_bounds(len(rows), shard_samples, listing.sizes(rows) if shard_bytes else None, shard_bytes)
+        cuts.extend(ShardCut(f"{split}-{n:06d}", split, rows[start:end])
+                    for n, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)))
+    return cuts
+
+
+def _shard_bounds(count: int, shard_samples: int, sizes: np.ndarray | None, shard_bytes: int | None) -> list[int]:
+    """Where shards start (and the last ends): every ``shard_samples``, or earlier where the next
+    item would take the shard's known bytes past ``shard_bytes`` (a shard holds at least one)."""
+    if sizes is None or not shard_bytes:
+        return [*range(0, count, shard_samples), count]
+    total = np.cumsum(sizes)
+    bounds, start = [0], 0
+    while start < count:
+        before = int(total[start - 1]) if start else 0
+        fits = int(np.searchsorted(total, before + shard_bytes, side="right"))
+        start = min(max(fits, start + 1), start + shard_samples, count)
+        bounds.append(start)
+    return bounds
 
 
 def _encode(data: bytes, mode: str, max_side: int, quality: int,
@@ -230,11 +243,11 @@ def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict
                     raise BadImage("zero-byte file")
                 ext, payload, (width, height) = _encode(data, mode, max_side, quality, validate)
             except BadImage as err:
-                skipped.append(_skip(item, "bad image", str(err)))
+                skipped.append(skip_record(item, "bad image", str(err)))
                 continue
             except Exception as err:  # noqa: BLE001 - unreadable input: recorded, not fatal
                 reason = " ".join(str(err).split()) or type(err).__name__
-                skipped.append(_skip(item, "unreadable", f"unreadable: {reason}"))
+                skipped.append(skip_record(item, "unreadable", f"unreadable: {reason}"))
                 continue
             meta = {"source": item.origin, "width": width, "height": height, "label": item.label}
             tar.write(item.key, {ext: payload, "cls": str(class_index[item.label]).encode(),
@@ -270,7 +283,7 @@ def plan_digest(plan: ShardPlan, class_index: dict[str, int], settings: tuple) -
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def finished_shards(out: Storage, plans: list[ShardPlan], digests: dict[str, str],
+def finished_shards(out: Storage, plans: list[ShardCut] | list[ShardPlan], digests: dict[str, str],
                     readers: int = 16) -> dict[str, ShardResult]:
     """The shards an earlier, interrupted attempt finished (stats file present, tar of the size it
     records, planned from the same listing and encoding), by name.
@@ -315,12 +328,12 @@ class Ingest(Stage):
 
     @classmethod
     def default_resources(cls) -> StageResources:
-        # The coordinator lists and plans before any shard task starts: CPU-bound work (12.5 s per
-        # million inputs, bench/ingest_scale.py), so it declares a CPU and is not squeezed onto a
-        # full node (the head beside the GCS). Ray lends that CPU back while it waits on the shard
-        # tasks, so they lose nothing. Its memory grows with the listing (~0.63 KB per input today):
-        # set `resources: {memory_gb: ...}` for a large corpus.
-        return StageResources(cpus=1)
+        # The coordinator joins the listing and plans before any shard task starts: CPU-bound work
+        # (bench/ingest_scale.py), so it declares a CPU and is not squeezed onto a full node (the
+        # head beside the GCS). Ray lends that CPU back while it waits on the shard tasks, so they
+        # lose nothing. Its memory grows with the listing as columns, ~85 B per input at the
+        # peak: 2 GB covers ~20M inputs; `resources: {memory_gb: ...}` for more (300M: ~26 GB).
+        return StageResources(cpus=1, memory_gb=2)
 
     @classmethod
     def resource_demand(cls, params: StageParams) -> ResourceDemand:
@@ -338,37 +351,45 @@ class Ingest(Stage):
     def _copy(self, ctx: StageContext, p: IngestParams, source: Source) -> None:
         import ray
 
-        listed = list_source(ctx, source, p.workers)
-        kept, skipped = screen_items(listed)
-        names = source.class_names() or sort_labels({i.label for i in kept if i.label is not None})
-        unknown = sorted({i.label for i in kept} - set(names))
+        listing = list_source(ctx, source, p.workers)
+        order, duplicates = unique_key_order(listing)
+        skipped = listing.skipped + duplicates
+        label_codes, labels = listing.codes("label")
+        used = [labels[code] for code in np.unique(label_codes[order])]
+        del label_codes
+        names = source.class_names() or sort_labels(used)
+        unknown = sorted(set(used) - set(names))
         if unknown:
             raise VitpipeError(f"labels {unknown[:5]} are not in the source's class list")
         class_index = {name: i for i, name in enumerate(names)}
         shuffle = ctx.seed if p.shuffle and source.random_access else None
-        plans = plan_shards(kept, p.shard_samples, p.shard_bytes, shuffle_seed=shuffle)
-        ctx.logger.info("%d inputs -> %d shards (%d skipped before reading)", len(listed), len(plans), len(skipped))
+        cuts = plan_shards(listing, order, p.shard_samples, p.shard_bytes, shuffle_seed=shuffle)
+        del order
+        ctx.logger.info("%d inputs -> %d shards (%d skipped before reading)", listing.inputs, len(cuts), len(skipped))
 
         encoding = (p.mode, p.max_side, p.jpeg_quality, p.validation)
-        digests = {plan.name: plan_digest(plan, class_index, encoding) for plan in plans}
-        results = finished_shards(ctx.out, plans, digests) if ctx.resumed else {}
-        todo = [plan for plan in plans if plan.name not in results]
+        digests = {cut.name: plan_digest(cut.plan(listing), class_index, encoding) for cut in cuts}
+        results = finished_shards(ctx.out, cuts, digests) if ctx.resumed else {}
+        todo = {cut.name: cut for cut in cuts if cut.name not in results}
         if results:
             ctx.logger.info("resuming: %d shards already written, %d to go", len(results), len(todo))
 
         remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(write_shard)
         source_ref = ray.put(source)
-        calls = {plan.name: (source_ref, plan, ctx.out, class_index, p.mode, p.max_side, p.jpeg_quality, p.validation,
-                             digests[plan.name]) for plan in todo}
-        results.update(_run_tasks(ctx, remote, calls, p.workers, len(plans), "shards"))
 
-        ordered = [results[plan.name] for plan in plans]
+        def call(name: str) -> tuple:  # a shard's items are made when its task is sent, not before
+            return (source_ref, todo[name].plan(listing), ctx.out, class_index, p.mode, p.max_side, p.jpeg_quality,
+                    p.validation, digests[name])
+
+        results.update(_run_tasks(ctx, remote, list(todo), call, p.workers, len(cuts), "shards"))
+
+        ordered = [results[cut.name] for cut in cuts]
         for r in ordered:  # the stats files only mark finished shards for a resumed ingest: not outputs
             skipped.extend(r.skipped)
             ctx.record_output(r.path, r.bytes, r.sha256)
-        _check_skips(p, skipped, len(listed), len(skipped))
+        _check_skips(p, skipped, listing.inputs, len(skipped))
         ctx.write_json("classes.json", {"classes": names})
-        ctx.result = ingest_record(ordered, names, len(listed), len(skipped))
+        ctx.result = ingest_record(ordered, names, listing.inputs, len(skipped))
         _record_skips(ctx, skipped)
         ctx.logger.info("wrote %d samples in %d shards; skipped %d", ctx.result.samples, len(ordered), len(skipped))
 
@@ -393,8 +414,9 @@ class Ingest(Stage):
         if results:
             ctx.logger.info("resuming: %d shards already indexed, %d to go", len(results), len(paths) - len(results))
         remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(index_shard)
-        calls = {rel: (source.storage, rel, ctx.out, p.validation, digests[rel]) for rel in paths if rel not in results}
-        results.update(_run_tasks(ctx, remote, calls, p.workers, len(paths), "shards indexed"))
+        todo = [rel for rel in paths if rel not in results]
+        results.update(_run_tasks(ctx, remote, todo, lambda rel: (source.storage, rel, ctx.out, p.validation, digests[rel]),
+                                  p.workers, len(paths), "shards indexed"))
 
         ordered = [results[rel] for rel in paths]
         kept = [index for index in ordered if not index.damaged]
@@ -416,29 +438,29 @@ class Ingest(Stage):
                         len(kept), source.storage.uri, unusable, len(ordered) - len(kept))
 
 
-# Coordinator memory per listed input, from listing to plan (bench/ingest_scale.py: 631-695 B).
-LISTED_INPUT_BYTES = 700
+# The coordinator's peak memory from listing to plan over what the joined listing columns hold
+# (bench/ingest_scale.py: the sort's row numbers, the plan's, a window of keys; measured ~1.5).
+PLANNING_OVERHEAD = 2.0
 
 
-def check_listing_fits(listed: int, parts_done: int, parts: int, available: int, where: str) -> None:
-    """Fail now, in one line, when the inputs the listing is on course to hold (projected from the
-    parts listed so far) will not fit in ``available`` bytes: better than the coordinator killed
-    for memory after listing for an hour, and retried to be killed again (pure)."""
-    projected = listed * parts // max(parts_done, 1)
-    needed = projected * LISTED_INPUT_BYTES
+def check_listing_fits(listed_bytes: int, parts_done: int, parts: int, available: int, where: str) -> None:
+    """Fail now, in one line, when the listing is on course (projected from the parts listed so
+    far) to need more than ``available`` bytes in the coordinator: better than the coordinator
+    killed for memory after listing for an hour, and retried to be killed again (pure)."""
+    needed = int(listed_bytes * parts / max(parts_done, 1) * PLANNING_OVERHEAD)
     if needed > available:
         raise VitpipeError(
-            f"{where}: ~{projected:,} inputs (projected from {parts_done} of {parts} listing parts) need ~"
-            f"{needed / 1e9:.0f} GB in the ingest coordinator, {available / 1e9:.0f} GB available: give the stage "
-            "more (resources: {memory_gb: ...}, on a node that has it), ingest the corpus in pieces, or use "
-            "mode: index for webdataset shards")
+            f"{where}: the listing, projected from {parts_done} of {parts} parts, needs ~{needed / 1e9:.1f} GB in the "
+            f"ingest coordinator, {available / 1e9:.1f} GB available: give the stage more (resources: {{memory_gb: ...}}, "
+            "on a node that has it), ingest the corpus in pieces, or use mode: index for webdataset shards")
 
 
 def list_source(ctx: StageContext | None, source: Source, workers: int,
-                available_bytes: int | None = None) -> list[SourceItem]:
-    """The source's listing, its parts (class folders, source shards) listed by ``workers`` Ray
-    tasks at a time and joined in part order: the items one process listing it all would find
-    (``bench/ingest_scale.py --listing`` measures 1 against 2 tasks). ``ctx``: for a progress bar.
+                available_bytes: int | None = None) -> Listing:
+    """The source's listing, as columns: its parts (class folders, source shards, Parquet files)
+    listed and screened by ``workers`` Ray tasks at a time and joined in part order — the rows one
+    process listing it all would find (``bench/ingest_scale.py --listing`` measures 1 against 2
+    tasks). ``ctx``: for a progress bar.
 
     After the first parts (2%, at least 16) and at every tenth of them, the memory the whole
     listing will take is projected and checked against ``available_bytes`` (default: what the
@@ -447,28 +469,35 @@ def list_source(ctx: StageContext | None, source: Source, workers: int,
     import ray
 
     parts = source.parts()
+    builder = ListingBuilder(source)
     if len(parts) <= 1:
-        return source.items()
+        builder.add(encode_chunk(source, source.items()))
+        return builder.finish()
     remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(_list_part)
     source_ref = ray.put(source)
-    listed = 0
     first = min(len(parts), max(16, len(parts) // 50))  # enough parts for a projection to mean something
     checks = {first, *(n for n in (len(parts) * k // 10 for k in range(1, 10)) if n > first)}
+    waiting: dict[int, ListingChunk] = {}  # chunks that came before an earlier part's: joined in part order
+    next_part = 0
 
-    def on_part(done: int, items: list[SourceItem]) -> None:
-        nonlocal listed
-        listed += len(items)
+    def on_part(done: int, name: str, chunk: ListingChunk) -> None:
+        nonlocal next_part
+        waiting[int(name)] = chunk
+        while next_part in waiting:
+            builder.add(waiting.pop(next_part))
+            next_part += 1
         if done in checks:
-            available = available_bytes or psutil.virtual_memory().available + listed * LISTED_INPUT_BYTES
-            check_listing_fits(listed, done, len(parts), available, getattr(source, "root", type(source).__name__))
+            held = builder.nbytes + sum(len(c.data) for c in waiting.values())
+            available = available_bytes or psutil.virtual_memory().available + held
+            check_listing_fits(held, done, len(parts), available, getattr(source, "root", type(source).__name__))
 
-    found = _run_tasks(ctx, remote, {str(n): (source_ref, part) for n, part in enumerate(parts)}, workers,
-                       len(parts), "listing", on_result=on_part)
-    return [item for n in range(len(parts)) for item in found[str(n)]]
+    _run_tasks(ctx, remote, [str(n) for n in range(len(parts))], lambda name: (source_ref, parts[int(name)]), workers,
+               len(parts), "listing", on_result=on_part, keep=False)
+    return builder.finish()
 
 
-def _list_part(source: Source, part: ListingPart) -> list[SourceItem]:
-    return source.items_of(part)
+def _list_part(source: Source, part: ListingPart) -> ListingChunk:
+    return encode_chunk(source, source.items_of(part))
 
 
 class _NoBar:
@@ -476,31 +505,38 @@ class _NoBar:
         pass
 
 
-def _run_tasks(ctx: StageContext | None, remote: Any, calls: dict[str, tuple], workers: int, total: int,
-               what: str, on_result: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
-    """Run ``remote(*args)`` for each entry of ``calls``, ``workers`` at a time, with a progress bar
-    over ``total`` (those done before count as done); results by the entry's name. ``on_result(n,
-    result)`` hears of the n-th result as it comes."""
+def _run_tasks(ctx: StageContext | None, remote: Any, names: list[str], args: Callable[[str], tuple], workers: int,
+               total: int, what: str, on_result: Callable[[int, str, Any], None] | None = None,
+               keep: bool = True) -> dict[str, Any]:
+    """Run ``remote(*args(name))`` for each of ``names``, ``workers`` at a time (arguments made as
+    each task is sent), with a progress bar over ``total`` (those done before count as done);
+    results by name (unless not ``keep``). ``on_result(n, name, result)`` hears of the n-th result
+    as it comes."""
     import contextlib
 
     import ray
 
     results: dict[str, Any] = {}
     pending: dict[object, str] = {}
-    queue = deque(calls)  # popped from the left: 300k entries (shards) is a common size
+    queue = deque(names)  # popped from the left: 300k entries (shards) is a common size
+    done = 0
     progress = ctx.progress(total, desc=f"{ctx.name}: {what}") if ctx else contextlib.nullcontext(_NoBar())
     with progress as bar:
-        bar.update(total - len(calls))
+        bar.update(total - len(names))
         while queue or pending:
             while queue and len(pending) < workers:
                 name = queue.popleft()
-                pending[remote.remote(*calls[name])] = name
+                pending[remote.remote(*args(name))] = name
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                result = results[pending.pop(ref)] = ray.get(ref)
+                name = pending.pop(ref)
+                result = ray.get(ref)
+                done += 1
+                if keep:
+                    results[name] = result
                 bar.update()
                 if on_result is not None:
-                    on_result(len(results), result)
+                    on_result(done, name, result)
     return results
 
 

@@ -21,7 +21,8 @@ from pipeline.errors import StageFailedError
 from pipeline.manifest import read_manifest
 from pipeline.storage import open_storage
 from stages.data.images import BadImage, check_image, inspect_image, reencode, to_rgb
-from stages.data.sources import SourceItem, sort_labels
+from stages.data.listing import Listing, unique_key_order
+from stages.data.sources import ImageFolderSource, SourceItem, sort_labels
 from stages.data.tarshards import ShardTarWriter, iter_tar_samples
 from stages.ingest import plan_shards, screen_items
 from stages.records import IngestResult
@@ -64,31 +65,42 @@ def all_samples(store, manifest) -> dict[str, dict[str, bytes]]:
 
 def _item(key, split="train", label="a", size=None, origin=None):
     origin = origin or f"/d/{key}.jpg"
-    return SourceItem(key=key, split=split, label=label, locator=key, origin=origin, size=size,
+    return SourceItem(key=key, split=split, label=label, locator=origin[len("/d/"):], origin=origin, size=size,
                       filename=origin.rsplit("/", 1)[-1])
+
+
+def _plans(items, shard_samples, shard_bytes=None, shuffle_seed=None, source=None):
+    """Listed as a listing task lists (columns), ordered and cut as the stage does; with items."""
+    listing = Listing.of_items(source or ImageFolderSource("/d"), items)
+    order, duplicates = unique_key_order(listing)
+    assert not duplicates
+    return [cut.plan(listing) for cut in plan_shards(listing, order, shard_samples, shard_bytes, shuffle_seed)]
 
 
 def test_plan_is_sorted_per_split_with_fixed_boundaries():
     items = [_item(f"k{i:02d}", split="val" if i % 4 == 0 else "train") for i in range(20)][::-1]
-    plans = plan_shards(items, shard_samples=6)
+    plans = _plans(items, shard_samples=6)
     assert [p.name for p in plans] == ["train-000000", "train-000001", "train-000002", "val-000000"]
     assert [len(p.items) for p in plans] == [6, 6, 3, 5]
     assert [i.key for i in plans[0].items] == sorted(i.key for i in plans[0].items)
-    by_bytes = plan_shards([_item(f"k{i}", size=100) for i in range(10)], shard_samples=100, shard_bytes=250)
+    by_bytes = _plans([_item(f"k{i}", size=100) for i in range(10)], shard_samples=100, shard_bytes=250)
     assert [len(p.items) for p in by_bytes] == [2, 2, 2, 2, 2]
+    uneven = _plans([_item(f"k{i}", size=size) for i, size in enumerate([300, 50, 200, 10, 10, 10, None, 100])],
+                    shard_samples=3, shard_bytes=250)
+    assert [[i.key for i in p.items] for p in uneven] == [["k0"], ["k1", "k2"], ["k3", "k4", "k5"], ["k6", "k7"]]
 
 
 def test_shards_of_a_class_sorted_listing_mix_classes_when_shuffled():
     # Ten classes of 20, listed by key (so by class), cut into shards of 20.
     items = [_item(f"c{c}/img{i:02d}", label=str(c)) for c in range(10) for i in range(20)]
-    sorted_plans = plan_shards(items, shard_samples=20)
+    sorted_plans = _plans(items, shard_samples=20)
     assert [len({i.label for i in p.items}) for p in sorted_plans] == [1] * 10  # one class each
-    plans = plan_shards(items, shard_samples=20, shuffle_seed=3)
+    plans = _plans(items, shard_samples=20, shuffle_seed=3)
     assert all(len({i.label for i in p.items}) >= 5 for p in plans), [len({i.label for i in p.items}) for p in plans]
     assert sorted(i.key for p in plans for i in p.items) == sorted(i.key for i in items)  # a permutation
-    assert [[i.key for i in p.items] for p in plan_shards(items[::-1], 20, shuffle_seed=3)] == \
+    assert [[i.key for i in p.items] for p in _plans(items[::-1], 20, shuffle_seed=3)] == \
         [[i.key for i in p.items] for p in plans]  # from the keys and the seed alone, not the listing's order
-    assert plan_shards(items, 20, shuffle_seed=4)[0].items != plans[0].items
+    assert _plans(items, 20, shuffle_seed=4)[0].items != plans[0].items
 
 
 def test_numeric_labels_keep_numeric_order():
@@ -687,6 +699,83 @@ def test_a_tree_lists_level_by_level_and_in_parts_as_in_one_listing(tmp_path, s3
 
 
 
+def test_every_source_s_items_come_back_whole_from_the_listing_columns(tmp_path):
+    """The coordinator keeps a listing as columns, not items: the items each source lists (kept
+    by screening) are made again from them exactly — locators, origins, sizes, file names — odd
+    names (cleaned keys) included."""
+    from stages.data.parquet_source import ParquetSource
+    from stages.data.sources import DigitsSource, ListSource, WebDatasetSource
+
+    folder = tmp_path / "folder"
+    for rel in ("cat/a.jpg", "cat/b.JPEG", "cat/odd name.v2.png", "dog/x.jpg", "dog/notes.txt", "loose.jpg"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(b"x" * len(rel))
+    (tmp_path / "list.csv").write_text("path,label,split\nfolder/cat/a.jpg,cat,train\n"
+                                       f"{folder}/dog/x.jpg,dog,val\ns3://bucket/p q/r.png,dog,test\n")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "train-0.tar", "w") as tar:
+        for member, data in (("a.b/k 1.jpg", _jpeg(0)), ("a.b/k 1.cls", b"1"), ("plain.jpg", _jpeg(1)),
+                             ("plain.txt", b"zebra")):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    _write_parquet_dataset(tmp_path / "hf")
+    sources = [ImageFolderSource(str(folder)), ListSource(str(tmp_path / "list.csv")), WebDatasetSource(str(shards)),
+               ParquetSource(str(tmp_path / "hf")), DigitsSource()]
+    for source in sources:
+        items = source.items()
+        kept, _ = screen_items(items)
+        listing = Listing.of_items(source, items)
+        assert listing.inputs == len(items) and len(listing) == len(kept) > 0, type(source).__name__
+        assert listing.items(range(len(listing))) == kept, type(source).__name__
+    assert {i.origin for i in sources[2].items()} >= {f"{shards}/train-0.tar#a.b/k 1", f"{shards}/train-0.tar#plain"}
+
+
+def test_a_listing_joined_in_batches_gives_the_items_of_any_rows(monkeypatch):
+    """Chunks are joined in batches (each copied out of its transport bytes): rows taken across
+    batches, in any order, are the items listed there; labels and splits of every batch share one
+    dictionary."""
+    from stages.data import listing as listing_module
+    from stages.data.listing import ListingBuilder, encode_chunk
+
+    monkeypatch.setattr(listing_module, "_COMBINE_BYTES", 1)  # a batch per chunk
+    source = ImageFolderSource("/d")
+    parts = [[_item(f"{c}/{i}", label=c, split=("val" if i == 0 else "train"), size=i) for i in range(4)]
+             for c in ("x", "y", "z")]
+    builder = ListingBuilder(source)
+    for part in parts:
+        builder.add(encode_chunk(source, part))
+    listing = builder.finish()
+    assert listing.table.column("key").num_chunks == 3 and listing.inputs == 12
+    every = [item for part in parts for item in part]
+    rows = np.random.default_rng(0).permutation(12)
+    assert listing.items(rows) == [every[r] for r in rows]
+    codes, labels = listing.codes("label")
+    assert [labels[c] for c in codes] == [item.label for item in every]
+    assert list(listing.sizes(rows)) == [every[r].size for r in rows]
+
+
+def test_a_key_listed_in_two_parts_is_kept_once_with_a_reason(tmp_path):
+    """Class folders are listed by separate tasks; two folders whose names clean to one key
+    (``a b`` and ``a_b``) give one key twice: the first in listing order is kept."""
+    from stages.data.sources import ImageFolderSource
+    from stages.ingest import list_source
+
+    root = tmp_path / "classes"
+    for rel in ("a b/q.jpg", "a b/r.jpg", "a_b/q.jpg", "c/q.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    source = ImageFolderSource(str(root))
+    assert len(source.parts()) == 3
+    listing = list_source(None, source, 2)
+    order, duplicates = unique_key_order(listing)
+    assert [listing.items([row])[0].origin for row in order] == [f"{root}/a b/q.jpg", f"{root}/a b/r.jpg",
+                                                                    f"{root}/c/q.jpg"]
+    assert duplicates == [{"origin": f"{root}/a_b/q.jpg", "kind": "duplicate key",
+                           "reason": f"duplicate key 'a_b/q' (kept {root}/a b/q.jpg)"}]
+
+
 def test_a_shard_writer_reads_only_its_own_samples_of_each_source_shard(tmp_path):
     from pipeline.storage import LocalStorage
     from stages.data.sources import WebDatasetSource
@@ -720,7 +809,7 @@ def test_a_shard_writer_reads_only_its_own_samples_of_each_source_shard(tmp_path
                     tar.addfile(info, io.BytesIO(data))
     source = WebDatasetSource(str(root))
     source._storage = Counting(root)
-    plans = plan_shards(screen_items(source.items())[0], shard_samples=3)
+    plans = _plans(source.items(), shard_samples=3, source=source)
     Counting.read = 0
     got = {item.key: data for plan in plans for item, data in source.read_many(plan.items)}
     assert got == images  # every sample's bytes, the long-named one included
@@ -733,18 +822,20 @@ def test_a_shard_writer_reads_only_its_own_samples_of_each_source_shard(tmp_path
 def test_a_listing_that_will_not_fit_in_memory_fails_early_in_one_line(tmp_path):
     from pipeline.errors import VitpipeError
     from stages.data.sources import ImageFolderSource
-    from stages.ingest import LISTED_INPUT_BYTES, check_listing_fits, list_source
+    from stages.ingest import PLANNING_OVERHEAD, _list_part, check_listing_fits, list_source
 
-    check_listing_fits(1000, 10, 300, 300 * 100 * LISTED_INPUT_BYTES, "s3://b/c")  # exactly fits
-    with pytest.raises(VitpipeError, match=r"^s3://b/c: ~30,000 inputs \(projected from 10 of 300 listing parts\) "
-                                           r"need ~0 GB in the ingest coordinator"):
-        check_listing_fits(1000, 10, 300, 300 * 100 * LISTED_INPUT_BYTES - 1, "s3://b/c")
+    check_listing_fits(1000, 10, 300, int(30_000 * PLANNING_OVERHEAD), "s3://b/c")  # exactly fits
+    with pytest.raises(VitpipeError, match=r"^s3://b/c: the listing, projected from 10 of 300 parts, needs ~0.0 GB "
+                                           r"in the ingest coordinator"):
+        check_listing_fits(1000, 10, 300, int(30_000 * PLANNING_OVERHEAD) - 1, "s3://b/c")
     root = tmp_path / "classes"
     for c in range(20):  # 20 class folders of 3: the first check comes after the 16th part
         (root / f"c{c:02d}").mkdir(parents=True)
         for i in range(3):
             (root / f"c{c:02d}" / f"{i}.jpg").write_bytes(b"x")
     source = ImageFolderSource(str(root))
-    assert len(list_source(None, source, 2, available_bytes=60 * LISTED_INPUT_BYTES)) == 60
-    with pytest.raises(VitpipeError, match=r"~60 inputs \(projected from 16 of 20 listing parts\)"):
-        list_source(None, source, 2, available_bytes=60 * LISTED_INPUT_BYTES - 1)
+    part_bytes = len(_list_part(source, source.parts()[0]).data)  # every part's columns are the same size
+    whole = int(20 * part_bytes * PLANNING_OVERHEAD)
+    assert len(list_source(None, source, 2, available_bytes=whole)) == 60
+    with pytest.raises(VitpipeError, match=r"projected from 16 of 20 parts"):
+        list_source(None, source, 2, available_bytes=whole - 1)

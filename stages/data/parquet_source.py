@@ -131,6 +131,18 @@ class ParquetSource(StorageSource):
                 row += 1
         return items
 
+    def locator_columns(self, items: list[SourceItem]) -> dict[str, Any]:
+        import pyarrow as pa
+
+        return {"file": pa.array([item.locator[0] for item in items], pa.string()).dictionary_encode(),
+                "group": pa.array([item.locator[1] for item in items], pa.int32()),
+                "index": pa.array([item.locator[2] for item in items], pa.int32()),
+                "row": pa.array([int(item.origin.rsplit("#row=", 1)[1]) for item in items], pa.int64())}
+
+    def item_from(self, key: str, split: str, label: str, size: int | None, loc: dict[str, Any]) -> SourceItem:
+        return SourceItem(key=key, split=split, label=label, size=size, locator=(loc["file"], loc["group"], loc["index"]),
+                          origin=f"{self.storage.uri_of(loc['file'])}#row={loc['row']}")
+
     def read(self, item: SourceItem) -> bytes:
         found = next(self.read_many([item]))[1]
         if isinstance(found, Exception):

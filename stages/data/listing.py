@@ -1,0 +1,230 @@
+"""Ingest's listing as compact Arrow columns, never one Python object per input in one process.
+
+A listing task (one per part of a source: class folder, source shard, Parquet file) lists its part
+as :class:`~stages.data.sources.SourceItem` s, screens them (:func:`screen_items`) and sends back
+the kept ones as a :class:`ListingChunk`: an Arrow IPC stream of the columns below plus the skip
+records. The coordinator joins the chunks into a :class:`Listing` — copied out of the object store
+into batches of ~64 MB as they come, so neither the chunks nor their object-store copies pile up —
+and plans shards from its columns (``stages.ingest.plan_shards``). Items are made again, a shard's
+worth at a time, only to digest a shard's plan or to send it to the task that writes it.
+
+Columns: ``key`` (string), ``split`` (dictionary, int8 indices), ``label`` (dictionary, int32
+indices), ``size`` (int64, null when unknown), and the source's own locator columns
+(:meth:`Source.locator_columns`): for an ImageFolder an extension code and a path that is null
+unless it differs from key + extension, so a folder input costs its key and ~18 bytes
+(``bench/ingest_scale.py``: ~60 B an input from listing to plan, against ~630 B as Python objects).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.errors import VitpipeError
+from stages.data.images import IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:
+    from stages.data.sources import Source, SourceItem
+
+__all__ = ["ListingChunk", "Listing", "ListingBuilder", "encode_chunk", "screen_items", "skip_record",
+           "small_dictionary", "unique_key_order", "row_numbers", "BASE_COLUMNS"]
+
+BASE_COLUMNS = ("key", "split", "label", "size")
+_SMALL = pa.dictionary(pa.int8(), pa.string())  # splits, extensions: a handful of values
+_MAX_SPLITS = 100
+_COMBINE_BYTES = 16 << 20  # chunks are copied out of their transport buffers in batches of this size
+_DUPLICATE_WINDOW = 1 << 16  # keys compared this many at a time (a window's keys are copied)
+
+
+def skip_record(item: SourceItem, kind: str, reason: str) -> dict[str, str]:
+    """A skip record: ``kind`` is what the manifest counts by, ``reason`` the detail."""
+    return {"origin": item.origin, "kind": kind, "reason": reason}
+
+
+def screen_items(items: Iterable[SourceItem]) -> tuple[list[SourceItem], list[dict[str, str]]]:
+    """Drop items that cannot be ingested before reading them: refused entries, missing labels,
+    non-image files, duplicate keys (the first in source order is kept). Returns (kept,
+    skipped-with-reasons). A listing task screens its part; keys repeated across parts are found
+    by :func:`unique_key_order`."""
+    kept, skipped, seen = [], [], {}
+    for item in items:
+        ext = posixpath.splitext(item.filename)[1].lower() if item.filename else ""
+        if item.refused is not None:
+            skipped.append(skip_record(item, "refused", item.refused))
+        elif item.label is None:
+            skipped.append(skip_record(item, "missing label", "missing label"))
+        elif ext and ext[1:] not in IMAGE_EXTENSIONS:
+            skipped.append(skip_record(item, "unsupported file type", f"unsupported file type {ext}"))
+        elif item.key in seen:
+            skipped.append(duplicate_record(item, seen[item.key]))
+        else:
+            seen[item.key] = item.origin
+            kept.append(item)
+    return kept, skipped
+
+
+def duplicate_record(item: SourceItem, kept_origin: str) -> dict[str, str]:
+    return skip_record(item, "duplicate key", f"duplicate key {item.key!r} (kept {kept_origin})")
+
+
+def small_dictionary(values: list[str | None]) -> pa.Array:
+    """A dictionary column with int8 indices (a few distinct values: 1 byte per row)."""
+    return pa.array(values, pa.string()).dictionary_encode().cast(_SMALL)
+
+
+@dataclass(frozen=True)
+class ListingChunk:
+    """What a listing task sends back: its kept items' columns as an Arrow IPC stream (a plain
+    ``bytes`` object: Ray copies it into the coordinator, so nothing stays pinned in the object
+    store), the skip records of its part and how many inputs the part had."""
+
+    data: bytes
+    skipped: list[dict[str, str]]
+    inputs: int
+
+    def table(self) -> pa.Table:
+        return pa.ipc.open_stream(pa.py_buffer(self.data)).read_all()
+
+
+def encode_chunk(source: Source, items: list[SourceItem]) -> ListingChunk:
+    """Screen one part's items and keep the rest as columns (in a listing task)."""
+    kept, skipped = screen_items(items)
+    splits = {item.split for item in kept}
+    if len(splits) > _MAX_SPLITS:
+        raise VitpipeError(f"{len(splits)} different split names (at most {_MAX_SPLITS}): check the source's split column")
+    table = pa.table({
+        "key": pa.array([item.key for item in kept], pa.string()),
+        "split": small_dictionary([item.split for item in kept]),
+        "label": pa.array([item.label for item in kept], pa.string()).dictionary_encode(),
+        "size": pa.array([item.size for item in kept], pa.int64()),
+        **source.locator_columns(kept),
+    })
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return ListingChunk(sink.getvalue().to_pybytes(), skipped, len(items))
+
+
+class Listing:
+    """Every kept input of a source as columns, in listing order (row numbers address them)."""
+
+    def __init__(self, source: Source, table: pa.Table, skipped: list[dict[str, str]], inputs: int) -> None:
+        self.source = source
+        self.table = table
+        self.skipped = skipped  # screened out in the listing tasks
+        self.inputs = inputs  # kept + skipped
+        lengths = [len(chunk) for chunk in table.column(0).chunks]  # every column is chunked alike
+        self._offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+    def take(self, column: str, rows: np.ndarray | list[int]) -> pa.Array:
+        """``column`` at ``rows``, taken chunk by chunk: Arrow's take on a chunked string column
+        first joins every chunk (a copy of the whole column for each call)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        values = self.table.column(column)
+        chunk_of = np.searchsorted(self._offsets, rows, side="right") - 1
+        by_chunk = np.argsort(chunk_of, kind="stable")
+        pieces = [values.chunk(int(c)).take(pa.array(rows[chunk_of == c] - self._offsets[c]))
+                  for c in np.unique(chunk_of)]
+        if not pieces:
+            return pa.array([], values.type)
+        grouped = pa.concat_arrays(pieces)  # = rows[by_chunk]: put back in the order asked
+        return grouped.take(pa.array(np.argsort(by_chunk)))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @classmethod
+    def of_items(cls, source: Source, items: list[SourceItem]) -> Listing:
+        builder = ListingBuilder(source)
+        builder.add(encode_chunk(source, items))
+        return builder.finish()
+
+    def codes(self, column: str) -> tuple[np.ndarray, list[str]]:
+        """A dictionary column as (index per row, values) over one dictionary."""
+        chunks = self.table.column(column).chunks
+        if not chunks:
+            return np.zeros(0, np.int32), []
+        values = chunks[0].dictionary.to_pylist()
+        return np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in chunks]), values
+
+    def sizes(self, rows: np.ndarray) -> np.ndarray:
+        """Known sizes of ``rows`` (0 where unknown)."""
+        return pc.fill_null(self.take("size", rows), 0).to_numpy()
+
+    def items(self, rows: np.ndarray | list[int]) -> list[SourceItem]:
+        """The items at ``rows``, in that order (a shard's worth at a time: they are Python objects)."""
+        part = {name: self.take(name, rows).to_pylist() for name in self.table.column_names}
+        located = [name for name in part if name not in BASE_COLUMNS]
+        columns = [part[name] for name in located]
+        make = self.source.item_from
+        return [make(key, split, label, size, dict(zip(located, loc, strict=True)))
+                for key, split, label, size, *loc in zip(part["key"], part["split"], part["label"], part["size"],
+                                                        *columns, strict=True)]
+
+
+class ListingBuilder:
+    """Joins chunks as they arrive, copying them into batches (their transport buffers freed)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self._batches: list[pa.Table] = []
+        self._pending: list[pa.Table] = []
+        self._pending_bytes = 0
+        self.skipped: list[dict[str, str]] = []
+        self.inputs = 0
+        self.nbytes = 0  # what the joined columns hold so far
+
+    def add(self, chunk: ListingChunk) -> None:
+        self.skipped.extend(chunk.skipped)
+        self.inputs += chunk.inputs
+        self.nbytes += len(chunk.data)
+        self._pending.append(chunk.table())
+        self._pending_bytes += len(chunk.data)
+        if self._pending_bytes >= _COMBINE_BYTES:
+            self._combine()
+
+    def _combine(self) -> None:
+        if self._pending:
+            # One dictionary per batch, then one contiguous copy: the chunks' bytes are let go.
+            self._batches.append(pa.concat_tables(self._pending).unify_dictionaries().combine_chunks())
+            self._pending, self._pending_bytes = [], 0
+
+    def finish(self) -> Listing:
+        self._combine()
+        if not self._batches:
+            raise VitpipeError("the listing has no parts")
+        table = pa.concat_tables(self._batches).unify_dictionaries()
+        self._batches = []
+        return Listing(self.source, table, self.skipped, self.inputs)
+
+
+def unique_key_order(listing: Listing) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Rows in key order, the first in listing order of each key kept (the sort is stable), and a
+    skip record for each later row with a key already taken. Keys are compared a window at a time,
+    so no second copy of the key column is made."""
+    order = row_numbers(pc.sort_indices(listing.table.column("key")).to_numpy())
+    pa.default_memory_pool().release_unused()  # the sort's buffers: else kept by the allocator, not reused by numpy
+    keep = np.ones(len(order), dtype=bool)
+    for start in range(0, max(len(order) - 1, 0), _DUPLICATE_WINDOW):
+        window = listing.take("key", order[start:start + _DUPLICATE_WINDOW + 1])
+        same = pc.equal(window.slice(1), window.slice(0, len(window) - 1))
+        keep[start + 1:start + len(window)] &= ~np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+    skipped = []
+    for position in np.flatnonzero(~keep):
+        first = position
+        while not keep[first]:
+            first -= 1
+        duplicate, kept = listing.items([order[position], order[first]])
+        skipped.append(duplicate_record(duplicate, kept.origin))
+    return order[keep], skipped
+
+
+def row_numbers(rows: np.ndarray) -> np.ndarray:
+    """Row numbers in 4 bytes each where they fit (300M rows do), else 8."""
+    return rows.astype(np.uint32 if len(rows) < 2**32 else np.int64)
