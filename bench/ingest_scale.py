@@ -5,8 +5,7 @@ bucket prefix, 1000 classes, a size per file — go through what the ingest coor
 any image is read: the listing tasks' chunks (Arrow columns of 1000 inputs each, made here as each
 task makes its own; their time is reported apart, as ``task_seconds``) joined into one
 ``Listing``, ``unique_key_order`` (key sort, duplicates), the class list, ``plan_shards`` (seeded
-permutation, 1000 per shard) and ``plan_digest`` per shard (its items made again, one shard at a
-time). Each size runs in a fresh process; its peak resident memory over the footprint before the
+permutation, 1000 per shard) and ``plan_digests`` (a digest per shard, from its rows' columns). Each size runs in a fresh process; its peak resident memory over the footprint before the
 listing, divided by the inputs, is the memory per input (it includes up to one 16 MB batch of
 chunks not yet joined and the key sort's scratch: at 1M inputs these fixed costs show).
 
@@ -77,7 +76,7 @@ def measure_ours(n: int) -> dict[str, float]:
     shard's plan digested (its items made again, a shard at a time)."""
     from stages.data.listing import ListingBuilder, encode_chunk, unique_key_order
     from stages.data.sources import SourceItem, sort_labels
-    from stages.ingest import plan_digest, plan_shards
+    from stages.ingest import plan_digests, plan_shards
 
     source = _source()
     source.storage.uri_of("x")  # boto3 imported and the client made before the measure starts
@@ -99,7 +98,7 @@ def measure_ours(n: int) -> dict[str, float]:
     class_index = {name: k for k, name in enumerate(names)}
     cuts = plan_shards(listing, order, SHARD_SAMPLES, shuffle_seed=0)
     del order
-    digests = [plan_digest(cut.plan(listing), class_index, ("copy", 512, 90, "structure")) for cut in cuts]
+    digests = plan_digests(listing, cuts, class_index, ("copy", 512, 90, "structure"))
     done = time.perf_counter()
     assert len(listing) == n and not duplicates and len(digests) == -(-n // SHARD_SAMPLES)
     return {"bytes_per_input": (_peak_rss() - start_rss) / n, "seconds": done - started - task_seconds,

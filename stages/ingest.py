@@ -25,7 +25,6 @@ than ``max_skip_fraction`` of the inputs are skipped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter, deque
@@ -277,10 +276,11 @@ def ingest_record(shards: list[ShardResult], classes: list[str], inputs: int, sk
                         skipped=skipped)
 
 
-def plan_digest(plan: ShardPlan, class_index: dict[str, int], settings: tuple) -> str:
-    """What a shard's bytes depend on besides the source files: its items, labels and encoding."""
-    text = json.dumps([[i.key, i.origin, class_index.get(i.label or "", -1)] for i in plan.items] + [list(settings)])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+def plan_digests(listing: Listing, cuts: list[ShardCut], class_index: dict[str, int], settings: tuple) -> dict[str, str]:
+    """What each shard's bytes depend on besides the source files: its rows' keys, locators and
+    classes, and the encoding settings (:meth:`Listing.digest`), by shard name."""
+    class_of_label = np.array([class_index.get(label, -1) for label in listing.values("label")], dtype=np.int64)
+    return {cut.name: listing.digest(cut.rows, class_of_label, settings) for cut in cuts}
 
 
 def finished_shards(out: Storage, plans: list[ShardCut] | list[ShardPlan], digests: dict[str, str],
@@ -368,7 +368,7 @@ class Ingest(Stage):
         ctx.logger.info("%d inputs -> %d shards (%d skipped before reading)", listing.inputs, len(cuts), len(skipped))
 
         encoding = (p.mode, p.max_side, p.jpeg_quality, p.validation)
-        digests = {cut.name: plan_digest(cut.plan(listing), class_index, encoding) for cut in cuts}
+        digests = plan_digests(listing, cuts, class_index, encoding)
         results = finished_shards(ctx.out, cuts, digests) if ctx.resumed else {}
         todo = {cut.name: cut for cut in cuts if cut.name not in results}
         if results:

@@ -756,6 +756,35 @@ def test_a_listing_joined_in_batches_gives_the_items_of_any_rows(monkeypatch):
     assert list(listing.sizes(rows)) == [every[r].size for r in rows]
 
 
+def test_a_shard_digest_follows_its_rows_content_not_how_the_listing_is_held(monkeypatch):
+    """A resumed ingest keeps a finished shard when its digest matches: the same rows give the
+    same digest however the listing was batched; another source path, class index or setting
+    gives another."""
+    from stages.data import listing as listing_module
+    from stages.data.listing import ListingBuilder, encode_chunk
+    from stages.ingest import ShardCut, plan_digests
+
+    source = ImageFolderSource("/d")
+    items = [_item(f"c/{i}", label="c" if i % 2 else "b") for i in range(6)] + [_item("c/odd", origin="/d/c/odd name.jpg")]
+
+    def digest(items, class_index=None, settings=("copy",), batch_bytes=None, rows=(6, 1, 2)):
+        if batch_bytes is not None:
+            monkeypatch.setattr(listing_module, "_COMBINE_BYTES", batch_bytes)
+        builder = ListingBuilder(source)
+        for start in (0, 3, 5):
+            builder.add(encode_chunk(source, items[start:{0: 3, 3: 5, 5: 7}[start]]))
+        cut = ShardCut("train-000000", "train", np.array(rows, dtype=np.uint32))
+        return plan_digests(builder.finish(), [cut], class_index or {"b": 0, "c": 1}, settings)["train-000000"]
+
+    one_batch = digest(items)
+    assert digest(items, batch_bytes=1) == one_batch  # three batches: the same
+    assert digest(items, {"b": 1, "c": 0}) != one_batch
+    assert digest(items, settings=("reencode",)) != one_batch
+    assert digest(items, rows=(6, 2, 1)) != one_batch
+    moved = items[:6] + [_item("c/odd", origin="/d/c/odd-name.jpg")]  # same key, another file
+    assert digest(moved) != one_batch
+
+
 def test_a_key_listed_in_two_parts_is_kept_once_with_a_reason(tmp_path):
     """Class folders are listed by separate tasks; two folders whose names clean to one key
     (``a b`` and ``a_b``) give one key twice: the first in listing order is kept."""
