@@ -415,6 +415,15 @@ def test_a_resumed_ingest_finds_its_finished_shards_with_one_listing_and_one_rea
     assert sorted(Counting.calls) == ["list"] + ["open_read"] * 4  # one listing; the four stats files found
 
 
+def _write_lists(folder: Path, rows: list[dict], jsonl_end: str = "\n") -> None:
+    """``rows`` as ``list.csv`` and ``list.jsonl`` in ``folder``."""
+    with open(folder / "list.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + jsonl_end)
+
+
 def test_list_sources_and_resharding_other_tools_shards(tmp_path):
     src = tmp_path / "imgs"
     src.mkdir()
@@ -424,11 +433,7 @@ def test_list_sources_and_resharding_other_tools_shards(tmp_path):
         rows.append({"path": f"imgs/p{i}.png", "label": "even" if i % 2 == 0 else "odd",
                      "split": "val" if i == 5 else "train"})
     rows.append({"path": "imgs/missing.png", "label": "odd", "split": "train"})  # listed, not on disk
-    with open(tmp_path / "list.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _write_lists(tmp_path, rows)
     for name in ("list.csv", "list.jsonl"):
         _, m = run_ingest(str(tmp_path / f"run-{name}"), {"source": "list", "path": str(tmp_path / name),
                                                            "max_skip_fraction": 0.2})
@@ -783,6 +788,32 @@ def test_a_shard_digest_follows_its_rows_content_not_how_the_listing_is_held(mon
     assert digest(items, rows=(6, 2, 1)) != one_batch
     moved = items[:6] + [_item("c/odd", origin="/d/c/odd-name.jpg")]  # same key, another file
     assert digest(moved) != one_batch
+
+
+def test_a_large_list_file_is_listed_in_byte_ranges_as_in_one_go(tmp_path, monkeypatch):
+    """Each part takes the lines that begin in its byte range: whatever the cut (mid-line, at a
+    line's start, inside the header), the joined parts are the one-go listing; so is the listing
+    through Ray tasks."""
+    from stages.data import sources
+    from stages.data.sources import ListSource
+    from stages.ingest import list_source
+
+    rows = [{"path": f"img/{c}/{i}.jpg", "label": c, "split": "val" if i == 3 else "train"}
+            for c in ("cat", "dog") for i in range(5)]
+    _write_lists(tmp_path, rows, "\n\n")
+    for name in ("list.csv", "list.jsonl"):
+        whole = ListSource(str(tmp_path / name)).items()
+        assert [i.origin for i in whole] == [f"{tmp_path}/{r['path']}" for r in rows]
+        size = (tmp_path / name).stat().st_size
+        for part_bytes in (1, 2, 3, 7, 22, 23, 24, size - 1):
+            monkeypatch.setattr(sources, "LIST_PART_BYTES", part_bytes)
+            source = ListSource(str(tmp_path / name))
+            parts = source.parts()
+            assert len(parts) == -(-size // part_bytes)
+            assert [item for part in parts for item in source.items_of(part)] == whole, (name, part_bytes)
+        monkeypatch.setattr(sources, "LIST_PART_BYTES", 40)
+        source = ListSource(str(tmp_path / name))
+        assert list_source(None, source, 2).items(range(10)) == whole
 
 
 def test_a_key_listed_in_two_parts_is_kept_once_with_a_reason(tmp_path):

@@ -38,6 +38,7 @@ __all__ = ["SourceItem", "ListingPart", "Source", "StorageSource", "DigitsSource
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
+LIST_PART_BYTES = 64 << 20  # a list file past this is listed by several tasks, a range each
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_/-]")
 
 
@@ -81,6 +82,8 @@ class ListingPart:
     path: str  # relative to the source's root: a folder, or a shard
     recursive: bool = True  # a folder: everything under it; False: only the objects directly in it
     by_split: bool = False  # imagefolder: the first folder level names the split
+    start: int = 0  # list: the lines that begin in bytes [start, end) of the list file
+    end: int | None = None
 
 
 class Source:
@@ -284,28 +287,47 @@ class ListSource(Source):
             self._stores[parent] = open_storage(parent or ".", self.storage_settings)
         return self._stores[parent]
 
-    def _rows(self) -> Iterator[dict[str, Any]]:
+    @property
+    def _where(self) -> tuple[Storage, str]:
         parent, _, name = self.list_uri.rstrip("/").rpartition("/")
-        text = self._store(parent).read_text(name)
-        if name.endswith(".jsonl"):
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError:
-                        raise VitpipeError(f"{self.list_uri}: line {n}: not valid JSON") from None
-        elif name.endswith(".csv"):
-            reader = csv.DictReader(io.StringIO(text))
-            if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise VitpipeError(f"{self.list_uri}: CSV needs a header with a 'path' column (and 'label')")
-            yield from reader
-        else:
+        if not name.endswith((".csv", ".jsonl")):
             raise VitpipeError(f"{self.list_uri}: expected a .csv or .jsonl file")
+        return self._store(parent), name
+
+    _header: list[str] | None = None  # a CSV's column names, read once (and sent to the listing tasks)
+
+    def _csv_header(self) -> list[str]:
+        if self._header is None:
+            store, name = self._where
+            with store.open_range(name, 0, 1 << 16) as f:
+                first = f.readline().decode("utf-8-sig")
+            header = next(csv.reader([first]), [])
+            if "path" not in header:
+                raise VitpipeError(f"{self.list_uri}: CSV needs a header with a 'path' column (and 'label')")
+            self._header = header
+        return self._header
+
+    def parts(self) -> list[ListingPart]:
+        """A list file past ``LIST_PART_BYTES`` is listed in byte ranges by several tasks (each
+        takes the lines that begin in its range); a smaller one in one go."""
+        store, name = self._where
+        size = store.size(name)
+        if size is None:
+            raise VitpipeError(f"{self.list_uri}: no such file")
+        if name.endswith(".csv"):
+            self._csv_header()
+        if size <= LIST_PART_BYTES:
+            return []
+        return [ListingPart(name, start=start, end=min(start + LIST_PART_BYTES, size))
+                for start in range(0, size, LIST_PART_BYTES)]
 
     def items(self) -> list[SourceItem]:
+        return self.items_of(ListingPart(self._where[1]))
+
+    def items_of(self, part: ListingPart) -> list[SourceItem]:
         parent = self.list_uri.rstrip("/").rpartition("/")[0]
         items = []
-        for row in self._rows():
+        for row in self._rows(part):
             path = str(row.get("path") or "")
             uri = path if (is_s3_uri(path) or path.startswith("/")) else f"{parent}/{path}" if parent else path
             label = row.get("label")
@@ -314,6 +336,34 @@ class ListSource(Source):
             items.append(SourceItem(key=sanitize_key(stem), split=str(row.get("split") or "train"), label=label,
                                     locator=uri, origin=uri, filename=uri.rsplit("/", 1)[-1]))
         return items
+
+    def _rows(self, part: ListingPart) -> Iterator[dict[str, Any]]:
+        store, name = self._where
+        if name.endswith(".csv"):
+            header = self._csv_header()
+            lines = (line.decode("utf-8-sig") for at, line in self._lines(part) if at > 0)  # not the header
+            yield from csv.DictReader(lines, fieldnames=header)
+            return
+        for at, line in self._lines(part):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    raise VitpipeError(f"{self.list_uri}: the line at byte {at}: not valid JSON") from None
+
+    def _lines(self, part: ListingPart) -> Iterator[tuple[int, bytes]]:
+        """(offset, line) of each line that begins in the part's byte range: the line running into
+        ``start`` belongs to the part before, the one running past ``end`` to this one."""
+        store, name = self._where
+        at = max(part.start - 1, 0)
+        with store.open_range(name, at, store.size(name) or 0) as f:
+            if part.start > 0:
+                at += len(f.readline())  # to the end of the line that holds byte start - 1
+            for line in f:
+                if part.end is not None and at >= part.end:
+                    break
+                yield at, line
+                at += len(line)
 
     def locator_columns(self, items: list[SourceItem]) -> dict[str, Any]:
         import pyarrow as pa
