@@ -756,6 +756,7 @@ def test_a_listing_joined_in_batches_gives_the_items_of_any_rows(monkeypatch):
     every = [item for part in parts for item in part]
     rows = np.random.default_rng(0).permutation(12)
     assert listing.items(rows) == [every[r] for r in rows]
+    assert listing.rows(rows[:5]).items(source) == [every[r] for r in rows[:5]]  # as a writing task makes them
     codes, labels = listing.codes("label")
     assert [labels[c] for c in codes] == [item.label for item in every]
     assert list(listing.sizes(rows)) == [every[r].size for r in rows]

@@ -34,7 +34,7 @@ from stages.data.images import IMAGE_EXTENSIONS
 if TYPE_CHECKING:
     from stages.data.sources import Source, SourceItem
 
-__all__ = ["ListingChunk", "Listing", "ListingBuilder", "encode_chunk", "screen_items", "skip_record",
+__all__ = ["ListingChunk", "ListingRows", "Listing", "ListingBuilder", "encode_chunk", "screen_items", "skip_record",
            "small_dictionary", "unique_key_order", "row_numbers", "BASE_COLUMNS"]
 
 BASE_COLUMNS = ("key", "split", "label", "size")
@@ -107,10 +107,26 @@ def encode_chunk(source: Source, items: list[SourceItem]) -> ListingChunk:
         "size": pa.array([item.size for item in kept], pa.int64()),
         **source.locator_columns(kept),
     })
+    return ListingChunk(_ipc_bytes(table), skipped, len(items))
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return ListingChunk(sink.getvalue().to_pybytes(), skipped, len(items))
+    return sink.getvalue().to_pybytes()
+
+
+@dataclass(frozen=True)
+class ListingRows:
+    """Some rows of a listing as an Arrow IPC stream, dictionaries decoded (a shard's 1000 labels,
+    not the corpus's 21k names): what a shard-writing task gets, to make its items itself."""
+
+    data: bytes
+
+    def items(self, source: Source) -> list[SourceItem]:
+        table = ListingChunk(self.data, [], 0).table()
+        return Listing(source, table, [], table.num_rows).items(np.arange(table.num_rows))
 
 
 class Listing:
@@ -176,6 +192,14 @@ class Listing:
     def sizes(self, rows: np.ndarray) -> np.ndarray:
         """Known sizes of ``rows`` (0 where unknown)."""
         return pc.fill_null(self.take("size", rows), 0).to_numpy()
+
+    def rows(self, rows: np.ndarray) -> ListingRows:
+        """``rows`` as a :class:`ListingRows`: a shard to send, without making its items here."""
+        columns = {}
+        for name in self.table.column_names:
+            values = self.take(name, rows)
+            columns[name] = values.dictionary_decode() if pa.types.is_dictionary(values.type) else values
+        return ListingRows(_ipc_bytes(pa.table(columns)))
 
     def items(self, rows: np.ndarray | list[int]) -> list[SourceItem]:
         """The items at ``rows``, in that order (a shard's worth at a time: they are Python objects)."""
