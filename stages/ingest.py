@@ -66,7 +66,7 @@ from stages.data.sources import (
 from stages.data.tarshards import ShardTarWriter
 from stages.records import IngestResult, ShardRecord, SplitRecord
 
-__all__ = ["IngestParams", "Ingest", "ShardCut", "ShardPlan", "ShardResult", "SKIPPED_FILE", "finished_shards", "ingest_record",
+__all__ = ["IngestParams", "Ingest", "ShardCut", "ShardPlan", "ShardResult", "plan_digests", "write_listed_shard", "SKIPPED_FILE", "finished_shards", "ingest_record",
            "plan_shards", "screen_items", "write_shard"]
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class ShardCut(_ShardFiles):
 
 @dataclass
 class ShardPlan(_ShardFiles):
-    """A planned shard with its items, as the task that writes it gets it."""
+    """A planned shard with its items (made in the task that writes it: :func:`write_listed_shard`)."""
 
     name: str
     split: str
