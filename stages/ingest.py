@@ -339,7 +339,7 @@ class Ingest(Stage):
         # (bench/ingest_scale.py), so it declares a CPU and is not squeezed onto a full node (the
         # head beside the GCS). Ray lends that CPU back while it waits on the shard tasks, so they
         # lose nothing. Its memory grows with the listing as columns, ~85 B per input at the
-        # peak: 2 GB covers ~20M inputs; `resources: {memory_gb: ...}` for more (300M: ~26 GB).
+        # peak: 2 GB covers ~20M inputs; `resources: {memory_gb: ...}` for more (300M: ~27 GB).
         return StageResources(cpus=1, memory_gb=2)
 
     @classmethod
