@@ -338,7 +338,7 @@ class Ingest(Stage):
         # The coordinator joins the listing and plans before any shard task starts: CPU-bound work
         # (bench/ingest_scale.py), so it declares a CPU and is not squeezed onto a full node (the
         # head beside the GCS). Ray lends that CPU back while it waits on the shard tasks, so they
-        # lose nothing. Its memory grows with the listing as columns, ~85 B per input at the
+        # lose nothing. Its memory grows with the listing as columns, ~88 B per input at the
         # peak: 2 GB covers ~20M inputs; `resources: {memory_gb: ...}` for more (300M: ~27 GB).
         return StageResources(cpus=1, memory_gb=2)
 
