@@ -286,8 +286,13 @@ def ingest_record(shards: list[ShardResult], classes: list[str], inputs: int, sk
 def plan_digests(listing: Listing, cuts: list[ShardCut], class_index: dict[str, int], settings: tuple) -> dict[str, str]:
     """What each shard's bytes depend on besides the source files: its rows' keys, locators and
     classes, and the encoding settings (:meth:`Listing.digest`), by shard name."""
-    class_of_label = np.array([class_index.get(label, -1) for label in listing.values("label")], dtype=np.int64)
+    class_of_label = class_of_labels(listing, class_index)
     return {cut.name: listing.digest(cut.rows, class_of_label, settings) for cut in cuts}
+
+
+def class_of_labels(listing: Listing, class_index: dict[str, int]) -> np.ndarray:
+    """The class index of each of the listing's label codes (-1: none)."""
+    return np.array([class_index.get(label, -1) for label in listing.values("label")], dtype=np.int64)
 
 
 def finished_shards(out: Storage, plans: list[ShardCut] | list[ShardPlan], digests: dict[str, str],
@@ -375,8 +380,12 @@ class Ingest(Stage):
         ctx.logger.info("%d inputs -> %d shards (%d skipped before reading)", listing.inputs, len(cuts), len(skipped))
 
         encoding = (p.mode, p.max_side, p.jpeg_quality, p.validation)
-        digests = plan_digests(listing, cuts, class_index, encoding)
-        results = finished_shards(ctx.out, cuts, digests) if ctx.resumed else {}
+        if ctx.resumed:  # a finished shard is kept only if planned alike: every shard's digest now
+            digests = plan_digests(listing, cuts, class_index, encoding)
+            results = finished_shards(ctx.out, cuts, digests)
+        else:  # each shard digested as its task is sent: no pass over every input before the first
+            digests, results = {}, {}
+        class_of_label = class_of_labels(listing, class_index)
         todo = {cut.name: cut for cut in cuts if cut.name not in results}
         if results:
             ctx.logger.info("resuming: %d shards already written, %d to go", len(results), len(todo))
@@ -386,8 +395,9 @@ class Ingest(Stage):
 
         def call(name: str) -> tuple:  # a shard's rows are taken when its task is sent, not before
             cut = todo[name]
+            digest = digests.get(name) or listing.digest(cut.rows, class_of_label, encoding)
             return (source_ref, cut.name, cut.split, listing.rows(cut.rows), ctx.out, class_index, p.mode, p.max_side,
-                    p.jpeg_quality, p.validation, digests[name])
+                    p.jpeg_quality, p.validation, digest)
 
         results.update(_run_tasks(ctx, remote, list(todo), call, p.workers, len(cuts), "shards"))
 

@@ -95,7 +95,7 @@ class ListingChunk:
     inputs: int
 
     def table(self) -> pa.Table:
-        return pa.ipc.open_stream(pa.py_buffer(self.data)).read_all()
+        return _read_ipc(self.data)
 
 
 def encode_chunk(source: Source, items: list[SourceItem]) -> ListingChunk:
@@ -114,6 +114,10 @@ def encode_chunk(source: Source, items: list[SourceItem]) -> ListingChunk:
     return ListingChunk(_ipc_bytes(table), skipped, len(items))
 
 
+def _read_ipc(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()  # zero-copy over ``data``
+
+
 def _ipc_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -129,7 +133,7 @@ class ListingRows:
     data: bytes
 
     def items(self, source: Source) -> list[SourceItem]:
-        table = ListingChunk(self.data, [], 0).table()
+        table = _read_ipc(self.data)
         return Listing(source, table, [], table.num_rows).items(np.arange(table.num_rows))
 
 
