@@ -5,9 +5,14 @@ bucket prefix, 1000 classes, a size per file — go through what the ingest coor
 any image is read: the listing tasks' chunks (Arrow columns of 1000 inputs each, made here as each
 task makes its own; their time is reported apart, as ``task_seconds``) joined into one
 ``Listing``, ``unique_key_order`` (key sort, duplicates), the class list, ``plan_shards`` (seeded
-permutation, 1000 per shard) and ``plan_digests`` (a digest per shard, from its rows' columns). Each size runs in a fresh process; its peak resident memory over the footprint before the
-listing, divided by the inputs, is the memory per input (it includes up to one 16 MB batch of
-chunks not yet joined and the key sort's scratch: at 1M inputs these fixed costs show).
+permutation, 1000 per shard) and ``plan_digests`` (a digest per shard, from its rows' columns).
+Each joined batch is saved as Parquet to a local temporary folder while the listing is joined,
+as the stage saves it (``stages.data.saved_listing``; its writes included in the time), and after
+the plan the saved listing is read back as a resumed ingest reads it (``read_back_seconds``: what
+a resume costs instead of listing again; ``saved_bytes_per_input``: its size). Each size runs in
+a fresh process; its peak resident memory over the footprint before the listing, divided by the
+inputs, is the memory per input (it includes up to one 16 MB batch of chunks not yet joined and
+the key sort's scratch: at 1M inputs these fixed costs show).
 
 Baseline, measured the same way: the listing as a plain Python list of its object keys — the least
 any per-item Python listing holds (what ``aws s3 ls`` or ``os.walk`` output kept in a list costs).
@@ -74,14 +79,21 @@ def measure_ours(n: int) -> dict[str, float]:
     it: listing chunks (made here, as each listing task makes its own) joined into columns,
     duplicates found, the class list, shards cut (seeded permutation, 1000 per shard), each
     shard's plan digested (its items made again, a shard at a time)."""
+    import tempfile
+
+    from pipeline.storage import LocalStorage
     from stages.data.listing import ListingBuilder, encode_chunk, unique_key_order
-    from stages.data.sources import SourceItem, sort_labels
+    from stages.data.saved_listing import SavedListing
+    from stages.data.sources import ListingPart, SourceItem, sort_labels
     from stages.ingest import plan_digests, plan_shards
 
     source = _source()
     source.storage.uri_of("x")  # boto3 imported and the client made before the measure starts
+    folder = LocalStorage(tempfile.mkdtemp(prefix="saved-listing-"))
+    store = SavedListing(folder, source, [ListingPart(str(k)) for k in range(-(-n // 1000))])
+    store.start(resume=False)
     start_rss, started = _peak_rss(), time.perf_counter()
-    builder, task_seconds = ListingBuilder(source), 0.0
+    builder, task_seconds = ListingBuilder(source, on_batch=store.save), 0.0  # saved as the stage saves it
     for keys in _parts(n):
         in_task = time.perf_counter()  # what ImageFolderSource.items_of returns, then the task's encoding
         chunk = encode_chunk(source, [SourceItem(key=key[:-5], split="train", label=key.split("/", 1)[0], locator=key,
@@ -90,6 +102,7 @@ def measure_ours(n: int) -> dict[str, float]:
         task_seconds += time.perf_counter() - in_task
         builder.add(chunk)
     listing = builder.finish()
+    store.close()  # the last batches' writes waited for (the stage waits for them too)
     listed = time.perf_counter()
     order, duplicates = unique_key_order(listing)
     codes, labels = listing.codes("label")
@@ -100,15 +113,25 @@ def measure_ours(n: int) -> dict[str, float]:
     del order
     digests = plan_digests(listing, cuts, class_index, ("copy", 512, 90, "structure"))
     done = time.perf_counter()
+    columns_bytes = listing.table.nbytes
     sent = cuts[:100]  # what sending a shard to its writing task costs the coordinator: its rows' columns
     started_sending = time.perf_counter()
     for cut in sent:
         listing.rows(cut.rows)
     send_us = (time.perf_counter() - started_sending) / sum(len(cut.rows) for cut in sent) * 1e6
     assert len(listing) == n and not duplicates and len(digests) == -(-n // SHARD_SAMPLES)
-    return {"bytes_per_input": (_peak_rss() - start_rss) / n, "seconds": done - started - task_seconds,
+    peak = (_peak_rss() - start_rss) / n
+    del listing, cuts, digests
+    saved_bytes = sum(o.size for o in folder.list())
+    reading = time.perf_counter()  # what a resumed ingest does instead of listing again
+    back = SavedListing(folder, source, [ListingPart(str(k)) for k in range(-(-n // 1000))]).start(resume=True)
+    read_back = time.perf_counter() - reading
+    assert sum(len(batch.table) for batch in back) == n
+    folder.delete_prefix("")
+    return {"bytes_per_input": peak, "seconds": done - started - task_seconds,
             "listing_seconds": listed - started - task_seconds, "task_seconds": task_seconds,
-            "columns_bytes_per_input": listing.table.nbytes / n, "send_us_per_input": send_us}
+            "columns_bytes_per_input": columns_bytes / n, "send_us_per_input": send_us,
+            "saved_bytes_per_input": saved_bytes / n, "read_back_seconds": read_back}
 
 
 def _source():
@@ -230,7 +253,9 @@ def main() -> None:
         log(f"  {n:>11,} inputs: ours {ours['bytes_per_input']:6.0f} B/input, "
             f"{ours['seconds'] / n * 1e6:6.2f} s per million (joining chunks {ours['listing_seconds']:.1f} s of "
             f"{ours['seconds']:.1f} s; the listing tasks' own work {ours['task_seconds']:.1f} s; sending shards "
-            f"{ours['send_us_per_input']:.2f} us an input); baseline (key strings) {base['bytes_per_input']:5.0f} B/input")
+            f"{ours['send_us_per_input']:.2f} us an input; saved listing {ours['saved_bytes_per_input']:.1f} B/input on "
+            f"disk, read back in {ours['read_back_seconds']:.1f} s); baseline (key strings) "
+            f"{base['bytes_per_input']:5.0f} B/input")
     largest = rows[max(sizes)]
     ours_b, base_b = largest["ours"]["bytes_per_input"], largest["baseline"]["bytes_per_input"]
     at_paper = ours_b * PAPER_INPUTS / 1e9
@@ -250,6 +275,8 @@ def main() -> None:
             "seconds_per_million": round(seconds_per_million, 2),
             "extrapolated_300m_gb": round(at_paper, 1),
             "extrapolated_300m_minutes": round(seconds_per_million * 300 / 60, 1),
+            "saved_listing_300m_gb": round(largest["ours"]["saved_bytes_per_input"] * PAPER_INPUTS / 1e9, 1),
+            "read_back_300m_minutes": round(largest["ours"]["read_back_seconds"] / max(sizes) * PAPER_INPUTS / 60, 1),
             "sizes": {str(n): {k: {m: round(v, 2) for m, v in r.items()} for k, r in row.items()}
                       for n, row in rows.items()},
             "classes": CLASSES, "shard_samples": SHARD_SAMPLES,

@@ -7,6 +7,8 @@ Output (under the stage folder)::
                               resumed ingest; not a manifest output: the manifest stays small)
     classes.json              {"classes": [names in index order]}
     skipped.jsonl             every skipped input: {"origin", "kind", "reason"} per line
+    listing/                  the listing, saved as Parquet while it is made: a resumed ingest reads
+                              it back and lists only the parts it had not (:mod:`stages.data.saved_listing`)
 
 With ``mode: index`` (a ``webdataset`` source) no shard is written: ``index/NAME.json`` holds each
 source shard's stats (:mod:`stages.data.shard_index`) and the result names the source folder as
@@ -53,6 +55,7 @@ from stages.data.listing import (
     unique_key_order,
 )
 from stages.data.order import derived_seed
+from stages.data.saved_listing import LISTING_DIR, SavedListing
 from stages.data.shard_index import INDEX_DIR, ShardIndex, class_list, index_shard, index_stats_path
 from stages.data.sources import (
     SPLIT_NAMES,
@@ -363,7 +366,7 @@ class Ingest(Stage):
     def _copy(self, ctx: StageContext, p: IngestParams, source: Source) -> None:
         import ray
 
-        listing = list_source(ctx, source, p.workers)
+        listing = list_source(ctx, source, p.workers, saved=ctx.out.child(LISTING_DIR), resume=ctx.resumed)
         order, duplicates = unique_key_order(listing)
         skipped = listing.skipped + duplicates
         label_codes, labels = listing.codes("label")
@@ -473,30 +476,58 @@ def check_listing_fits(listed_bytes: int, parts_done: int, parts: int, available
             "on a node that has it), ingest the corpus in pieces, or use mode: index for webdataset shards")
 
 
-def list_source(ctx: StageContext | None, source: Source, workers: int,
-                available_bytes: int | None = None) -> Listing:
+def list_source(ctx: StageContext | None, source: Source, workers: int, available_bytes: int | None = None,
+                saved: Storage | None = None, resume: bool = False) -> Listing:
     """The source's listing, as columns: its parts (class folders, source shards, Parquet files)
     listed and screened by ``workers`` Ray tasks at a time and joined in part order — the rows one
     process listing it all would find (``bench/ingest_scale.py --listing`` measures 1 against 2
     tasks). ``ctx``: for a progress bar.
 
+    ``saved``: a folder where each joined batch is saved as it is made (also the batch joined when
+    a part fails); with ``resume``, the batches saved there before are read back and only the
+    parts after them listed (:mod:`stages.data.saved_listing`).
+
     After the first parts (2%, at least 16) and at every tenth of them, the memory the whole
     listing will take is projected and checked against ``available_bytes`` (default: what the
     machine has available now, plus what the listing holds already)."""
+    parts = source.parts()
+    if len(parts) <= 1:
+        builder = ListingBuilder(source)
+        builder.add(encode_chunk(source, source.items()))
+        return builder.finish()
+    store = SavedListing(saved, source, parts) if saved is not None else None
+    builder = ListingBuilder(source, on_batch=store.save if store else None)
+    try:
+        for batch in store.start(resume) if store else []:
+            builder.add_batch(batch)
+        _list_parts(ctx, source, parts, builder, workers, available_bytes)
+    except Exception:
+        if store:  # what was joined is saved, so that a resumed ingest lists from the failed part
+            builder.flush()
+            try:
+                store.close()
+            except Exception as err:  # noqa: BLE001 - the listing's own failure is the one to report
+                log.warning("could not save the listing so far: %s", err)
+        raise
+    listing = builder.finish()
+    if store:
+        store.close()
+    return listing
+
+
+def _list_parts(ctx: StageContext | None, source: Source, parts: list[ListingPart], builder: ListingBuilder,
+                workers: int, available_bytes: int | None) -> None:
+    """List ``parts`` after those ``builder`` has joined already, into ``builder``."""
     import psutil
     import ray
 
-    parts = source.parts()
-    builder = ListingBuilder(source)
-    if len(parts) <= 1:
-        builder.add(encode_chunk(source, source.items()))
-        return builder.finish()
-    remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(_list_part)
-    source_ref = ray.put(source)
+    start = builder.parts
     first = min(len(parts), max(16, len(parts) // 50))  # enough parts for a projection to mean something
     checks = {first, *(n for n in (len(parts) * k // 10 for k in range(1, 10)) if n > first)}
     waiting: dict[int, ListingChunk] = {}  # chunks that came before an earlier part's: joined in part order
-    next_part = 0
+    remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(_list_part)
+    source_ref = ray.put(source)
+    next_part = start
 
     def on_part(done: int, name: str, chunk: ListingChunk) -> None:
         nonlocal next_part
@@ -504,14 +535,13 @@ def list_source(ctx: StageContext | None, source: Source, workers: int,
         while next_part in waiting:
             builder.add(waiting.pop(next_part))
             next_part += 1
-        if done in checks:
+        if start + done in checks:
             held = builder.nbytes + sum(len(c.data) for c in waiting.values())
             available = available_bytes or psutil.virtual_memory().available + held
-            check_listing_fits(held, done, len(parts), available, getattr(source, "root", type(source).__name__))
+            check_listing_fits(held, start + done, len(parts), available, getattr(source, "root", type(source).__name__))
 
-    _run_tasks(ctx, remote, [str(n) for n in range(len(parts))], lambda name: (source_ref, parts[int(name)]), workers,
-               len(parts), "listing", on_result=on_part, keep=False)
-    return builder.finish()
+    _run_tasks(ctx, remote, [str(n) for n in range(start, len(parts))], lambda name: (source_ref, parts[int(name)]),
+               workers, len(parts), "listing", on_result=on_part, keep=False)
 
 
 def _list_part(source: Source, part: ListingPart) -> ListingChunk:

@@ -50,6 +50,16 @@ def record(manifest) -> IngestResult:
     return IngestResult.model_validate(manifest.result)
 
 
+def as_if_killed(uri: str, store) -> None:
+    """What a SIGKILL mid-stage leaves of a finished ingest run: no manifest, the stage recorded as
+    running (what the files show besides is up to the caller)."""
+    store.delete("manifest.json")
+    state_path = Path(uri) / "state.json"
+    state = json.loads(state_path.read_text())
+    state["stages"]["ingest"]["status"] = "running"
+    state_path.write_text(json.dumps(state))
+
+
 def all_samples(store, manifest) -> dict[str, dict[str, bytes]]:
     found: dict[str, dict[str, bytes]] = {}
     for split in record(manifest).splits.values():
@@ -371,11 +381,7 @@ def test_interrupted_ingest_rewrites_only_missing_shards(tmp_path):
         store.delete(path)
         store.delete(path.replace(".tar", ".json"))
     (store.local_path("shards") / ".train-000009.tar.tmp-deadbeef").write_bytes(b"partial")
-    store.delete("manifest.json")
-    state_path = Path(uri) / "state.json"
-    state = json.loads(state_path.read_text())
-    state["stages"]["ingest"]["status"] = "running"
-    state_path.write_text(json.dumps(state))
+    as_if_killed(uri, store)
     kept_mtimes = {p: store.local_path(p).stat().st_mtime_ns for p in shards if p not in lost}
 
     store2, manifest2 = run_ingest(uri, params)
@@ -900,3 +906,152 @@ def test_a_listing_that_will_not_fit_in_memory_fails_early_in_one_line(tmp_path)
     assert len(list_source(None, source, 2, available_bytes=whole)) == 60
     with pytest.raises(VitpipeError, match=r"projected from 16 of 20 parts"):
         list_source(None, source, 2, available_bytes=whole - 1)
+
+
+class _FailingFolderSource(ImageFolderSource):
+    """An ImageFolder whose listing of one class folder fails (a lost node, a LIST out of retries)."""
+
+    fail_at: str | None = None
+
+    def items_of(self, part):
+        if part.path == self.fail_at:
+            raise OSError(f"{part.path}: listing failed")
+        return super().items_of(part)
+
+
+def _folder_corpus(root: Path, classes: int, per_class: int) -> None:
+    for c in range(classes):
+        (root / f"c{c:02d}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / f"c{c:02d}" / f"{i}.jpg").write_bytes(b"x" * (i + 1))
+
+
+def _listed(listing) -> list[tuple]:
+    return sorted(zip(*(listing.table.column(n).to_pylist() for n in ("key", "label", "size", "ext")), strict=True))
+
+
+def test_a_failed_listing_is_resumed_from_its_saved_batches_listing_only_the_rest(tmp_path, monkeypatch, caplog):
+    from pipeline.storage import LocalStorage
+    from stages.data import listing as listing_module
+    from stages.data.saved_listing import SavedListing
+    from stages.ingest import _list_part, list_source
+
+    root, saved = tmp_path / "classes", LocalStorage(tmp_path / "saved")
+    _folder_corpus(root, 12, 2)
+    source = _FailingFolderSource(str(root))
+    part_bytes = len(_list_part(source, source.parts()[0]).data)  # every part's columns are the same size
+    monkeypatch.setattr(listing_module, "_COMBINE_BYTES", 3 * part_bytes)  # batches (saves) of three parts
+    source.fail_at = "c07"
+    with pytest.raises(Exception, match="c07: listing failed"):  # one task at a time: parts 0-6 listed first
+        list_source(None, source, 1, saved=saved)
+    parts = source.parts()
+    batches = SavedListing(saved, source, parts).start(resume=True)
+    # Parts 0-2 and 3-5 saved as batches; part 6, joined but not yet in a batch, saved at the failure.
+    assert [(b.first_part, b.end_part) for b in batches] == [(0, 3), (3, 6), (6, 7)]
+    assert sum(len(b.table) for b in batches) == 14
+
+    (root / "c00" / "new.jpg").write_bytes(b"new")  # in a saved part: not seen when resumed
+    (root / "c09" / "new.jpg").write_bytes(b"new")  # in a part still to list: seen
+    source.fail_at = None
+    resumed = list_source(None, source, 2, saved=saved, resume=True)
+    assert resumed.inputs == 25 and "c09/new" in resumed.table.column("key").to_pylist()
+    (root / "c00" / "new.jpg").unlink()
+    assert _listed(resumed) == _listed(list_source(None, ImageFolderSource(str(root)), 2))  # as one listing
+
+    # A saved batch that cannot be read ends what is read back: from there on, listed again.
+    damaged = sorted(saved.local_path().glob("parts-*.parquet"))[3]
+    damaged.write_bytes(b"not parquet")
+    (root / "c00" / "unseen.jpg").write_bytes(b"x")  # before the damage: read back, so not seen
+    (root / "c11" / "late.jpg").write_bytes(b"late")  # after it
+    again = list_source(None, source, 2, saved=saved, resume=True)
+    keys = again.table.column("key").to_pylist()
+    assert "c11/late" in keys and "c00/unseen" not in keys and again.inputs == 26
+    assert "unreadable" in caplog.text
+
+    (root / "c12").mkdir()  # another class folder: the parts changed, so everything is listed again
+    (root / "c12" / "0.jpg").write_bytes(b"x")
+    changed = list_source(None, source, 2, saved=saved, resume=True)
+    assert changed.inputs == 28 and "c00/unseen" in changed.table.column("key").to_pylist()
+    assert "parts changed since the listing was saved" in caplog.text
+
+
+def test_a_resumed_ingest_reads_its_listing_back_and_writes_the_same_shards(tmp_path):
+    root = tmp_path / "classes"
+    _folder_corpus(root, 4, 3)
+    for path in root.rglob("*.jpg"):
+        path.write_bytes(_jpeg(len(path.name) + int(path.parent.name[1:])))
+    params = {"source": "imagefolder", "path": str(root), "shard_samples": 5}
+    uri = str(tmp_path / "run")
+    store, manifest = run_ingest(uri, params)
+    assert sorted(p.name for p in store.local_path("listing").iterdir())[-1] == "parts.json"
+    # What a coordinator that died after listing leaves: the saved listing, no shard, no manifest.
+    store.delete_prefix("shards")
+    as_if_killed(uri, store)
+    (root / "c01" / "added.jpg").write_bytes(_jpeg(99))  # listed again, it would change every shard
+
+    store2, manifest2 = run_ingest(uri, params)
+    assert record(manifest2).inputs == 12
+    assert [o.model_dump() for o in manifest2.outputs] == [o.model_dump() for o in manifest.outputs]
+
+
+def test_mode_copy_reads_each_image_of_a_local_webdataset_source_once(tmp_path):
+    """Listing a local source shard reads its headers and label members, seeking over the images;
+    writing the new shards reads each sample's span once: ~1x the corpus, where reading it whole
+    to list it, then the spans again, was ~2x."""
+    import os
+
+    from pipeline.storage import LocalStorage
+    from stages.data.sources import WebDatasetSource
+
+    class CountingFile(io.FileIO):
+        read = 0
+
+        def readinto(self, buffer):
+            n = super().readinto(buffer)
+            CountingFile.read += n or 0
+            return n
+
+    class Counting(LocalStorage):
+        def open_read(self, rel):  # what the disk is asked for: the buffer's reads
+            return io.BufferedReader(CountingFile(self.local_path(rel)))
+
+    root, rng = tmp_path / "wds", np.random.default_rng(0)
+    root.mkdir()
+    for shard in range(2):
+        with tarfile.open(root / f"train-{shard:06d}.tar", "w") as tar:
+            for i in range(10):
+                for ext, data in (("cls", str(i % 3).encode()), ("jpg", rng.bytes(64_000))):
+                    info = tarfile.TarInfo(f"s{shard}-{i:02d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    corpus = sum(os.path.getsize(p) for p in root.iterdir())
+    source = WebDatasetSource(str(root))
+    source._storage = Counting(root)
+    items = source.items()
+    listed, CountingFile.read = CountingFile.read, 0
+    assert [item.label for item in items] == [str(i % 3) for _ in range(2) for i in range(10)]
+    # A buffer's worth (from each sample's first header: its .cls, the .jpg's header) a sample.
+    assert listed <= 20 * io.DEFAULT_BUFFER_SIZE + 2 * tarfile.RECORDSIZE < corpus / 3, (listed, corpus)
+    got = {item.key: data for plan in _plans(items, shard_samples=4, source=source)
+           for item, data in source.read_many(plan.items)}
+    assert len(got) == 20 and all(len(data) == 64_000 for data in got.values())
+    assert CountingFile.read <= corpus, (CountingFile.read, corpus)
+
+
+def test_a_local_source_shard_cut_short_inside_an_image_it_seeks_over_is_damaged(tmp_path):
+    from stages.data.tarshards import BadShard, iter_tar_spans
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key in ("a", "b"):
+            for ext, data in (("cls", b"1"), ("jpg", b"j" * 5000)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "cut.tar"
+    path.write_bytes(buffer.getvalue()[:6656 + 3 * 512 + 3000])  # a whole (6656 bytes); b cut inside its jpg
+    with open(path, "rb") as f:
+        spans = iter_tar_spans(f, "cut.tar", wanted={"cls"}.__contains__)
+        assert next(spans).key == "a"
+        with pytest.raises(BadShard, match=r"cut.tar: truncated or corrupt tar \(unexpected end of data\)"):
+            next(spans)

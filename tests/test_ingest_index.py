@@ -22,7 +22,7 @@ from stages.data.loader import ShardLoader
 from stages.data.order import OrderSpec
 from stages.data.shard_index import ShardIndex, class_list
 from stages.ingest import IngestParams
-from tests.test_ingest import record, run_ingest
+from tests.test_ingest import as_if_killed, record, run_ingest
 
 pytestmark = pytest.mark.usefixtures("ray_instance")
 
@@ -164,11 +164,7 @@ def test_a_resumed_index_reads_only_the_shards_it_had_not_finished(tmp_path):
     store, m = run_ingest(uri, params)
     # What a kill mid-ingest leaves: some stats files written, one not, no manifest, stage running.
     store.delete("index/train-000001.json")
-    store.delete("manifest.json")
-    state_path = Path(uri) / "state.json"
-    state = json.loads(state_path.read_text())
-    state["stages"]["ingest"]["status"] = "running"
-    state_path.write_text(json.dumps(state))
+    as_if_killed(uri, store)
     kept = {p.name: p.stat().st_mtime_ns for p in store.local_path("index").iterdir()}
     store2, m2 = run_ingest(uri, params)
     assert {name: (store2.local_path("index") / name).stat().st_mtime_ns for name in kept} == kept  # not re-read

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ from stages.data.images import IMAGE_EXTENSIONS
 if TYPE_CHECKING:
     from stages.data.sources import Source, SourceItem
 
-__all__ = ["ListingChunk", "ListingRows", "Listing", "ListingBuilder", "encode_chunk", "screen_items", "skip_record",
+__all__ = ["ListingChunk", "ListingBatch", "ListingRows", "Listing", "ListingBuilder", "encode_chunk", "screen_items", "skip_record",
            "small_dictionary", "unique_key_order", "row_numbers", "BASE_COLUMNS"]
 
 BASE_COLUMNS = ("key", "split", "label", "size")
@@ -224,35 +224,70 @@ class Listing:
                                                         *columns, strict=True)]
 
 
-class ListingBuilder:
-    """Joins chunks as they arrive, copying them into batches (their transport buffers freed)."""
+@dataclass(frozen=True)
+class ListingBatch:
+    """Joined listing columns of the parts ``first_part .. end_part - 1`` (in part order), with
+    their skip records and input count: what the coordinator holds, and what it saves to the
+    stage folder (:mod:`stages.data.saved_listing`) so that a resumed ingest lists no part twice."""
 
-    def __init__(self, source: Source) -> None:
+    first_part: int
+    end_part: int
+    table: pa.Table
+    skipped: list[dict[str, str]]
+    inputs: int
+
+
+class ListingBuilder:
+    """Joins chunks, one per part in part order, as they arrive, copying them into batches (their
+    transport buffers freed); ``on_batch`` hears of each batch as it is made."""
+
+    def __init__(self, source: Source, on_batch: Callable[[ListingBatch], None] | None = None) -> None:
         self.source = source
+        self._on_batch = on_batch
         self._batches: list[pa.Table] = []
-        self._pending: list[pa.Table] = []
+        self._pending: list[ListingChunk] = []
         self._pending_bytes = 0
         self.skipped: list[dict[str, str]] = []
         self.inputs = 0
+        self.parts = 0  # parts joined so far (pending ones included)
         self.nbytes = 0  # what the joined columns hold so far
 
     def add(self, chunk: ListingChunk) -> None:
-        self.skipped.extend(chunk.skipped)
-        self.inputs += chunk.inputs
         self.nbytes += len(chunk.data)
-        self._pending.append(chunk.table())
+        self.parts += 1
+        self._pending.append(chunk)
         self._pending_bytes += len(chunk.data)
         if self._pending_bytes >= max(_COMBINE_BYTES, self.nbytes // _COMBINE_FRACTION):
-            self._combine()
+            self.flush()
 
-    def _combine(self) -> None:
+    def add_batch(self, batch: ListingBatch) -> None:
+        """A batch joined before (a saved one, read back): it must continue the parts joined so far."""
+        if self._pending or batch.first_part != self.parts:
+            raise ValueError(f"batch of parts {batch.first_part}..{batch.end_part - 1} after {self.parts} parts")
+        self.nbytes += batch.table.nbytes
+        self.parts = batch.end_part
+        self._keep(batch)
+
+    def flush(self) -> None:
+        """Join the pending chunks into a batch now (also when listing fails: what is joined is saved)."""
         if self._pending:
+            chunks, self._pending, self._pending_bytes = self._pending, [], 0
             # One dictionary per batch, then one contiguous copy: the chunks' bytes are let go.
-            self._batches.append(pa.concat_tables(self._pending).unify_dictionaries().combine_chunks())
-            self._pending, self._pending_bytes = [], 0
+            table = pa.concat_tables([chunk.table() for chunk in chunks]).unify_dictionaries().combine_chunks()
+            batch = ListingBatch(self.parts - len(chunks), self.parts, table,
+                                 [record for chunk in chunks for record in chunk.skipped],
+                                 sum(chunk.inputs for chunk in chunks))
+            self._keep(batch)
+            if self._on_batch is not None:
+                self._on_batch(batch)
+
+    def _keep(self, batch: ListingBatch) -> None:
+        self._batches.append(batch.table)
+        self.skipped.extend(batch.skipped)
+        self.inputs += batch.inputs
 
     def finish(self) -> Listing:
-        self._combine()
+        self.flush()
         if not self._batches:
             raise VitpipeError("the listing has no parts")
         table = pa.concat_tables(self._batches).unify_dictionaries()

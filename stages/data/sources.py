@@ -432,7 +432,10 @@ class WebDatasetSource(StorageSource):
 
         try:
             with self.storage.open_read(shard) as f:
-                for index, sample in enumerate(iter_tar_spans(f, name=shard, refused=refuse)):
+                # Only the label members are read: on a local disk the images are seeked over, so
+                # that mode: copy reads each image once, when its new shard is written.
+                for index, sample in enumerate(iter_tar_spans(f, name=shard, refused=refuse,
+                                                              wanted=LABEL_EXTENSIONS.__contains__)):
                     items.append(SourceItem(key=sanitize_key(sample.key), split=split,
                                             label=label_name(sample.files, names), origin=f"{uri}#{sample.key}",
                                             locator=TarLocator(shard, index, sample.start, sample.end)))
@@ -488,6 +491,9 @@ class WebDatasetSource(StorageSource):
                     found.setdefault((shard, i), BadImage(str(err)))
         for item in items:
             yield item, found.get((item.locator.shard, item.locator.index), BadImage("shard is truncated or corrupt"))
+
+
+LABEL_EXTENSIONS = frozenset({"cls", "txt", "json"})  # the members :func:`label_name` reads
 
 
 def label_name(files: dict[str, bytes], names: list[str] | None) -> str | None:

@@ -116,11 +116,18 @@ def iter_tar_samples(stream: BinaryIO, name: str = "shard",
         yield sample.key, sample.files
 
 
-def iter_tar_spans(stream: BinaryIO, name: str = "shard",
-                   refused: Callable[[str, str], None] | None = None) -> Iterator[TarSample]:
-    """:func:`iter_tar_samples`, each sample with the byte range it spans in the stream."""
+def iter_tar_spans(stream: BinaryIO, name: str = "shard", refused: Callable[[str, str], None] | None = None,
+                   wanted: Callable[[str], bool] | None = None) -> Iterator[TarSample]:
+    """:func:`iter_tar_samples`, each sample with the byte range it spans in the stream.
+
+    ``wanted(ext)``: whether a member's bytes are read (default: all); the others are left out of
+    the sample's files. On a seekable stream (a local file) they are then seeked over, never read:
+    a listing that needs only the label members reads the headers and those, not the images (an
+    uncompressed tar only, as webdataset shards are: offsets are the file's own). A member cut
+    short is still found: tarfile checks that the byte before the next header is there."""
+    seekable = wanted is not None and stream.seekable()
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115
+        tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|*")  # noqa: SIM115
     except (tarfile.TarError, EOFError, OSError) as err:
         raise BadShard(f"{name}: not a readable tar ({err})") from None
     current: str | None = None
@@ -136,15 +143,16 @@ def iter_tar_spans(stream: BinaryIO, name: str = "shard",
                     refused(member.name, reason)
                 continue
             key, ext = split_key(member.name)
-            extracted = tar.extractfile(member)
-            data = extracted.read() if extracted is not None else b""
-            if len(data) != member.size:
-                raise BadShard(f"{name}: truncated in member {member.name}")
             if key != current:
                 if current is not None:
                     yield TarSample(current, files, start, end)
                 current, files, start = key, {}, member.offset
-            files[ext] = data
+            if wanted is None or wanted(ext):
+                extracted = tar.extractfile(member)
+                data = extracted.read() if extracted is not None else b""
+                if len(data) != member.size:
+                    raise BadShard(f"{name}: truncated in member {member.name}")
+                files[ext] = data
             end = member.offset_data + member.size + (-member.size % tarfile.BLOCKSIZE)
     except (tarfile.TarError, EOFError, OSError) as err:
         raise BadShard(f"{name}: truncated or corrupt tar ({err})") from None
