@@ -31,7 +31,7 @@ import json
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
@@ -527,13 +527,20 @@ def _list_parts(ctx: StageContext | None, source: Source, parts: list[ListingPar
     waiting: dict[int, ListingChunk] = {}  # chunks that came before an earlier part's: joined in part order
     remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(_list_part)
     source_ref = ray.put(source)
-    next_part = start
+    next_part, record_end = start, builder.record_end
 
     def on_part(done: int, name: str, chunk: ListingChunk) -> None:
-        nonlocal next_part
+        nonlocal next_part, record_end
         waiting[int(name)] = chunk
         while next_part in waiting:
-            builder.add(waiting.pop(next_part))
+            chunk = waiting.pop(next_part)
+            if chunk.span is not None and record_end is not None and chunk.span[0] != record_end:
+                # The part before ran on past this one's start (a CSV record with a quoted newline
+                # across the cut), so this one began inside that record: listed again from its end.
+                again = replace(parts[next_part], start=record_end, exact=True)
+                chunk = ray.get(remote.remote(source_ref, again))
+            builder.add(chunk)
+            record_end = chunk.span and chunk.span[1]
             next_part += 1
         if start + done in checks:
             held = builder.nbytes + sum(len(c.data) for c in waiting.values())
@@ -545,7 +552,7 @@ def _list_parts(ctx: StageContext | None, source: Source, parts: list[ListingPar
 
 
 def _list_part(source: Source, part: ListingPart) -> ListingChunk:
-    return encode_chunk(source, source.items_of(part))
+    return encode_chunk(source, *source.list_part(part))
 
 
 class _NoBar:

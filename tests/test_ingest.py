@@ -22,7 +22,7 @@ from pipeline.manifest import read_manifest
 from pipeline.storage import open_storage
 from stages.data.images import BadImage, check_image, inspect_image, reencode, to_rgb
 from stages.data.listing import Listing, unique_key_order
-from stages.data.sources import ImageFolderSource, SourceItem, sort_labels
+from stages.data.sources import ImageFolderSource, ListSource, SourceItem, sort_labels
 from stages.data.tarshards import ShardTarWriter, iter_tar_samples
 from stages.ingest import plan_shards, screen_items
 from stages.records import IngestResult
@@ -1055,3 +1055,52 @@ def test_a_local_source_shard_cut_short_inside_an_image_it_seeks_over_is_damaged
         assert next(spans).key == "a"
         with pytest.raises(BadShard, match=r"cut.tar: truncated or corrupt tar \(unexpected end of data\)"):
             next(spans)
+
+
+class _FailingListSource(ListSource):
+    """A list file whose byte range from ``fail_at`` fails to list (a lost node, a GET out of retries)."""
+
+    fail_at: int | None = None
+
+    def list_part(self, part):
+        if part.start == self.fail_at and not part.exact:
+            raise OSError(f"bytes {part.start}-: listing failed")
+        return super().list_part(part)
+
+
+def test_csv_records_with_newlines_in_quoted_fields_are_listed_whole_however_the_file_is_cut(tmp_path, monkeypatch):
+    """A byte range that begins inside a quoted field would take the field's tail for records:
+    each part reports where its records begin and end, and one that begins before the part
+    before ended is listed again from there — also when the part before was read back from a
+    saved listing."""
+    from pipeline.storage import LocalStorage
+    from stages.data import listing as listing_module
+    from stages.data import sources
+    from stages.ingest import list_source
+
+    rows = [{"path": f"img/{c}/{i}.jpg", "label": c, "caption": "two\nlines, \"quoted\"\n" * (i % 3)}
+            for c in ("cat", "dog") for i in range(6)]
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "caption", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    text = (tmp_path / "list.csv").read_bytes()
+    assert text.count(b"\n") > 13 + 10  # the quoted newlines: more lines than records
+    whole = ListSource(str(tmp_path / "list.csv")).items()
+    assert [(i.origin, i.label) for i in whole] == [(f"{tmp_path}/{r['path']}", r["label"]) for r in rows]
+    for part_bytes in (5, 23, 40, 64, 97):
+        monkeypatch.setattr(sources, "LIST_PART_BYTES", part_bytes)
+        listing = list_source(None, ListSource(str(tmp_path / "list.csv")), 2)
+        assert listing.inputs == 12 and listing.items(range(len(listing))) == whole, part_bytes
+
+    # Cut and failed inside a caption: the parts before are saved, with where their records end.
+    monkeypatch.setattr(sources, "LIST_PART_BYTES", 40)
+    monkeypatch.setattr(listing_module, "_COMBINE_BYTES", 1)
+    source, saved = _FailingListSource(str(tmp_path / "list.csv")), LocalStorage(tmp_path / "saved")
+    inside = next(start for start in range(40, len(text), 40) if text[:start].count(b'"') % 2)
+    source.fail_at = inside
+    with pytest.raises(Exception, match="listing failed"):
+        list_source(None, source, 1, saved=saved)
+    source.fail_at = None
+    resumed = list_source(None, source, 2, saved=saved, resume=True)
+    assert resumed.inputs == 12 and resumed.items(range(len(resumed))) == whole

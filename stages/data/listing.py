@@ -88,17 +88,19 @@ def small_dictionary(values: list[str | None]) -> pa.Array:
 class ListingChunk:
     """What a listing task sends back: its kept items' columns as an Arrow IPC stream (a plain
     ``bytes`` object: Ray copies it into the coordinator, so nothing stays pinned in the object
-    store), the skip records of its part and how many inputs the part had."""
+    store), the skip records of its part and how many inputs the part had; for a byte range of a
+    list file, the bytes its records span (:meth:`Source.list_part`)."""
 
     data: bytes
     skipped: list[dict[str, str]]
     inputs: int
+    span: tuple[int, int] | None = None
 
     def table(self) -> pa.Table:
         return _read_ipc(self.data)
 
 
-def encode_chunk(source: Source, items: list[SourceItem]) -> ListingChunk:
+def encode_chunk(source: Source, items: list[SourceItem], span: tuple[int, int] | None = None) -> ListingChunk:
     """Screen one part's items and keep the rest as columns (in a listing task)."""
     kept, skipped = screen_items(items)
     splits = {item.split for item in kept}
@@ -111,7 +113,7 @@ def encode_chunk(source: Source, items: list[SourceItem]) -> ListingChunk:
         "size": pa.array([item.size for item in kept], pa.int64()),
         **source.locator_columns(kept),
     })
-    return ListingChunk(_ipc_bytes(table), skipped, len(items))
+    return ListingChunk(_ipc_bytes(table), skipped, len(items), span)
 
 
 def _read_ipc(data: bytes) -> pa.Table:
@@ -228,13 +230,15 @@ class Listing:
 class ListingBatch:
     """Joined listing columns of the parts ``first_part .. end_part - 1`` (in part order), with
     their skip records and input count: what the coordinator holds, and what it saves to the
-    stage folder (:mod:`stages.data.saved_listing`) so that a resumed ingest lists no part twice."""
+    stage folder (:mod:`stages.data.saved_listing`) so that a resumed ingest lists no part twice.
+    ``record_end``: where the last part's records end, for a list file's byte ranges."""
 
     first_part: int
     end_part: int
     table: pa.Table
     skipped: list[dict[str, str]]
     inputs: int
+    record_end: int | None = None
 
 
 class ListingBuilder:
@@ -250,11 +254,13 @@ class ListingBuilder:
         self.skipped: list[dict[str, str]] = []
         self.inputs = 0
         self.parts = 0  # parts joined so far (pending ones included)
+        self.record_end: int | None = None  # where the last part's records end (a list file's byte range)
         self.nbytes = 0  # what the joined columns hold so far
 
     def add(self, chunk: ListingChunk) -> None:
         self.nbytes += len(chunk.data)
         self.parts += 1
+        self.record_end = chunk.span and chunk.span[1]
         self._pending.append(chunk)
         self._pending_bytes += len(chunk.data)
         if self._pending_bytes >= max(_COMBINE_BYTES, self.nbytes // _COMBINE_FRACTION):
@@ -266,6 +272,7 @@ class ListingBuilder:
             raise ValueError(f"batch of parts {batch.first_part}..{batch.end_part - 1} after {self.parts} parts")
         self.nbytes += batch.table.nbytes
         self.parts = batch.end_part
+        self.record_end = batch.record_end
         self._keep(batch)
 
     def flush(self) -> None:
@@ -276,7 +283,7 @@ class ListingBuilder:
             table = pa.concat_tables([chunk.table() for chunk in chunks]).unify_dictionaries().combine_chunks()
             batch = ListingBatch(self.parts - len(chunks), self.parts, table,
                                  [record for chunk in chunks for record in chunk.skipped],
-                                 sum(chunk.inputs for chunk in chunks))
+                                 sum(chunk.inputs for chunk in chunks), chunks[-1].span and chunks[-1].span[1])
             self._keep(batch)
             if self._on_batch is not None:
                 self._on_batch(batch)

@@ -128,7 +128,8 @@ class SavedListing:
         if meta.get("vitpipe.skipped") != len(skipped) or "vitpipe.inputs" not in meta:
             log.warning("%s: saved batch of parts %d..%d incomplete; listing from there", self.folder.uri, first, end - 1)
             return None
-        return ListingBatch(first, end, table.replace_schema_metadata(None), skipped, meta["vitpipe.inputs"])
+        return ListingBatch(first, end, table.replace_schema_metadata(None), skipped, meta["vitpipe.inputs"],
+                            meta.get("vitpipe.record_end"))
 
     def save(self, batch: ListingBatch) -> None:
         self._raise_failed()
@@ -138,7 +139,8 @@ class SavedListing:
         table_name, skipped_name = _names(batch.first_part, batch.end_part)
         # The skip records first: the Parquet file, written second, is what marks the batch whole.
         self.folder.write_text(skipped_name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in batch.skipped))
-        meta = {b"vitpipe.inputs": str(batch.inputs).encode(), b"vitpipe.skipped": str(len(batch.skipped)).encode()}
+        meta = {b"vitpipe.inputs": str(batch.inputs).encode(), b"vitpipe.skipped": str(len(batch.skipped)).encode(),
+                **({b"vitpipe.record_end": str(batch.record_end).encode()} if batch.record_end is not None else {})}
         with self.folder.open_write(table_name) as f:
             pq.write_table(batch.table.replace_schema_metadata(meta), f, compression="zstd")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import posixpath
@@ -82,8 +83,9 @@ class ListingPart:
     path: str  # relative to the source's root: a folder, or a shard
     recursive: bool = True  # a folder: everything under it; False: only the objects directly in it
     by_split: bool = False  # imagefolder: the first folder level names the split
-    start: int = 0  # list: the lines that begin in bytes [start, end) of the list file
+    start: int = 0  # list: the records that begin in bytes [start, end) of the list file
     end: int | None = None
+    exact: bool = False  # list: a record begins at ``start`` (else at the first line after byte start - 1)
 
 
 class Source:
@@ -104,6 +106,12 @@ class Source:
     def items_of(self, part: ListingPart) -> list[SourceItem]:
         """The items of one part: the concatenation over :meth:`parts` is the whole listing."""
         raise NotImplementedError
+
+    def list_part(self, part: ListingPart) -> tuple[list[SourceItem], tuple[int, int] | None]:
+        """:meth:`items_of`, and for a part that is a byte range the bytes its records span — where
+        the first begins, where the last ends — so that the listing can check that each part
+        begins where the one before ended (:class:`ListSource`); None for other parts."""
+        return self.items_of(part), None
 
     def read(self, item: SourceItem) -> bytes:
         raise NotImplementedError
@@ -325,9 +333,13 @@ class ListSource(Source):
         return self.items_of(ListingPart(self._where[1]))
 
     def items_of(self, part: ListingPart) -> list[SourceItem]:
+        return self.list_part(part)[0]
+
+    def list_part(self, part: ListingPart) -> tuple[list[SourceItem], tuple[int, int] | None]:
         parent = self.list_uri.rstrip("/").rpartition("/")[0]
+        rows, span = self._rows(part)
         items = []
-        for row in self._rows(part):
+        for row in rows:
             path = str(row.get("path") or "")
             uri = path if (is_s3_uri(path) or path.startswith("/")) else f"{parent}/{path}" if parent else path
             label = row.get("label")
@@ -335,33 +347,66 @@ class ListSource(Source):
             stem = posixpath.splitext(path.split("://", 1)[-1])[0]
             items.append(SourceItem(key=sanitize_key(stem), split=str(row.get("split") or "train"), label=label,
                                     locator=uri, origin=uri, filename=uri.rsplit("/", 1)[-1]))
-        return items
+        return items, span
 
-    def _rows(self, part: ListingPart) -> Iterator[dict[str, Any]]:
+    def _rows(self, part: ListingPart) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
+        """The part's rows; for a CSV, with the bytes its records span (a JSON line holds no raw
+        newline, so a JSONL line is a record: its parts need no check)."""
         store, name = self._where
+        size = store.size(name) or 0
         if name.endswith(".csv"):
             header = self._csv_header()
-            lines = (line.decode("utf-8-sig") for at, line in self._lines(part) if at > 0)  # not the header
-            yield from csv.DictReader(lines, fieldnames=header)
-            return
-        for at, line in self._lines(part):
+            records, span = self._csv_records(part, size)
+            return [dict(zip(header, record, strict=False)) for record in records], span
+        rows = []
+        for at, line in self._lines(part, size):
+            if part.end is not None and at >= part.end:
+                break
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    rows.append(json.loads(line))
                 except json.JSONDecodeError:
                     raise VitpipeError(f"{self.list_uri}: the line at byte {at}: not valid JSON") from None
+        return rows, None
 
-    def _lines(self, part: ListingPart) -> Iterator[tuple[int, bytes]]:
-        """(offset, line) of each line that begins in the part's byte range: the line running into
-        ``start`` belongs to the part before, the one running past ``end`` to this one."""
+    def _csv_records(self, part: ListingPart, size: int) -> tuple[list[list[str]], tuple[int, int]]:
+        """The CSV records (header aside) that begin in the part's byte range, as the csv module
+        reads them — a quoted field may hold newlines, so a record may run on past ``end`` — and
+        the bytes they span. A part that began inside such a field is found by its span (it
+        begins before the part before ends) and listed again from there (``stages.ingest``)."""
+        lines = self._lines(part, size)  # its file closed when the generator is let go, at return
+        first = next(lines, None)
+        begin = position = size if first is None else first[0]
+
+        def feed() -> Iterator[str]:  # ``position``: where the line the reader takes next begins
+            nonlocal position
+            for at, line in itertools.chain([first] if first else [], lines):
+                position = at + len(line)
+                yield line.decode("utf-8-sig")
+
+        reader, records = csv.reader(feed()), []
+        while part.end is None or position < part.end:
+            at = position
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:
+                raise VitpipeError(f"{self.list_uri}: the CSV record at byte {at}: {err}") from None
+            if at > 0 and record:  # not the header, nor an empty line
+                records.append(record)
+        return records, (begin, position)
+
+    def _lines(self, part: ListingPart, size: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, line) of each line from the first that begins in the part's byte range (the
+        line running into ``start`` belongs to the part before) to the end of the file: the
+        caller stops."""
         store, name = self._where
-        at = max(part.start - 1, 0)
-        with store.open_range(name, at, store.size(name) or 0) as f:
-            if part.start > 0:
+        at = part.start if part.exact else max(part.start - 1, 0)
+        with store.open_range(name, at, size) as f:
+            if part.start > 0 and not part.exact:
                 at += len(f.readline())  # to the end of the line that holds byte start - 1
             for line in f:
-                if part.end is not None and at >= part.end:
-                    break
                 yield at, line
                 at += len(line)
 
