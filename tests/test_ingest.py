@@ -490,7 +490,7 @@ def test_gif_and_tiff_copied_as_is_are_read_by_the_loader_and_the_evaluation_rea
     assert not skipped and sorted(keys) == sorted(members)
 
 
-def test_ingest_to_and_from_s3(s3_endpoint, s3_bucket, tmp_path):
+def test_ingest_to_and_from_s3_and_resumed_there_from_its_saved_listing(s3_endpoint, s3_bucket, tmp_path):
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -509,6 +509,19 @@ def test_ingest_to_and_from_s3(s3_endpoint, s3_bucket, tmp_path):
                          image_size=8, num_workers=1)
     keys = [k for b in loader for k in b["key"]]
     assert len(keys) == len(set(keys)) == 8
+
+    # Killed after listing: the listing saved on S3 is read back (an object added since is not seen).
+    assert any(o.path.endswith(".parquet") for o in store.list("listing"))
+    store.delete_prefix("shards")
+    store.delete("manifest.json")
+    state = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/ing/state.json")["Body"].read())
+    state["stages"]["ingest"]["status"] = "running"
+    s3.put_object(Bucket=s3_bucket, Key="runs/ing/state.json", Body=json.dumps(state).encode())
+    s3.put_object(Bucket=s3_bucket, Key="src/a/9.jpg", Body=encode(photo(seed=9), "JPEG"))
+    store2, m2 = run_ingest(uri, {"source": "imagefolder", "path": f"s3://{s3_bucket}/src", "shard_samples": 3},
+                            endpoint=s3_endpoint)
+    assert record(m2).inputs == 8
+    assert [o.model_dump() for o in m2.outputs] == [o.model_dump() for o in m.outputs]
 
 
 def _jpeg(seed: int) -> bytes:
