@@ -856,6 +856,24 @@ def test_a_key_listed_in_two_parts_is_kept_once_with_a_reason(tmp_path):
                            "reason": f"duplicate key 'a_b/q' (kept {root}/a b/q.jpg)"}]
 
 
+@pytest.mark.parametrize("window", [1, 2, 1 << 16])
+def test_keys_repeated_across_parts_each_name_the_first_kept_in_listing_order(monkeypatch, window):
+    from stages.data import listing as listing_module
+    from stages.data.listing import ListingBuilder, encode_chunk
+
+    monkeypatch.setattr(listing_module, "_DUPLICATE_WINDOW", window)  # keys compared this many at a time
+    source = ImageFolderSource("/d")
+    builder = ListingBuilder(source)
+    for part, keys in enumerate((["b", "a"], ["b", "c"], ["a", "b"])):
+        builder.add(encode_chunk(source, [_item(key, origin=f"/d/{key}{part}.jpg") for key in keys]))
+    listing = builder.finish()
+    order, duplicates = unique_key_order(listing)
+    assert [listing.items([row])[0].origin for row in order] == ["/d/a0.jpg", "/d/b0.jpg", "/d/c1.jpg"]
+    assert [(d["origin"], d["reason"]) for d in duplicates] == [
+        ("/d/a2.jpg", "duplicate key 'a' (kept /d/a0.jpg)"), ("/d/b1.jpg", "duplicate key 'b' (kept /d/b0.jpg)"),
+        ("/d/b2.jpg", "duplicate key 'b' (kept /d/b0.jpg)")]
+
+
 def test_a_shard_writer_reads_only_its_own_samples_of_each_source_shard(tmp_path):
     from pipeline.storage import LocalStorage
     from stages.data.sources import WebDatasetSource

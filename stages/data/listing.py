@@ -327,13 +327,12 @@ def unique_key_order(listing: Listing) -> tuple[np.ndarray, list[dict[str, str]]
         window = listing.take("key", order[start:start + _DUPLICATE_WINDOW + 1])
         same = pc.equal(window.slice(1), window.slice(0, len(window) - 1))
         keep[start + 1:start + len(window)] &= ~np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
-    skipped = []
-    for position in np.flatnonzero(~keep):
-        first = position
-        while not keep[first]:
-            first -= 1
-        duplicate, kept = listing.items([order[position], order[first]])
-        skipped.append(duplicate_record(duplicate, kept.origin))
+    dropped = np.flatnonzero(~keep)
+    # The kept row of each dropped one: the last kept position at or before it (sorted keys).
+    firsts = np.flatnonzero(keep)[np.searchsorted(np.flatnonzero(keep), dropped, side="right") - 1]
+    items = listing.items(np.concatenate([order[dropped], order[firsts]]))  # one take per column
+    skipped = [duplicate_record(duplicate, kept.origin)
+               for duplicate, kept in zip(items[:len(dropped)], items[len(dropped):], strict=True)]
     return order[keep], skipped
 
 
