@@ -141,9 +141,9 @@ def plan_corpus_shards(corpus: Corpus, shard_samples: int) -> ShardSetup:
     source = ImageFolderSource(str(corpus.root))
     listing = Listing.of_items(source, source.items())
     order, duplicates = unique_key_order(listing)
-    skipped = listing.skipped + duplicates
+    skipped = listing.skipped.first(3) + duplicates[:3]
     if skipped or len(order) != corpus.images:
-        raise RuntimeError(f"corpus {corpus.root}: {len(order)} usable images of {corpus.images}; skipped {skipped[:3]}")
+        raise RuntimeError(f"corpus {corpus.root}: {len(order)} usable images of {corpus.images}; skipped {skipped}")
     names = sorted(listing.codes("label")[1])
     plans = [cut.plan(listing) for cut in plan_shards(listing, order, shard_samples)]
     return ShardSetup(source, plans, {name: i for i, name in enumerate(names)})

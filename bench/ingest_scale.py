@@ -32,6 +32,11 @@ the time with 2 (goal >= 1.7).
 
     python bench/ingest_scale.py [--inputs 1000000 10000000] [--quick]
     python bench/ingest_scale.py --listing [--classes 32] [--per-class 50] [--latency 0.1]
+    python bench/ingest_scale.py --skips 3000000
+
+``--skips N`` measures instead the coordinator's memory for N skip records (a sidecar ``.json``
+per image, one in ten a duplicate key), held as ``stages.data.skips.SkipLog`` columns against a
+Python list of one dict per record (what it held before), each in a fresh process.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +227,55 @@ def listing_main(args: argparse.Namespace, cpu_busy: float | None) -> None:
     })
 
 
+def _skip_records(start: int, end: int):
+    """Skip records as a web-scraped folder gives them: a sidecar file per image, and some duplicates."""
+    for i in range(start, end):
+        c = i % CLASSES
+        if i % 10:
+            yield {"origin": f"{PREFIX}/n{c:08d}/n{c:08d}_{i:09d}.json", "kind": "unsupported file type",
+                   "reason": "unsupported file type .json"}
+        else:
+            yield {"origin": f"{PREFIX}/n{c:08d}/n{c:08d}_{i:09d}.JPEG", "kind": "duplicate key",
+                   "reason": f"duplicate key 'n{c:08d}/n{c:08d}_{i:09d}' (kept {PREFIX}/x/n{c:08d}_{i:09d}.JPEG)"}
+
+
+def measure_skips(which: str, n: int) -> dict[str, float]:
+    """In this (fresh) process: ``n`` skip records held as the coordinator holds them (a SkipLog:
+    columns) or as a list of dicts (before), and the count by kind the manifest keeps."""
+    from stages.data.skips import SkipLog
+
+    start_rss, started = _peak_rss(), time.perf_counter()
+    if which == "skips_ours":
+        log_ = SkipLog()
+        for start in range(0, n, 1000):  # as the listing's chunks bring them, a part at a time
+            log_.extend(list(_skip_records(start, min(start + 1000, n))))
+        counts = log_.counts_by_kind()
+    else:
+        records = list(_skip_records(0, n))
+        counts = dict(Counter(r["kind"] for r in records))
+    done = time.perf_counter()
+    assert sum(counts.values()) == n
+    return {"bytes_per_record": (_peak_rss() - start_rss) / n, "seconds": done - started}
+
+
+def skips_main(n: int, cpu_busy: float | None) -> None:
+    ours, base = in_fresh_process("skips_ours", n), in_fresh_process("skips_baseline", n)
+    ratio = ours["bytes_per_record"] / base["bytes_per_record"]
+    log(f"  {n:,} skip records: as columns {ours['bytes_per_record']:.0f} B each, as dicts "
+        f"{base['bytes_per_record']:.0f} B each ({ratio:.2f}x); at 30M (10% of 300M inputs): "
+        f"{ours['bytes_per_record'] * 30e6 / 1e9:.1f} GB against {base['bytes_per_record'] * 30e6 / 1e9:.1f} GB")
+    emit_result({
+        "name": "ingest_skip_records",
+        "ours": round(ours["bytes_per_record"], 1),
+        "baseline": round(base["bytes_per_record"], 1),
+        "unit": "bytes of coordinator memory per skip record (peak RSS over the footprint before)",
+        "ratio": round(ratio, 3),
+        "extra": {"records": n, "seconds": {"ours": round(ours["seconds"], 2), "baseline": round(base["seconds"], 2)},
+                  "baseline_is": "a Python list of one dict per record (origin, kind, reason)"},
+        "machine": machine_info(cpu_busy),
+    })
+
+
 def in_fresh_process(which: str, n: int) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "--child", which, str(n)], check=True, capture_output=True,
                          text=True)
@@ -236,14 +291,21 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=32, help="--listing: class folders")
     parser.add_argument("--per-class", type=int, default=50, help="--listing: objects per class folder")
     parser.add_argument("--latency", type=float, default=0.1, help="--listing: seconds added to each request")
+    parser.add_argument("--skips", type=int, metavar="N", help="measure holding N skip records instead")
     args = parser.parse_args()
     if args.child:
         which, n = args.child[0], int(args.child[1])
-        print(json.dumps((measure_ours if which == "ours" else measure_baseline)(n)))
+        if which.startswith("skips_"):
+            print(json.dumps(measure_skips(which, n)))
+        else:
+            print(json.dumps((measure_ours if which == "ours" else measure_baseline)(n)))
         return
     cpu_busy = cpu_busy_before_start()
     if args.listing:
         listing_main(args, cpu_busy)
+        return
+    if args.skips:
+        skips_main(args.skips, cpu_busy)
         return
     sizes = [100_000] if args.quick else args.inputs
     rows = {}

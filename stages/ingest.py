@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal, TypeVar
@@ -57,6 +57,7 @@ from stages.data.listing import (
 from stages.data.order import derived_seed
 from stages.data.saved_listing import LISTING_DIR, SavedListing
 from stages.data.shard_index import INDEX_DIR, ShardIndex, class_list, index_shard, index_stats_path
+from stages.data.skips import SkipLog
 from stages.data.sources import (
     SPLIT_NAMES,
     ListingPart,
@@ -368,7 +369,9 @@ class Ingest(Stage):
 
         listing = list_source(ctx, source, p.workers, saved=ctx.out.child(LISTING_DIR), resume=ctx.resumed)
         order, duplicates = unique_key_order(listing)
-        skipped = listing.skipped + duplicates
+        skipped = listing.skipped
+        skipped.extend(duplicates)
+        _check_skips(p, skipped, listing.inputs, len(skipped))  # now, not after every shard is written
         label_codes, labels = listing.codes("label")
         used = [labels[code] for code in np.unique(label_codes[order])]
         del label_codes
@@ -442,7 +445,7 @@ class Ingest(Stage):
         ordered = [results[rel] for rel in paths]
         kept = [index for index in ordered if not index.damaged]
         names, counts = class_list(kept, source.class_names(), source.storage.uri)
-        skipped = [record for index in ordered for record in index.skipped]
+        skipped = SkipLog(record for index in ordered for record in index.skipped)
         unusable = sum(index.unusable for index in kept) + sum(index.lost for index in ordered)
         samples = sum(index.samples for index in kept)
         _check_skips(p, skipped, samples + sum(index.lost for index in ordered), unusable)
@@ -595,22 +598,22 @@ def _run_tasks(ctx: StageContext | None, remote: Any, names: list[str], args: Ca
     return results
 
 
-def _check_skips(p: IngestParams, skipped: list[dict[str, str]], total: int, count: int) -> None:
+def _check_skips(p: IngestParams, skipped: SkipLog, total: int, count: int) -> None:
     """Fail when more than ``max_skip_fraction`` of the inputs are skipped, naming the first."""
     if total == 0:
         raise VitpipeError(f"source {p.source!r} at {p.path} has no inputs")
     fraction = count / total
     if fraction > p.max_skip_fraction:
-        first = skipped[0]
+        first = skipped.first(1)[0]
         raise VitpipeError(
             f"{count} of {total} inputs skipped ({fraction:.1%}, above max_skip_fraction="
             f"{p.max_skip_fraction:g}); first: {first['origin']}: {first['reason']}"
         )
 
 
-def _record_skips(ctx: StageContext, skipped: list[dict[str, str]]) -> None:
+def _record_skips(ctx: StageContext, skipped: SkipLog) -> None:
     with ctx.open_write(SKIPPED_FILE) as f:  # the whole list, outside the manifest
-        for record in skipped:
+        for record in skipped.records():
             f.write((json.dumps(record, sort_keys=True) + "\n").encode())
-    ctx.metrics["skipped_by_kind"] = dict(sorted(Counter(r["kind"] for r in skipped).items()))
-    ctx.metrics["skipped_first"] = skipped[:SKIPPED_SHOWN]
+    ctx.metrics["skipped_by_kind"] = skipped.counts_by_kind()
+    ctx.metrics["skipped_first"] = skipped.first(SKIPPED_SHOWN)

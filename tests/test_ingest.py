@@ -365,8 +365,15 @@ def test_imagefolder_with_bad_inputs_skips_with_reasons_and_fails_over_the_limit
     assert rotated.size == (16, 27)  # upright (24x40 -> 16x26.7), shorter side 16
     assert all("jpg" in f and f["cls"] in (b"0", b"1") for f in samples.values())
 
-    with pytest.raises(StageFailedError, match=r"7 of \d+ inputs skipped .* above max_skip_fraction=0.01"):
+    # Over the limit with what the listing skipped alone: the stage fails before reading an image.
+    with pytest.raises(StageFailedError, match=rf"3 of {total} inputs skipped .* above max_skip_fraction=0.01\); "
+                                               r"first: .*/orphan.jpg: missing label"):
         run_ingest(str(tmp_path / "strict"), {**params, "max_skip_fraction": 0.01})
+    stage = tmp_path / "strict" / "stages" / "ingest"
+    assert (stage / "listing").is_dir() and not (stage / "shards").exists()
+    # Over it only with the images found bad when written: after the shards.
+    with pytest.raises(StageFailedError, match=rf"7 of {total} inputs skipped .* above max_skip_fraction=0.1\)"):
+        run_ingest(str(tmp_path / "late"), {**params, "max_skip_fraction": 0.1})
 
 
 def test_interrupted_ingest_rewrites_only_missing_shards(tmp_path):
@@ -1135,3 +1142,17 @@ def test_csv_records_with_newlines_in_quoted_fields_are_listed_whole_however_the
     source.fail_at = None
     resumed = list_source(None, source, 2, saved=saved, resume=True)
     assert resumed.inputs == 12 and resumed.items(range(len(resumed))) == whole
+
+
+def test_a_skip_log_keeps_every_record_in_order_as_columns(monkeypatch):
+    from stages.data import skips
+    from stages.data.skips import SkipLog
+
+    monkeypatch.setattr(skips, "_BATCH", 3)  # columns every three records: the boundaries are crossed
+    records = [{"origin": f"/d/{i}.jpg", "kind": "missing label" if i % 3 else "bad image", "reason": f"r{i}"}
+               for i in range(8)]
+    log = SkipLog(records[:2])
+    log.extend(records[2:])
+    assert len(log) == 8 and list(log.records()) == records and log.first(5) == records[:5]
+    assert log.counts_by_kind() == {"bad image": 3, "missing label": 5}
+    assert SkipLog().first(1) == [] and SkipLog().counts_by_kind() == {}

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from pipeline.errors import VitpipeError
 from stages.data.images import IMAGE_EXTENSIONS
+from stages.data.skips import SkipLog
 
 if TYPE_CHECKING:
     from stages.data.sources import Source, SourceItem
@@ -136,13 +137,13 @@ class ListingRows:
 
     def items(self, source: Source) -> list[SourceItem]:
         table = _read_ipc(self.data)
-        return Listing(source, table, [], table.num_rows).items(np.arange(table.num_rows))
+        return Listing(source, table, SkipLog(), table.num_rows).items(np.arange(table.num_rows))
 
 
 class Listing:
     """Every kept input of a source as columns, in listing order (row numbers address them)."""
 
-    def __init__(self, source: Source, table: pa.Table, skipped: list[dict[str, str]], inputs: int) -> None:
+    def __init__(self, source: Source, table: pa.Table, skipped: SkipLog, inputs: int) -> None:
         self.source = source
         self.table = table
         self.skipped = skipped  # screened out in the listing tasks
@@ -155,6 +156,8 @@ class Listing:
         first joins every chunk (a copy of the whole column for each call)."""
         rows = np.asarray(rows, dtype=np.int64)
         values = self.table.column(column)
+        if not len(rows):
+            return pa.array([], values.type)
         chunk_of = np.searchsorted(self._offsets, rows, side="right") - 1
         by_chunk = np.argsort(chunk_of, kind="stable")
         grouped_rows, grouped_chunks = rows[by_chunk], chunk_of[by_chunk]
@@ -163,8 +166,6 @@ class Listing:
         for a, b in zip(starts, [*starts[1:], len(rows)], strict=True):
             chunk = int(grouped_chunks[a])
             pieces.append(values.chunk(chunk).take(pa.array(grouped_rows[a:b] - self._offsets[chunk])))
-        if not pieces:
-            return pa.array([], values.type)
         grouped = pa.concat_arrays(pieces)  # = rows[by_chunk]: put back in the order asked
         return grouped.take(pa.array(np.argsort(by_chunk)))
 
@@ -251,7 +252,7 @@ class ListingBuilder:
         self._batches: list[pa.Table] = []
         self._pending: list[ListingChunk] = []
         self._pending_bytes = 0
-        self.skipped: list[dict[str, str]] = []
+        self.skipped = SkipLog()
         self.inputs = 0
         self.parts = 0  # parts joined so far (pending ones included)
         self.record_end: int | None = None  # where the last part's records end (a list file's byte range)
