@@ -3,16 +3,18 @@
 A listing task (one per part of a source: class folder, source shard, Parquet file) lists its part
 as :class:`~stages.data.sources.SourceItem` s, screens them (:func:`screen_items`) and sends back
 the kept ones as a :class:`ListingChunk`: an Arrow IPC stream of the columns below plus the skip
-records. The coordinator joins the chunks into a :class:`Listing` — copied out of the object store
-into batches of ~64 MB as they come, so neither the chunks nor their object-store copies pile up —
-and plans shards from its columns (``stages.ingest.plan_shards``). Items are made again, a shard's
-worth at a time, only to digest a shard's plan or to send it to the task that writes it.
+records. The coordinator joins the chunks into a :class:`Listing` — copied into batches (at least
+16 MB, and a sixteenth of what is joined) as they come, so the chunks do not pile up; each batch
+saved to the stage folder as it is made (:mod:`stages.data.saved_listing`) — and plans shards from
+its columns (``stages.ingest.plan_shards``). Items are made again only in the task that writes a
+shard (and in tests). Skip records are held as columns too (:class:`~stages.data.skips.SkipLog`).
 
 Columns: ``key`` (string), ``split`` (dictionary, int8 indices), ``label`` (dictionary, int32
 indices), ``size`` (int64, null when unknown), and the source's own locator columns
 (:meth:`Source.locator_columns`): for an ImageFolder an extension code and a path that is null
 unless it differs from key + extension, so a folder input costs its key and ~18 bytes
-(``bench/ingest_scale.py``: ~60 B an input from listing to plan, against ~630 B as Python objects).
+(``bench/ingest_scale.py``: ~51 B an input as columns, ~88 at the peak from listing to plan, against
+~630 B as Python objects).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from stages.data.skips import SkipLog
 if TYPE_CHECKING:
     from stages.data.sources import Source, SourceItem
 
-__all__ = ["ListingChunk", "ListingBatch", "ListingRows", "Listing", "ListingBuilder", "encode_chunk", "screen_items", "skip_record",
-           "small_dictionary", "unique_key_order", "row_numbers", "BASE_COLUMNS"]
+__all__ = ["ListingChunk", "ListingBatch", "ListingRows", "Listing", "ListingBuilder", "encode_chunk", "screen_items",
+           "skip_record", "small_dictionary", "unique_key_order", "row_numbers", "BASE_COLUMNS"]
 
 BASE_COLUMNS = ("key", "split", "label", "size")
 _SMALL = pa.dictionary(pa.int8(), pa.string())  # splits, extensions: a handful of values

@@ -143,15 +143,17 @@ def iter_tar_spans(stream: BinaryIO, name: str = "shard", refused: Callable[[str
                     refused(member.name, reason)
                 continue
             key, ext = split_key(member.name)
-            if key != current:
-                if current is not None:
-                    yield TarSample(current, files, start, end)
-                current, files, start = key, {}, member.offset
+            data = None
             if wanted is None or wanted(ext):
                 extracted = tar.extractfile(member)
                 data = extracted.read() if extracted is not None else b""
                 if len(data) != member.size:
                     raise BadShard(f"{name}: truncated in member {member.name}")
+            if key != current:
+                if current is not None:
+                    yield TarSample(current, files, start, end)
+                current, files, start = key, {}, member.offset
+            if data is not None:
                 files[ext] = data
             end = member.offset_data + member.size + (-member.size % tarfile.BLOCKSIZE)
     except (tarfile.TarError, EOFError, OSError) as err:
