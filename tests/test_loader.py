@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -335,3 +336,37 @@ def test_resampled_epochs_keep_their_length_with_shards_of_any_size(store):
     shards = make_shards(store, [12, 12, 12, 2, 2])  # draws of the small ones would shorten an epoch
     loader = _loader(store, shards, resampled=True, streams=2, global_batch=4)
     assert [len(_keys(loader)) for _ in range(6)] == [40] * 6  # 40 = 4 x (40 // 4): every epoch, in full
+
+
+class _Finalised:
+    """Cyclic garbage that records which process collected it."""
+
+    def __init__(self, marker) -> None:
+        self.marker, self.cycle = marker, self
+
+    def __del__(self) -> None:
+        with open(self.marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def test_loader_workers_never_collect_the_parents_garbage(tmp_path):
+    """In a Ray process (a Train worker, the test driver) the garbage includes ObjectRefs: a forked
+    worker collecting it would call into Ray on its parent's connections. The parent collects
+    before forking and freezes the rest, so the workers' collections never see it."""
+    import gc
+
+    class Collecting(LocalStorage):
+        def open_read(self, rel):  # in the worker: a full collection, as its own allocations would run
+            gc.collect()
+            return super().open_read(rel)
+
+    store = Collecting(tmp_path / "data")
+    shards = make_shards(store, [4, 4])
+    marker = tmp_path / "collected"
+    gc.disable()  # the garbage below stays until the loader starts its workers
+    try:
+        _Finalised(marker)
+        assert len(_keys(_loader(store, shards, num_workers=2, global_batch=4))) == 8
+    finally:
+        gc.enable()
+    assert marker.read_text().split() == [str(os.getpid())]

@@ -24,6 +24,7 @@ is unreadable stops with an error instead (something is wrong with the data, not
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import logging
 import random
@@ -126,6 +127,21 @@ class _Chunks(IterableDataset):
         yield from self.loader._worker_chunks(self.epoch, self.step, worker)
 
 
+def _forked_workers(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """The loader's iterator, its worker processes forked with the parent's objects frozen out of
+    the children's garbage collection. The parent is a Ray process (a Train worker; in tests the
+    driver): a child that collected its garbage — ObjectRefs and actor handles among it — would
+    call into its copy of Ray's core worker, which shares the parent's sockets (suspected, not
+    proven, in a test-suite hang: the driver's next task never reached the raylet after the
+    loader tests' workers had logged Ray reference-count warnings under their own pids)."""
+    gc.collect()  # what is garbage now is freed here, by the parent that owns it
+    gc.freeze()  # the rest: never examined by a child's collector (moved back for the parent below)
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
+
+
 class ShardLoader:
     """Micro-batches of one rank, in the global order, for the rest of the current epoch.
 
@@ -225,9 +241,9 @@ class ShardLoader:
             self._epoch, self._step = self._epoch + 1, 0
         chunks = _Chunks(self, self._epoch, self._step)
         workers = self.num_workers
-        stream: Iterator[dict[str, Any]] = iter(
+        stream: Iterator[dict[str, Any]] = _forked_workers(
             DataLoader(chunks, batch_size=None, num_workers=workers, prefetch_factor=self.prefetch_factor,
-                       persistent_workers=False) if workers else chunks)
+                       persistent_workers=False)) if workers else iter(chunks)
         per_step = self.layout.workers
         for _ in range(self._step, self.steps_per_epoch):
             pieces = [next(stream) for _ in range(per_step)]  # one chunk from every worker, in turn
