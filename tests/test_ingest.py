@@ -1005,6 +1005,9 @@ def test_a_failed_listing_is_resumed_from_its_saved_batches_listing_only_the_res
     keys = again.table.column("key").to_pylist()
     assert "c11/late" in keys and "c00/unseen" not in keys and again.inputs == 26
     assert "unreadable" in caplog.text
+    sorted(saved.local_path().glob("parts-*.skipped.jsonl"))[1].unlink()  # a batch without its skip records
+    again = list_source(None, source, 2, saved=saved, resume=True)
+    assert again.inputs == 26 and "c00/unseen" not in again.table.column("key").to_pylist()
 
     (root / "c12").mkdir()  # another class folder: the parts changed, so everything is listed again
     (root / "c12" / "0.jpg").write_bytes(b"x")

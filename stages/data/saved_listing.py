@@ -33,6 +33,7 @@ from dataclasses import asdict
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import StorageError
 from pipeline.storage import Storage
 from stages.data.listing import ListingBatch
 from stages.data.sources import ListingPart, Source
@@ -63,7 +64,7 @@ def _names(batch_first: int, batch_end: int) -> tuple[str, str]:
 
 
 class SavedListing:
-    """The saved batches of one listing in ``folder``: :meth:`resume` reads back those usable, and
+    """The saved batches of one listing in ``folder``: :meth:`start` reads back those usable, and
     :meth:`save` writes each new batch in a background thread (the coordinator keeps sending
     listing tasks meanwhile); :meth:`close` waits for the writes and raises the first failure."""
 
@@ -121,7 +122,7 @@ class SavedListing:
             meta = {k.decode(): int(v) for k, v in (table.schema.metadata or {}).items() if k.startswith(b"vitpipe.")}
             lines = self.folder.read_text(skipped_name).splitlines()
             skipped = [json.loads(line) for line in lines]
-        except (OSError, ValueError, pa.ArrowException) as err:
+        except (OSError, ValueError, pa.ArrowException, StorageError) as err:
             log.warning("%s: saved batch of parts %d..%d unreadable (%s); listing from there",
                         self.folder.uri, first, end - 1, err)
             return None
