@@ -1159,3 +1159,24 @@ def test_a_skip_log_keeps_every_record_in_order_as_columns(monkeypatch):
     assert len(log) == 8 and list(log.records()) == records and log.first(5) == records[:5]
     assert log.counts_by_kind() == {"bad image": 3, "missing label": 5}
     assert SkipLog().first(1) == [] and SkipLog().counts_by_kind() == {}
+
+
+def test_a_saved_batch_comes_back_in_one_chunk(tmp_path):
+    """A shard's rows are taken with a call per chunk they fall in: a batch read back must be one
+    chunk, as it was joined, not one per Parquet row group (1Mi rows by default)."""
+    import pyarrow as pa
+
+    from pipeline.storage import LocalStorage
+    from stages.data.listing import ListingBatch
+    from stages.data.saved_listing import SavedListing
+    from stages.data.sources import ListingPart
+
+    source, parts = ImageFolderSource("/d"), [ListingPart("a"), ListingPart("b")]
+    rows = (1 << 20) + 1
+    table = pa.table({"key": pa.array(np.arange(rows).astype(str)), "size": pa.array(np.arange(rows))})
+    saved = SavedListing(LocalStorage(tmp_path / "saved"), source, parts)
+    saved.start(resume=False)
+    saved.save(ListingBatch(0, 1, table, [], rows))
+    saved.close()
+    [batch] = SavedListing(LocalStorage(tmp_path / "saved"), source, parts).start(resume=True)
+    assert batch.table.equals(table) and batch.table.column("key").num_chunks == 1
