@@ -141,7 +141,7 @@ def plan_corpus_shards(corpus: Corpus, shard_samples: int) -> ShardSetup:
     source = ImageFolderSource(str(corpus.root))
     listing = Listing.of_items(source, source.items())
     order, duplicates = unique_key_order(listing)
-    skipped = listing.skipped.first(3) + duplicates[:3]
+    skipped = listing.skipped.first(3) + duplicates.first(3)
     if skipped or len(order) != corpus.images:
         raise RuntimeError(f"corpus {corpus.root}: {len(order)} usable images of {corpus.images}; skipped {skipped}")
     names = sorted(listing.codes("label")[1])

@@ -125,7 +125,7 @@ def measure_ours(n: int) -> dict[str, float]:
     for cut in sent:
         listing.rows(cut.rows)
     send_us = (time.perf_counter() - started_sending) / sum(len(cut.rows) for cut in sent) * 1e6
-    assert len(listing) == n and not duplicates and len(digests) == -(-n // SHARD_SAMPLES)
+    assert len(listing) == n and not len(duplicates) and len(digests) == -(-n // SHARD_SAMPLES)
     peak = (_peak_rss() - start_rss) / n
     del listing, cuts, digests
     saved_bytes = sum(o.size for o in folder.list())

@@ -370,7 +370,7 @@ class Ingest(Stage):
         listing = list_source(ctx, source, p.workers, saved=ctx.out.child(LISTING_DIR), resume=ctx.resumed)
         order, duplicates = unique_key_order(listing)
         skipped = listing.skipped
-        skipped.extend(duplicates)
+        skipped.add(duplicates)
         _check_skips(p, skipped, listing.inputs, len(skipped))  # now, not after every shard is written
         label_codes, labels = listing.codes("label")
         used = [labels[code] for code in np.unique(label_codes[order])]

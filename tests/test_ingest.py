@@ -83,7 +83,7 @@ def _plans(items, shard_samples, shard_bytes=None, shuffle_seed=None, source=Non
     """Listed as a listing task lists (columns), ordered and cut as the stage does; with items."""
     listing = Listing.of_items(source or ImageFolderSource("/d"), items)
     order, duplicates = unique_key_order(listing)
-    assert not duplicates
+    assert not len(duplicates)
     return [cut.plan(listing) for cut in plan_shards(listing, order, shard_samples, shard_bytes, shuffle_seed)]
 
 
@@ -859,7 +859,7 @@ def test_a_key_listed_in_two_parts_is_kept_once_with_a_reason(tmp_path):
     order, duplicates = unique_key_order(listing)
     assert [listing.items([row])[0].origin for row in order] == [f"{root}/a b/q.jpg", f"{root}/a b/r.jpg",
                                                                     f"{root}/c/q.jpg"]
-    assert duplicates == [{"origin": f"{root}/a_b/q.jpg", "kind": "duplicate key",
+    assert list(duplicates.records()) == [{"origin": f"{root}/a_b/q.jpg", "kind": "duplicate key",
                            "reason": f"duplicate key 'a_b/q' (kept {root}/a b/q.jpg)"}]
 
 
@@ -876,7 +876,7 @@ def test_keys_repeated_across_parts_each_name_the_first_kept_in_listing_order(mo
     listing = builder.finish()
     order, duplicates = unique_key_order(listing)
     assert [listing.items([row])[0].origin for row in order] == ["/d/a0.jpg", "/d/b0.jpg", "/d/c1.jpg"]
-    assert [(d["origin"], d["reason"]) for d in duplicates] == [
+    assert [(d["origin"], d["reason"]) for d in duplicates.records()] == [
         ("/d/a2.jpg", "duplicate key 'a' (kept /d/a0.jpg)"), ("/d/b1.jpg", "duplicate key 'b' (kept /d/b0.jpg)"),
         ("/d/b2.jpg", "duplicate key 'b' (kept /d/b0.jpg)")]
 
@@ -1159,6 +1159,9 @@ def test_a_skip_log_keeps_every_record_in_order_as_columns(monkeypatch):
     assert len(log) == 8 and list(log.records()) == records and log.first(5) == records[:5]
     assert log.counts_by_kind() == {"bad image": 3, "missing label": 5}
     assert SkipLog().first(1) == [] and SkipLog().counts_by_kind() == {}
+    both = SkipLog(records[:4])
+    both.add(SkipLog(records[4:]))  # columns and pending records of the other, after these
+    assert list(both.records()) == records and len(both) == 8
 
 
 def test_a_saved_batch_comes_back_in_one_chunk(tmp_path):

@@ -319,7 +319,7 @@ def _hash_values(digest: Any, values: pa.Array) -> None:
         digest.update(pc.fill_null(values, 0).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
 
 
-def unique_key_order(listing: Listing) -> tuple[np.ndarray, list[dict[str, str]]]:
+def unique_key_order(listing: Listing) -> tuple[np.ndarray, SkipLog]:
     """Rows in key order, the first in listing order of each key kept (the sort is stable), and a
     skip record for each later row with a key already taken. Keys are compared a window at a time,
     so no second copy of the key column is made."""
@@ -330,12 +330,16 @@ def unique_key_order(listing: Listing) -> tuple[np.ndarray, list[dict[str, str]]
         window = listing.take("key", order[start:start + _DUPLICATE_WINDOW + 1])
         same = pc.equal(window.slice(1), window.slice(0, len(window) - 1))
         keep[start + 1:start + len(window)] &= ~np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
-    dropped = np.flatnonzero(~keep)
+    dropped, kept_positions = np.flatnonzero(~keep), np.flatnonzero(keep)
     # The kept row of each dropped one: the last kept position at or before it (sorted keys).
-    firsts = np.flatnonzero(keep)[np.searchsorted(np.flatnonzero(keep), dropped, side="right") - 1]
-    items = listing.items(np.concatenate([order[dropped], order[firsts]]))  # one take per column
-    skipped = [duplicate_record(duplicate, kept.origin)
-               for duplicate, kept in zip(items[:len(dropped)], items[len(dropped):], strict=True)]
+    firsts = kept_positions[np.searchsorted(kept_positions, dropped, side="right") - 1]
+    skipped = SkipLog()  # millions of duplicates at 300M: records as columns, items a window at a time
+    for start in range(0, len(dropped), _DUPLICATE_WINDOW):
+        window = slice(start, start + _DUPLICATE_WINDOW)
+        items = listing.items(np.concatenate([order[dropped[window]], order[firsts[window]]]))  # a take per column
+        half = len(items) // 2
+        skipped.extend(duplicate_record(duplicate, kept.origin)
+                       for duplicate, kept in zip(items[:half], items[half:], strict=True))
     return order[keep], skipped
 
 

@@ -35,6 +35,12 @@ class SkipLog:
             if len(self._pending) >= _BATCH:
                 self._seal()
 
+    def add(self, other: SkipLog) -> None:
+        """``other``'s records after these, its columns taken as they are."""
+        self._seal()
+        self._tables.extend(other._tables)
+        self._pending = list(other._pending)
+
     def _seal(self) -> None:
         if self._pending:
             columns = {name: pa.array([record[name] for record in self._pending], pa.string()) for name in _FIELDS}
