@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -347,8 +348,10 @@ class Ingest(Stage):
         # The coordinator joins the listing and plans before any shard task starts: CPU-bound work
         # (bench/ingest_scale.py), so it declares a CPU and is not squeezed onto a full node (the
         # head beside the GCS). Ray lends that CPU back while it waits on the shard tasks, so they
-        # lose nothing. Its memory grows with the listing as columns, ~88 B per input at the
-        # peak: 2 GB covers ~20M inputs; `resources: {memory_gb: ...}` for more (300M: ~27 GB).
+        # lose nothing. Its heap grows with the listing: the columns (~51 B an input) are spilled
+        # to memory-mapped files in the node's TMPDIR (local disk; the kernel's page cache), and
+        # the plan's row numbers and scratch peak at ~33 B an input: 2 GB covers ~60M inputs;
+        # `resources: {memory_gb: ...}` for more (300M: ~10 GB, and ~15 GB of local disk).
         return StageResources(cpus=1, memory_gb=2)
 
     @classmethod
@@ -367,7 +370,11 @@ class Ingest(Stage):
     def _copy(self, ctx: StageContext, p: IngestParams, source: Source) -> None:
         import ray
 
-        listing = list_source(ctx, source, p.workers, saved=ctx.out.child(LISTING_DIR), resume=ctx.resumed)
+        # Spilled to the node's local temporary folder (TMPDIR): the columns leave the heap.
+        listing = list_source(ctx, source, p.workers, saved=ctx.out.child(LISTING_DIR), resume=ctx.resumed,
+                              spill_dir=tempfile.gettempdir())
+        ctx.metrics["listing"] = {"inputs": listing.inputs, "columns_bytes": listing.table.nbytes,
+                                  "spilled_to": listing.spilled_to}
         order, duplicates = unique_key_order(listing)
         skipped = listing.skipped
         skipped.add(duplicates)
@@ -462,25 +469,36 @@ class Ingest(Stage):
                         len(kept), source.storage.uri, unusable, len(ordered) - len(kept))
 
 
-# The coordinator's peak memory from listing to plan over what the joined listing columns hold
-# (bench/ingest_scale.py: the sort's row numbers, the plan's, a window of keys; measured ~1.5).
+# The coordinator's peak heap from listing to plan over what the joined listing columns hold
+# (bench/ingest_scale.py at 10M inputs): held in the heap, the columns and the sort's row numbers,
+# the plan's, a window of keys (measured ~1.7); spilled to memory-mapped files, the latter (~0.65).
 PLANNING_OVERHEAD = 2.0
+SPILLED_PLANNING_OVERHEAD = 1.0
 
 
-def check_listing_fits(listed_bytes: int, parts_done: int, parts: int, available: int, where: str) -> None:
+def check_listing_fits(listed_bytes: int, parts_done: int, parts: int, available: int, where: str,
+                       spill_free: int | None = None) -> None:
     """Fail now, in one line, when the listing is on course (projected from the parts listed so
-    far) to need more than ``available`` bytes in the coordinator: better than the coordinator
-    killed for memory after listing for an hour, and retried to be killed again (pure)."""
-    needed = int(listed_bytes * parts / max(parts_done, 1) * PLANNING_OVERHEAD)
+    far) to need more than ``available`` bytes of heap in the coordinator — or, spilled, more disk
+    than the ``spill_free`` bytes left in the spill folder: better than the coordinator killed for
+    memory (or out of disk) after listing for an hour, and retried to fail again (pure)."""
+    projected = listed_bytes * parts / max(parts_done, 1)
+    progress = f"{where}: the listing, projected from {parts_done} of {parts} parts,"
+    if spill_free is not None and projected - listed_bytes > spill_free:
+        raise VitpipeError(
+            f"{progress} needs ~{(projected - listed_bytes) / 1e9:.1f} GB more of local disk in the ingest "
+            f"coordinator's temporary folder, {spill_free / 1e9:.1f} GB free: point TMPDIR at a larger local disk "
+            "on the coordinator's node, ingest the corpus in pieces, or use mode: index for webdataset shards")
+    needed = int(projected * (PLANNING_OVERHEAD if spill_free is None else SPILLED_PLANNING_OVERHEAD))
     if needed > available:
         raise VitpipeError(
-            f"{where}: the listing, projected from {parts_done} of {parts} parts, needs ~{needed / 1e9:.1f} GB in the "
+            f"{progress} needs ~{needed / 1e9:.1f} GB in the "
             f"ingest coordinator, {available / 1e9:.1f} GB available: give the stage more (resources: {{memory_gb: ...}}, "
             "on a node that has it), ingest the corpus in pieces, or use mode: index for webdataset shards")
 
 
 def list_source(ctx: StageContext | None, source: Source, workers: int, available_bytes: int | None = None,
-                saved: Storage | None = None, resume: bool = False) -> Listing:
+                saved: Storage | None = None, resume: bool = False, spill_dir: str | None = None) -> Listing:
     """The source's listing, as columns: its parts (class folders, source shards, Parquet files)
     listed and screened by ``workers`` Ray tasks at a time and joined in part order — the rows one
     process listing it all would find (``bench/ingest_scale.py --listing`` measures 1 against 2
@@ -490,20 +508,23 @@ def list_source(ctx: StageContext | None, source: Source, workers: int, availabl
     a part fails); with ``resume``, the batches saved there before are read back and only the
     parts after them listed (:mod:`stages.data.saved_listing`).
 
-    After the first parts (2%, at least 16) and at every tenth of them, the memory the whole
-    listing will take is projected and checked against ``available_bytes`` (default: what the
-    machine has available now, plus what the listing holds already)."""
+    ``spill_dir``: a local folder where each joined batch is moved out of the heap, into a
+    memory-mapped file (:func:`~stages.data.listing.spill`).
+
+    After the first parts (2%, at least 16) and at every tenth of them, the memory (and spill
+    disk) the whole listing will take is projected and checked against ``available_bytes``
+    (default: what the machine has available now, plus what the listing holds in the heap)."""
     parts = source.parts()
     if len(parts) <= 1:
         builder = ListingBuilder(source)
         builder.add(encode_chunk(source, source.items()))
         return builder.finish()
     store = SavedListing(saved, source, parts) if saved is not None else None
-    builder = ListingBuilder(source, on_batch=store.save if store else None)
+    builder = ListingBuilder(source, on_batch=store.save if store else None, spill_dir=spill_dir)
     try:
         for batch in store.start(resume) if store else []:
             builder.add_batch(batch)
-        _list_parts(ctx, source, parts, builder, workers, available_bytes)
+        _list_parts(ctx, source, parts, builder, workers, available_bytes, spill_dir)
     except Exception:
         if store:  # what was joined is saved, so that a resumed ingest lists from the failed part
             builder.flush()
@@ -519,8 +540,10 @@ def list_source(ctx: StageContext | None, source: Source, workers: int, availabl
 
 
 def _list_parts(ctx: StageContext | None, source: Source, parts: list[ListingPart], builder: ListingBuilder,
-                workers: int, available_bytes: int | None) -> None:
+                workers: int, available_bytes: int | None, spill_dir: str | None) -> None:
     """List ``parts`` after those ``builder`` has joined already, into ``builder``."""
+    import shutil
+
     import psutil
     import ray
 
@@ -546,9 +569,12 @@ def _list_parts(ctx: StageContext | None, source: Source, parts: list[ListingPar
             record_end = chunk.span and chunk.span[1]
             next_part += 1
         if start + done in checks:
-            held = builder.nbytes + sum(len(c.data) for c in waiting.values())
-            available = available_bytes or psutil.virtual_memory().available + held
-            check_listing_fits(held, start + done, len(parts), available, getattr(source, "root", type(source).__name__))
+            unjoined = sum(len(c.data) for c in waiting.values())
+            in_heap = unjoined + (builder.pending_bytes if spill_dir else builder.nbytes)
+            available = available_bytes or psutil.virtual_memory().available + in_heap
+            check_listing_fits(builder.nbytes + unjoined, start + done, len(parts), available,
+                               getattr(source, "root", type(source).__name__),
+                               shutil.disk_usage(spill_dir).free if spill_dir else None)
 
     _run_tasks(ctx, remote, [str(n) for n in range(start, len(parts))], lambda name: (source_ref, parts[int(name)]),
                workers, len(parts), "listing", on_result=on_part, keep=False)

@@ -6,7 +6,10 @@ import csv
 import dataclasses
 import io
 import json
+import os
+import re
 import tarfile
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -788,6 +791,70 @@ def test_a_listing_joined_in_batches_gives_the_items_of_any_rows(monkeypatch):
     assert list(listing.sizes(rows)) == [every[r].size for r in rows]
 
 
+def _mapped_file(address: int) -> str:
+    """The file mapped at ``address`` in this process (``/proc/self/maps``), its random part cut."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)  # address range, permissions, offset, device, inode, path
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return re.sub(r"-[0-9a-f]{32}\.arrow", "", fields[5].strip() if len(fields) > 5 else "")
+    return ""
+
+
+def test_a_spilled_listing_holds_its_columns_in_mapped_files_not_the_heap(monkeypatch, tmp_path):
+    """With a spill folder each joined batch (and a batch read back on resume) moves out of Arrow's
+    heap into a memory-mapped file, unlinked at once: the listing reads as before, the heap does
+    not grow with its columns, and nothing is left in the folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.data import listing as listing_module
+    from stages.data.listing import ListingBatch, ListingBuilder, encode_chunk
+
+    monkeypatch.setattr(listing_module, "_COMBINE_BYTES", 1)  # a batch per chunk: dictionaries unified at the end
+    source = ImageFolderSource("/d")
+    parts = [[_item(f"c{c}/img_{i:06d}", label=f"c{c}", size=i) for i in range(3000)] for c in range(4)]
+    chunks = [encode_chunk(source, part) for part in parts]
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    first = ListingBuilder(source)  # what a resumed ingest reads back: the first batch, saved as Parquet
+    first.add(chunks[0])
+    saved = pa.BufferOutputStream()
+    pq.write_table(first.finish().table, saved)
+    before = pa.total_allocated_bytes()
+    builder = ListingBuilder(source, spill_dir=str(spill_dir))
+    builder.add_batch(ListingBatch(0, 1, pq.read_table(saved.getvalue()).combine_chunks(), [], 3000))
+    for chunk in chunks[1:]:
+        builder.add(chunk)
+    listing = builder.finish()
+    grown = pa.total_allocated_bytes() - before
+    assert grown < listing.table.column("key").nbytes // 2, (grown, listing.table.nbytes)  # dictionary codes only
+    keys = listing.table.column("key").chunks
+    assert len(keys) == 4 and not list(spill_dir.iterdir())
+    assert {_mapped_file(chunk.buffers()[2].address) for chunk in keys} == {f"{spill_dir}/vitpipe-listing (deleted)"}
+    every = [item for part in parts for item in part]
+    rows = np.random.default_rng(0).permutation(len(every))[:500]
+    assert listing.items(rows) == [every[r] for r in rows]
+    assert len(listing) == listing.inputs == 12000
+
+
+def test_a_spill_folder_in_memory_is_named_in_a_warning(caplog):
+    """The file system a folder is on: the longest mount point holding it. Spilling to a tmpfs
+    (a RAM-backed /tmp) would save no memory, so it is warned of."""
+    from stages.data.listing import ListingBuilder, filesystem_type
+
+    mounts = ("/dev/sda1 / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n/dev/nvme0n1 /tmp/scratch xfs rw 0 0\n"
+              "tmpfs /mnt/my\\040disk tmpfs rw 0 0\n")
+    assert [filesystem_type(path, mounts) for path in ("/tmp", "/tmp/x", "/tmp/scratch/y", "/tmpfoo", "/mnt/my disk/z")] \
+        == ["tmpfs", "tmpfs", "xfs", "ext4", "tmpfs"]
+    ListingBuilder(ImageFolderSource("/d"), spill_dir="/dev/shm")  # a tmpfs on Linux
+    assert "/dev/shm is on tmpfs (memory)" in caplog.text
+    caplog.clear()
+    ListingBuilder(ImageFolderSource("/d"), spill_dir=os.path.dirname(os.path.abspath(__file__)))
+    assert "memory" not in caplog.text
+
+
 def test_a_shard_digest_follows_its_rows_content_not_how_the_listing_is_held(monkeypatch):
     """A resumed ingest keeps a finished shard when its digest matches: the same rows give the
     same digest however the listing was batched; another source path, class index or setting
@@ -927,12 +994,25 @@ def test_a_shard_writer_reads_only_its_own_samples_of_each_source_shard(tmp_path
 def test_a_listing_that_will_not_fit_in_memory_fails_early_in_one_line(tmp_path):
     from pipeline.errors import VitpipeError
     from stages.data.sources import ImageFolderSource
-    from stages.ingest import PLANNING_OVERHEAD, _list_part, check_listing_fits, list_source
+    from stages.ingest import (
+        PLANNING_OVERHEAD,
+        SPILLED_PLANNING_OVERHEAD,
+        _list_part,
+        check_listing_fits,
+        list_source,
+    )
 
     check_listing_fits(1000, 10, 300, int(30_000 * PLANNING_OVERHEAD), "s3://b/c")  # exactly fits
     with pytest.raises(VitpipeError, match=r"^s3://b/c: the listing, projected from 10 of 300 parts, needs ~0.0 GB "
                                            r"in the ingest coordinator"):
         check_listing_fits(1000, 10, 300, int(30_000 * PLANNING_OVERHEAD) - 1, "s3://b/c")
+    # Spilled: the heap needs less, and the rest of the columns (29,000 bytes more) must fit on disk.
+    check_listing_fits(1000, 10, 300, int(30_000 * SPILLED_PLANNING_OVERHEAD), "s3://b/c", spill_free=29_000)
+    with pytest.raises(VitpipeError, match=r"needs ~0.0 GB in the ingest coordinator"):
+        check_listing_fits(1000, 10, 300, int(30_000 * SPILLED_PLANNING_OVERHEAD) - 1, "s3://b/c", spill_free=29_000)
+    with pytest.raises(VitpipeError, match=r"^s3://b/c: the listing, projected from 10 of 300 parts, needs ~0.0 GB "
+                                           r"more of local disk .* point TMPDIR at a larger local disk"):
+        check_listing_fits(1000, 10, 300, 10**9, "s3://b/c", spill_free=28_999)
     root = tmp_path / "classes"
     for c in range(20):  # 20 class folders of 3: the first check comes after the 16th part
         (root / f"c{c:02d}").mkdir(parents=True)
@@ -944,6 +1024,10 @@ def test_a_listing_that_will_not_fit_in_memory_fails_early_in_one_line(tmp_path)
     assert len(list_source(None, source, 2, available_bytes=whole)) == 60
     with pytest.raises(VitpipeError, match=r"projected from 16 of 20 parts"):
         list_source(None, source, 2, available_bytes=whole - 1)
+    spilled = int(20 * part_bytes * SPILLED_PLANNING_OVERHEAD)  # the columns out of the heap: it needs less
+    assert len(list_source(None, source, 2, available_bytes=spilled, spill_dir=str(tmp_path))) == 60
+    with pytest.raises(VitpipeError, match=r"projected from 16 of 20 parts"):
+        list_source(None, source, 2, available_bytes=spilled - 1, spill_dir=str(tmp_path))
 
 
 class _FailingFolderSource(ImageFolderSource):
@@ -983,10 +1067,16 @@ def test_a_failed_listing_is_resumed_from_its_saved_batches_listing_only_the_res
     with pytest.raises(Exception, match="c07: listing failed"):  # one task at a time: parts 0-6 listed first
         list_source(None, source, 1, saved=saved)
     parts = source.parts()
-    batches = SavedListing(saved, source, parts).start(resume=True)
+    batches = list(SavedListing(saved, source, parts).start(resume=True))
     # Parts 0-2 and 3-5 saved as batches; part 6, joined but not yet in a batch, saved at the failure.
     assert [(b.first_part, b.end_part) for b in batches] == [(0, 3), (3, 6), (6, 7)]
     assert sum(len(b.table) for b in batches) == 14
+    reads = []  # read back one at a time, as the coordinator spills each: never the whole listing in the heap
+    with monkeypatch.context() as patch:
+        patch.setattr(SavedListing, "_read", lambda self, first, end: reads.append(first) or batches[len(reads) - 1])
+        reading = SavedListing(saved, source, parts).start(resume=True)
+        assert reads == [] and next(reading).end_part == 3 and reads == [0]
+        assert [b.end_part for b in reading] == [6, 7] and reads == [0, 3, 6]
 
     (root / "c00" / "new.jpg").write_bytes(b"new")  # in a saved part: not seen when resumed
     (root / "c09" / "new.jpg").write_bytes(b"new")  # in a part still to list: seen
@@ -1033,6 +1123,8 @@ def test_a_resumed_ingest_reads_its_listing_back_and_writes_the_same_shards(tmp_
     store2, manifest2 = run_ingest(uri, params)
     assert record(manifest2).inputs == 12
     assert [o.model_dump() for o in manifest2.outputs] == [o.model_dump() for o in manifest.outputs]
+    # Both times the coordinator moved the listing's columns out of its heap, to its temporary folder.
+    assert [m.metrics["listing"]["spilled_to"] for m in (manifest, manifest2)] == [tempfile.gettempdir()] * 2
 
 
 def test_mode_copy_reads_each_image_of_a_local_webdataset_source_once(tmp_path):

@@ -5,25 +5,30 @@ as :class:`~stages.data.sources.SourceItem` s, screens them (:func:`screen_items
 the kept ones as a :class:`ListingChunk`: an Arrow IPC stream of the columns below plus the skip
 records. The coordinator joins the chunks into a :class:`Listing` — copied into batches (at least
 16 MB, and a sixteenth of what is joined) as they come, so the chunks do not pile up; each batch
-saved to the stage folder as it is made (:mod:`stages.data.saved_listing`) — and plans shards from
-its columns (``stages.ingest.plan_shards``). Items are made again only in the task that writes a
+saved to the stage folder as it is made (:mod:`stages.data.saved_listing`) and, given a spill
+folder on local disk, moved out of the heap into a memory-mapped file (:func:`spill`) — and plans
+shards from its columns (``stages.ingest.plan_shards``). Items are made again only in the task that writes a
 shard (and in tests). Skip records are held as columns too (:class:`~stages.data.skips.SkipLog`).
 
 Columns: ``key`` (string), ``split`` (dictionary, int8 indices), ``label`` (dictionary, int32
 indices), ``size`` (int64, null when unknown), and the source's own locator columns
 (:meth:`Source.locator_columns`): for an ImageFolder an extension code and a path that is null
 unless it differs from key + extension, so a folder input costs its key and ~18 bytes
-(``bench/ingest_scale.py``: ~51 B an input as columns, ~88 at the peak from listing to plan, against
-~630 B as Python objects).
+(``bench/ingest_scale.py``: ~51 B an input as columns, ~88 at the peak from listing to plan held in
+the heap, against ~630 B as Python objects; spilled, the heap holds the plan's row numbers and
+scratch, and the columns are file pages the kernel can drop and read back).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import posixpath
+import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,8 +42,10 @@ from stages.data.skips import SkipLog
 if TYPE_CHECKING:
     from stages.data.sources import Source, SourceItem
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ListingChunk", "ListingBatch", "ListingRows", "Listing", "ListingBuilder", "encode_chunk", "screen_items",
-           "skip_record", "small_dictionary", "unique_key_order", "row_numbers", "BASE_COLUMNS"]
+           "skip_record", "small_dictionary", "spill", "filesystem_type", "unique_key_order", "row_numbers", "BASE_COLUMNS"]
 
 BASE_COLUMNS = ("key", "split", "label", "size")
 _SMALL = pa.dictionary(pa.int8(), pa.string())  # splits, extensions: a handful of values
@@ -145,11 +152,13 @@ class ListingRows:
 class Listing:
     """Every kept input of a source as columns, in listing order (row numbers address them)."""
 
-    def __init__(self, source: Source, table: pa.Table, skipped: SkipLog, inputs: int) -> None:
+    def __init__(self, source: Source, table: pa.Table, skipped: SkipLog, inputs: int,
+                 spilled_to: str | None = None) -> None:
         self.source = source
         self.table = table
         self.skipped = skipped  # screened out in the listing tasks
         self.inputs = inputs  # kept + skipped
+        self.spilled_to = spilled_to  # the folder whose (unlinked) files hold the columns, if not the heap
         lengths = [len(chunk) for chunk in table.column(0).chunks]  # every column is chunked alike
         self._offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
 
@@ -244,13 +253,69 @@ class ListingBatch:
     record_end: int | None = None
 
 
+def spill(table: pa.Table, folder: str) -> pa.Table:
+    """``table`` written to an Arrow IPC file in ``folder`` and read back memory-mapped (no copy):
+    its columns leave the heap and become file pages, which the kernel drops under memory pressure
+    and reads back when touched, instead of the coordinator being killed for memory. The file is
+    unlinked at once — the mapping keeps it until the table is freed — so nothing is left behind,
+    whatever ends the process. ``folder`` should be a local disk (not NFS): the plan reads the
+    columns at random (the key sort)."""
+    path = os.path.join(folder, f"vitpipe-listing-{uuid.uuid4().hex}.arrow")
+    try:
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+# File systems whose files are memory: spilling to them moves the columns from the heap to
+# shared memory, which the kernel cannot drop (only swap).
+_MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
+
+
+def filesystem_type(path: str, mounts: str) -> str:
+    """The type of the file system ``path`` is on, from ``mounts`` (``/proc/mounts``'s text): the
+    longest mount point that contains it (pure)."""
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def warn_if_memory_backed(folder: str) -> None:
+    """A warning when ``folder`` is on a memory file system (a tmpfs ``/tmp``): spilled there, the
+    listing saves no memory."""
+    try:
+        with open("/proc/mounts") as mounts:
+            kind = filesystem_type(os.path.realpath(folder), mounts.read())
+    except OSError:  # not Linux: nothing to tell
+        return
+    if kind in _MEMORY_FILESYSTEMS:
+        log.warning("%s is on %s (memory): the listing spilled there stays in memory; set TMPDIR to a local "
+                    "disk on the ingest coordinator's node", folder, kind)
+
+
 class ListingBuilder:
     """Joins chunks, one per part in part order, as they arrive, copying them into batches (their
-    transport buffers freed); ``on_batch`` hears of each batch as it is made."""
+    transport buffers freed); ``on_batch`` hears of each batch as it is made. With ``spill_dir``
+    each batch is then moved out of the heap (:func:`spill`): at 300M inputs the columns are ~15 GB
+    of file pages rather than heap the coordinator must hold."""
 
-    def __init__(self, source: Source, on_batch: Callable[[ListingBatch], None] | None = None) -> None:
+    def __init__(self, source: Source, on_batch: Callable[[ListingBatch], None] | None = None,
+                 spill_dir: str | None = None) -> None:
         self.source = source
         self._on_batch = on_batch
+        self._spill_dir = spill_dir
+        if spill_dir is not None:
+            warn_if_memory_backed(spill_dir)
         self._batches: list[pa.Table] = []
         self._pending: list[ListingChunk] = []
         self._pending_bytes = 0
@@ -259,6 +324,11 @@ class ListingBuilder:
         self.parts = 0  # parts joined so far (pending ones included)
         self.record_end: int | None = None  # where the last part's records end (a list file's byte range)
         self.nbytes = 0  # what the joined columns hold so far
+
+    @property
+    def pending_bytes(self) -> int:
+        """What the chunks not yet joined hold in the heap."""
+        return self._pending_bytes
 
     def add(self, chunk: ListingChunk) -> None:
         self.nbytes += len(chunk.data)
@@ -276,7 +346,7 @@ class ListingBuilder:
         self.nbytes += batch.table.nbytes
         self.parts = batch.end_part
         self.record_end = batch.record_end
-        self._keep(batch)
+        self._keep(self._spilled(batch))
 
     def flush(self) -> None:
         """Join the pending chunks into a batch now (also when listing fails: what is joined is saved)."""
@@ -284,12 +354,19 @@ class ListingBuilder:
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
             # One dictionary per batch, then one contiguous copy: the chunks' bytes are let go.
             table = pa.concat_tables([chunk.table() for chunk in chunks]).unify_dictionaries().combine_chunks()
-            batch = ListingBatch(self.parts - len(chunks), self.parts, table,
-                                 [record for chunk in chunks for record in chunk.skipped],
-                                 sum(chunk.inputs for chunk in chunks), chunks[-1].span and chunks[-1].span[1])
+            batch = self._spilled(ListingBatch(self.parts - len(chunks), self.parts, table,
+                                               [record for chunk in chunks for record in chunk.skipped],
+                                               sum(chunk.inputs for chunk in chunks),
+                                               chunks[-1].span and chunks[-1].span[1]))
+            del table, chunks  # spilled: the heap copy goes now, not when the saving thread is done
             self._keep(batch)
             if self._on_batch is not None:
                 self._on_batch(batch)
+
+    def _spilled(self, batch: ListingBatch) -> ListingBatch:
+        if self._spill_dir is None:
+            return batch
+        return replace(batch, table=spill(batch.table, self._spill_dir))
 
     def _keep(self, batch: ListingBatch) -> None:
         self._batches.append(batch.table)
@@ -302,7 +379,7 @@ class ListingBuilder:
             raise VitpipeError("the listing has no parts")
         table = pa.concat_tables(self._batches).unify_dictionaries()
         self._batches = []
-        return Listing(self.source, table, self.skipped, self.inputs)
+        return Listing(self.source, table, self.skipped, self.inputs, self._spill_dir)
 
 
 def _hash_values(digest: Any, values: pa.Array) -> None:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -75,10 +76,12 @@ class SavedListing:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="save-listing")
         self._writes: list[Future[None]] = []
 
-    def start(self, resume: bool) -> list[ListingBatch]:
+    def start(self, resume: bool) -> Iterator[ListingBatch]:
         """The saved batches, in part order from part 0, that this listing can use (none unless
-        ``resume``); anything else in the folder (another parts list, a batch after a gap or
-        unreadable) is removed, so that no stale batch joins a later chain."""
+        ``resume``), each read when asked for: the coordinator spills one before the next is
+        read, so a resume does not hold the whole listing in its heap. Anything else in the
+        folder (another parts list, a batch after a gap, one unreadable and those after it) is
+        removed — now, or when the reading reaches it — so that no stale batch joins a later chain."""
         saved = self._read_parts_file() if resume else None
         if saved != {"parts": self.parts, "digest": self.digest}:
             if saved is not None:
@@ -86,26 +89,33 @@ class SavedListing:
                             self.folder.uri)
             self.folder.delete_prefix("")
             self.folder.write_text(_PARTS_FILE, json.dumps({"parts": self.parts, "digest": self.digest}) + "\n")
-            return []
+            return iter(())
         files = {o.path.rsplit("/", 1)[-1] for o in self.folder.list()}
         spans = sorted((int(m.group(1)), int(m.group(2))) for m in map(_BATCH.match, files) if m)
-        batches: list[ListingBatch] = []
+        chain: list[tuple[int, int]] = []
         for first, end in spans:
-            at = batches[-1].end_part if batches else 0
-            if first != at or not first < end <= self.parts:
-                continue
+            if first == (chain[-1][1] if chain else 0) and first < end <= self.parts:
+                chain.append((first, end))
+            else:  # not in the chain: would be listed again, and saved again
+                self._delete(first, end)
+        return self._read_chain(chain)
+
+    def _read_chain(self, chain: list[tuple[int, int]]) -> Iterator[ListingBatch]:
+        reached = 0
+        for n, (first, end) in enumerate(chain):
             batch = self._read(first, end)
-            if batch is None:
+            if batch is None:  # listed again from here: this batch and the rest of the chain go
+                for span in chain[n:]:
+                    self._delete(*span)
                 break
-            batches.append(batch)
-        reached = batches[-1].end_part if batches else 0
-        for first, end in spans:  # not in the chain: would be listed again, and saved again
-            if not any(b.first_part == first and b.end_part == end for b in batches):
-                for name in _names(first, end):
-                    self.folder.delete(name)
-        if batches:
+            reached = end
+            yield batch
+        if reached:
             log.info("%s: %d of %d parts read back from the saved listing", self.folder.uri, reached, self.parts)
-        return batches
+
+    def _delete(self, first: int, end: int) -> None:
+        for name in _names(first, end):
+            self.folder.delete(name)
 
     def _read_parts_file(self) -> dict | None:
         if not self.folder.exists(_PARTS_FILE):
