@@ -33,7 +33,14 @@ from pipeline.errors import ConfigError, RunLockLostError, StageFailedError, Vit
 from pipeline.events import EventLog
 from pipeline.fingerprint import accepted_fingerprints, result_params, stage_fingerprint, stage_fingerprints
 from pipeline.lock import RunLock, acquire_run_lock
-from pipeline.manifest import MANIFEST_NAME, Manifest, manifest_digest, read_manifest, verify_outputs
+from pipeline.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestHead,
+    manifest_digest,
+    read_manifest,
+    verify_outputs,
+)
 from pipeline.preflight import infeasible_reason, task_demand
 from pipeline.runner import StageResult, StageTask, stage_folder
 from pipeline.state import RunState, StageState, load_state, save_state
@@ -70,7 +77,7 @@ def _changed_params(type_name: str, params: Mapping[str, Any], manifest: Manifes
     return sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
 
 
-def _config_difference(spec: StageSpec, manifest: Manifest) -> str | None:
+def _config_difference(spec: StageSpec, manifest: ManifestHead) -> str | None:
     """How a stage's config differs from the one its committed manifest was made with (None: the
     type, the input roles and the result params are the same)."""
     if manifest.type != spec.type:
@@ -81,7 +88,7 @@ def _config_difference(spec: StageSpec, manifest: Manifest) -> str | None:
     return f"config changed ({', '.join(changed)})" if changed else None
 
 
-def _older_fingerprint_holds(manifest: Manifest, seed: int) -> bool:
+def _older_fingerprint_holds(manifest: ManifestHead, seed: int) -> bool:
     """Whether a manifest from before execution params left the fingerprint (it hashed every
     param) was made with this seed: its fingerprint recomputed from what it recorded matches."""
     inputs = {role: record.fingerprint for role, record in manifest.inputs.items()}
@@ -89,7 +96,7 @@ def _older_fingerprint_holds(manifest: Manifest, seed: int) -> bool:
 
 
 def matching_manifests(config: RunConfig, accepted: Mapping[str, Collection[str]],
-                       manifests: Mapping[str, Manifest | None]) -> set[str]:
+                       manifests: Mapping[str, ManifestHead | None]) -> set[str]:
     """The stages whose committed manifest was made with this config, their inputs' included.
 
     ``accepted``: per stage, the fingerprints that mean its current config (a fingerprint covers

@@ -16,7 +16,7 @@ from pipeline.engine import (
 )
 from pipeline.fingerprint import accepted_fingerprints
 from pipeline.lock import is_run_locked
-from pipeline.manifest import read_manifest
+from pipeline.manifest import read_manifest, read_manifest_head
 from pipeline.runner import stage_folder
 from pipeline.state import load_state
 from pipeline.storage import Storage
@@ -46,7 +46,8 @@ def collect_status(storage: Storage) -> tuple[str, list[StatusRow]]:
     state = load_state(storage, config.name)
     live = is_run_locked(storage)
     graph = {name: list(spec.inputs.values()) for name, spec in config.stages.items()}
-    manifests = {name: read_manifest(storage.child(stage_folder(name))) for name in config.stages}
+    # Heads only (a 300k-shard ingest's manifest is ~50 MB, its head ~1 KB): status needs no output list.
+    manifests = {name: read_manifest_head(storage.child(stage_folder(name))) for name in config.stages}
     matched = matching_manifests(config, accepted_fingerprints(config), manifests)
     rows = []
     for name in dag.topological_order(graph):
@@ -65,14 +66,14 @@ def collect_status(storage: Storage) -> tuple[str, list[StatusRow]]:
         duration = st.duration_s if st and st.duration_s is not None else None
         if duration is None and manifest is not None:
             duration = manifest.timings.get("duration_s")
-        outputs = manifest.outputs if manifest is not None and status == "done" else []
+        totals = manifest.totals if manifest is not None and status == "done" else None
         rows.append(StatusRow(
             stage=name,
             type=spec.type,
             state=status,
             duration_s=duration,
-            outputs=len(outputs),
-            output_bytes=sum(o.size for o in outputs),
+            outputs=totals.count if totals else 0,
+            output_bytes=totals.bytes if totals else 0,
             error=(st.error or "") if st and status in ("failed", "interrupted", "blocked") else "",
             previous=_set_aside_note(storage, name),
         ))
@@ -100,7 +101,7 @@ def collect_headlines(storage: Storage) -> list[tuple[str, str | None, list[str]
     config = read_run_config(storage)
     found = []
     for name in config.stages:
-        manifest = read_manifest(storage.child(stage_folder(name)))
+        manifest = read_manifest_head(storage.child(stage_folder(name)))
         if manifest is not None and manifest.metrics.get("headline"):
             found.append((name, manifest.metrics.get("report"), list(manifest.metrics["headline"])))
     return found
