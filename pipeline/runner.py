@@ -23,7 +23,7 @@ from pipeline.errors import VitpipeError
 from pipeline.logsetup import configure_logging
 from pipeline.manifest import InputRecord, Manifest, commit_manifest, package_versions
 from pipeline.stage import StageContext, StageInput
-from pipeline.storage import open_storage
+from pipeline.storage import Storage, open_storage
 from pipeline.trackers import TrackerIds
 
 __all__ = ["StageTask", "StageResult", "execute_stage", "stage_folder", "ERROR_FILE"]
@@ -79,6 +79,19 @@ def _one_line(err: BaseException) -> str:
     else:
         text = f"{type(err).__name__}: {err}"
     return " ".join(text.split()) or type(err).__name__
+
+
+def _remove_working_dirs(out: Storage, folders: tuple[str, ...]) -> None:
+    """After the commit: a failure here costs storage, not the stage (logged, not raised)."""
+    for folder in folders:
+        try:
+            removed = out.delete_prefix(f"{folder}/")
+        except Exception as err:  # noqa: BLE001 - the stage is committed; what is left is only space
+            log.warning("%s: could not remove the stage's working files (%s); they are safe to delete",
+                        out.uri_of(folder), _one_line(err))
+        else:
+            if removed:
+                log.debug("%s: %d working files removed after the commit", out.uri_of(folder), removed)
 
 
 def execute_stage(task: StageTask) -> StageResult:
@@ -140,6 +153,7 @@ def execute_stage(task: StageTask) -> StageResult:
         )
         out.delete(ERROR_FILE)
         commit_manifest(out, manifest)
+        _remove_working_dirs(out, stage_cls.working_dirs)
         return StageResult(task.name, ok=True, manifest=manifest.model_dump(mode="json"), duration_s=duration)
     except Exception as err:  # noqa: BLE001 - reported as the stage's failure, traceback kept on disk
         line = _one_line(err)

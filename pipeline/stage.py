@@ -53,6 +53,9 @@ class Stage:
     input_roles: ClassVar[tuple[str, ...]] = ()
     # Stages such as a report may read any number of upstream stages.
     accepts_extra_inputs: ClassVar[bool] = False
+    # Folders of the stage folder that only a resume of an unfinished run reads (never outputs,
+    # never checkpoints): removed once the manifest is committed, when nothing can read them again.
+    working_dirs: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def default_resources(cls) -> StageResources:

@@ -342,6 +342,7 @@ def _read_stats(out: Storage, paths: list[str], record: type[T], readers: int = 
 @register_stage("ingest")
 class Ingest(Stage):
     Params = IngestParams
+    working_dirs = (LISTING_DIR,)  # the saved listing: for a resume before the commit, dead weight after
 
     @classmethod
     def default_resources(cls) -> StageResources:

@@ -305,3 +305,26 @@ def test_a_failed_ray_task_inside_a_stage_is_reported_as_what_it_raised_not_its_
     with pytest.raises(ray.exceptions.RayTaskError) as err:
         ray.get(write_shard.remote())
     assert _one_line(err.value) == "s3://b/run/shard.tar: cannot reach http://127.0.0.1:1; check AWS_ENDPOINT_URL"
+
+
+def test_working_files_are_removed_after_the_commit_and_a_failure_to_is_only_logged(tmp_path, caplog):
+    """A stage's working folders (ingest's saved listing) go once its manifest is committed; if
+    they cannot be removed, the committed stage stands and the log names what is left."""
+    from pipeline.runner import _remove_working_dirs
+
+    out = LocalStorage(tmp_path / "stage")
+    out.write_text("listing/parts.json", "{}")
+    out.write_text("listing/parts-0000000-0000003.parquet", "x")
+    out.write_text("shards/train-000000.tar", "kept")
+    _remove_working_dirs(out, ("listing",))
+    assert [o.path for o in out.list()] == ["shards/train-000000.tar"]
+
+    class Stuck(LocalStorage):
+        def delete_prefix(self, prefix=""):
+            raise OSError("permission denied")
+
+    stuck = Stuck(tmp_path / "stage")
+    stuck.write_text("listing/parts.json", "{}")
+    _remove_working_dirs(stuck, ("listing",))
+    assert "could not remove the stage's working files (OSError: permission denied); they are safe to delete" \
+        in caplog.text

@@ -521,6 +521,14 @@ def test_ingest_to_and_from_s3_and_resumed_there_from_its_saved_listing(s3_endpo
     assert len(keys) == len(set(keys)) == 8
 
     # Killed after listing: the listing saved on S3 is read back (an object added since is not seen).
+    # Once committed, the stage's saved listing is removed: what a killed coordinator would have
+    # left is saved again the way it saves it.
+    assert store.list("listing") == []
+    from pipeline.config import StorageSettings
+    from stages.ingest import list_source
+
+    source = ImageFolderSource(f"s3://{s3_bucket}/src", StorageSettings(endpoint_url=s3_endpoint))
+    list_source(None, source, 2, saved=store.child("listing"))
     assert any(o.path.endswith(".parquet") for o in store.list("listing"))
     store.delete_prefix("shards")
     store.delete("manifest.json")
@@ -1107,6 +1115,8 @@ def test_a_failed_listing_is_resumed_from_its_saved_batches_listing_only_the_res
 
 
 def test_a_resumed_ingest_reads_its_listing_back_and_writes_the_same_shards(tmp_path):
+    from stages.ingest import list_source
+
     root = tmp_path / "classes"
     _folder_corpus(root, 4, 3)
     for path in root.rglob("*.jpg"):
@@ -1114,8 +1124,11 @@ def test_a_resumed_ingest_reads_its_listing_back_and_writes_the_same_shards(tmp_
     params = {"source": "imagefolder", "path": str(root), "shard_samples": 5}
     uri = str(tmp_path / "run")
     store, manifest = run_ingest(uri, params)
+    assert not store.local_path("listing").exists()  # committed: the saved listing is no longer needed
+    # What a coordinator that died after listing leaves: the saved listing (saved here the way it
+    # saves it), no shard, no manifest.
+    list_source(None, ImageFolderSource(str(root)), 2, saved=store.child("listing"))
     assert sorted(p.name for p in store.local_path("listing").iterdir())[-1] == "parts.json"
-    # What a coordinator that died after listing leaves: the saved listing, no shard, no manifest.
     store.delete_prefix("shards")
     as_if_killed(uri, store)
     (root / "c01" / "added.jpg").write_bytes(_jpeg(99))  # listed again, it would change every shard
