@@ -91,7 +91,8 @@ class Manifest(ManifestHead):
     # The stage's typed result record (its type is the stage's business: see stages/records.py);
     # what downstream stages read.
     result: dict[str, Any] | None = None
-    # Derived from ``outputs`` when written (not part of the manifest's value: excluded from dumps).
+    # As read from a manifest's text (None for one built in memory): excluded from dumps, so not part
+    # of the manifest's value; to_json writes output_totals(), which is what to use.
     totals: OutputTotals | None = Field(default=None, exclude=True)
     # sha256 of the text this manifest was read from (read_manifest): hashing what is on storage
     # needs no re-serialisation, and stays right for manifests an older vitpipe formatted otherwise.
@@ -148,21 +149,21 @@ def read_manifest(stage_storage: Storage) -> Manifest | None:
 
 
 def read_manifest_head(stage_storage: Storage, chunk: int = 1 << 16) -> ManifestHead | None:
-    """The committed manifest's head, read from the start of its text up to the outputs (or the
-    whole manifest's head, for one an older vitpipe wrote in another order); None as
-    :func:`read_manifest`. At 300k shards: ~1 KB read, not 50 MB."""
+    """The committed manifest's head, read from the start of its text up to the outputs; the
+    head of the whole manifest (:func:`read_manifest`, so None when that is unreadable) for one an
+    older vitpipe wrote in another order, or whose head does not parse. At 300k shards: ~1 KB
+    read, not 50 MB. (A manifest is written atomically: a head cannot be whole and its tail cut,
+    short of the storage damaging it afterwards, which a run's output check finds.)"""
     if not stage_storage.exists(MANIFEST_NAME):
         return None
     try:
         fields = _leading_fields(lambda start, length: stage_storage.read_range(MANIFEST_NAME, start, length), chunk)
-        if "totals" not in fields:  # an older order (keys sorted: outputs before params)
-            manifest = read_manifest(stage_storage)
-            return manifest.head() if manifest is not None else None
-        return ManifestHead.model_validate(fields)
-    except (ValidationError, ValueError) as err:
-        log.warning("%s: ignoring an unreadable manifest (%s)", stage_storage.uri_of(MANIFEST_NAME),
-                    str(err).splitlines()[0])
-        return None
+        if "totals" in fields:  # else an older order (keys sorted: outputs before params)
+            return ManifestHead.model_validate(fields)
+    except (ValidationError, ValueError):
+        pass  # read whole: a manifest the head reader cannot follow is judged as a run judges it
+    manifest = read_manifest(stage_storage)
+    return manifest.head() if manifest is not None else None
 
 
 def _leading_fields(read: Callable[[int, int], bytes], chunk: int) -> dict[str, Any]:
@@ -192,8 +193,8 @@ def _leading_fields(read: Callable[[int, int], bytes], chunk: int) -> dict[str, 
             if key in _TAIL_FIELDS:
                 return fields
             value, end = decoder.raw_decode(text, skip(at + 1))
-            if skip(end) >= len(text) and not ended:  # a number cut short would still parse: read on
-                raise ValueError("cut short")
+            if text[skip(end):skip(end) + 1] not in (",", "}"):  # a number cut short ("12." or "12") still parses
+                raise ValueError(f"no ',' or '}}' after the value at {end}")
             fields[key], pos = value, end
         except (ValueError, IndexError):
             if ended:

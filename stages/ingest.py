@@ -472,7 +472,8 @@ class Ingest(Stage):
 
 # The coordinator's peak heap from listing to plan over what the joined listing columns hold
 # (bench/ingest_scale.py at 10M inputs): held in the heap, the columns and the sort's row numbers,
-# the plan's, a window of keys (measured ~1.7); spilled to memory-mapped files, the latter (~0.65).
+# the plan's, a window of keys (measured ~1.7); spilled to memory-mapped files, the latter and the
+# label codes rebuilt against one dictionary (~0.65).
 PLANNING_OVERHEAD = 2.0
 SPILLED_PLANNING_OVERHEAD = 1.0
 

@@ -806,7 +806,7 @@ def _mapped_file(address: int) -> str:
             fields = line.split(maxsplit=5)  # address range, permissions, offset, device, inode, path
             start, end = (int(x, 16) for x in fields[0].split("-"))
             if start <= address < end:
-                return re.sub(r"-[0-9a-f]{32}\.arrow", "", fields[5].strip() if len(fields) > 5 else "")
+                return re.sub(r"-\w+\.arrow", "", fields[5].strip() if len(fields) > 5 else "")
     return ""
 
 
@@ -821,6 +821,13 @@ def test_a_spilled_listing_holds_its_columns_in_mapped_files_not_the_heap(monkey
     from stages.data.listing import ListingBatch, ListingBuilder, encode_chunk
 
     monkeypatch.setattr(listing_module, "_COMBINE_BYTES", 1)  # a batch per chunk: dictionaries unified at the end
+    written, write = [], listing_module._write_ipc_file
+
+    def write_into_an_unlinked_file(table, sink):  # a kill mid-write leaves nothing in the folder either
+        written.append(os.listdir(spill_dir))
+        write(table, sink)
+
+    monkeypatch.setattr(listing_module, "_write_ipc_file", write_into_an_unlinked_file)
     source = ImageFolderSource("/d")
     parts = [[_item(f"c{c}/img_{i:06d}", label=f"c{c}", size=i) for i in range(3000)] for c in range(4)]
     chunks = [encode_chunk(source, part) for part in parts]
@@ -839,7 +846,7 @@ def test_a_spilled_listing_holds_its_columns_in_mapped_files_not_the_heap(monkey
     grown = pa.total_allocated_bytes() - before
     assert grown < listing.table.column("key").nbytes // 2, (grown, listing.table.nbytes)  # dictionary codes only
     keys = listing.table.column("key").chunks
-    assert len(keys) == 4 and not list(spill_dir.iterdir())
+    assert len(keys) == 4 and not list(spill_dir.iterdir()) and written == [[]] * 4
     assert {_mapped_file(chunk.buffers()[2].address) for chunk in keys} == {f"{spill_dir}/vitpipe-listing (deleted)"}
     every = [item for part in parts for item in part]
     rows = np.random.default_rng(0).permutation(len(every))[:500]

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from pipeline import manifest as manifest_module
 from pipeline.manifest import (
     Manifest,
     OutputEntry,
@@ -94,15 +95,16 @@ def test_a_manifest_head_is_read_without_its_outputs(tmp_path):
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8, 13, 64, 211])
 def test_a_manifest_head_read_in_pieces_of_any_size_is_the_same(tmp_path, chunk):
     """A value cut at the end of what was read is read on (a number cut short would still parse)."""
-    store = LocalStorage(tmp_path)
-    # A number at the top level (a field another version adds) can be cut and still parse.
-    manifest = Manifest(**_large_manifest(3).model_dump(), attempts=1234567)
+    store = _CountingStorage(tmp_path)
+    # Numbers at the top level (fields another version adds) can be cut and still parse: "12" of
+    # "1234567", "12." of "12.5", "3e" of "3e-05".
+    manifest = Manifest(**_large_manifest(3).model_dump(), attempts=1234567, elapsed=12.5, rate=3e-05)
     commit_manifest(store, manifest)
     assert '"attempts":1234567,' in (tmp_path / "manifest.json").read_text()
-    assert read_manifest_head(store, chunk=chunk) == manifest.head()
+    assert read_manifest_head(store, chunk=chunk) == manifest.head() and store.whole == 0  # not read whole
 
 
-def test_a_manifest_in_the_older_order_gives_its_head_from_a_whole_read(tmp_path):
+def test_a_manifest_in_the_older_order_gives_its_head_from_a_whole_read(tmp_path, monkeypatch):
     """Before heads, keys were sorted (outputs before params): such a manifest is read whole."""
     store = _CountingStorage(tmp_path)
     manifest = _large_manifest(50)
@@ -110,5 +112,8 @@ def test_a_manifest_in_the_older_order_gives_its_head_from_a_whole_read(tmp_path
     assert read_manifest_head(store) == manifest.head() and store.whole == 1
     (tmp_path / "manifest.json").write_text('{"fingerprint": "f", "format": 1, "stage"')
     assert read_manifest_head(store) is None  # unreadable: as absent
+    commit_manifest(store, manifest)  # a head the reader cannot follow: read whole, as a run reads it
+    monkeypatch.setattr(manifest_module, "_leading_fields", lambda read, chunk: (_ for _ in ()).throw(ValueError("?")))
+    assert read_manifest_head(store) == manifest.head()
     (tmp_path / "manifest.json").unlink()
     assert read_manifest_head(store) is None
