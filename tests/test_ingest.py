@@ -821,13 +821,14 @@ def test_a_spilled_listing_holds_its_columns_in_mapped_files_not_the_heap(monkey
     from stages.data.listing import ListingBatch, ListingBuilder, encode_chunk
 
     monkeypatch.setattr(listing_module, "_COMBINE_BYTES", 1)  # a batch per chunk: dictionaries unified at the end
-    written, write = [], listing_module._write_ipc_file
+    written, write = [], listing_module._write_ipc
 
     def write_into_an_unlinked_file(table, sink):  # a kill mid-write leaves nothing in the folder either
-        written.append(os.listdir(spill_dir))
+        if not isinstance(sink, pa.BufferOutputStream):  # a spill, not a chunk for transport
+            written.append(os.listdir(spill_dir))
         write(table, sink)
 
-    monkeypatch.setattr(listing_module, "_write_ipc_file", write_into_an_unlinked_file)
+    monkeypatch.setattr(listing_module, "_write_ipc", write_into_an_unlinked_file)
     source = ImageFolderSource("/d")
     parts = [[_item(f"c{c}/img_{i:06d}", label=f"c{c}", size=i) for i in range(3000)] for c in range(4)]
     chunks = [encode_chunk(source, part) for part in parts]

@@ -126,14 +126,19 @@ def encode_chunk(source: Source, items: list[SourceItem], span: tuple[int, int] 
     return ListingChunk(_ipc_bytes(table), skipped, len(items), span)
 
 
-def _read_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()  # zero-copy over ``data``
+def _read_ipc(data: bytes | pa.MemoryMappedFile) -> pa.Table:
+    source = pa.py_buffer(data) if isinstance(data, bytes) else data
+    return pa.ipc.open_stream(source).read_all()  # zero-copy over ``data``
+
+
+def _write_ipc(table: pa.Table, sink: Any) -> None:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def _ipc_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+    _write_ipc(table, sink)
     return sink.getvalue().to_pybytes()
 
 
@@ -254,7 +259,8 @@ class ListingBatch:
 
 
 def spill(table: pa.Table, folder: str) -> pa.Table:
-    """``table`` written to an Arrow IPC file in ``folder`` and read back memory-mapped (no copy):
+    """``table`` written to a file in ``folder`` (an Arrow IPC stream, as chunks travel) and read
+    back memory-mapped (no copy):
     its columns leave the heap and become file pages, which the kernel drops under memory pressure
     and reads back when touched, instead of the coordinator being killed for memory. The file is
     unlinked before it is written — written and mapped through its descriptor, it lives until the
@@ -268,17 +274,12 @@ def spill(table: pa.Table, folder: str) -> pa.Table:
             os.unlink(path)
             path = by_fd
         with open(fd, "wb", closefd=False) as sink:
-            _write_ipc_file(table, sink)
-        return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+            _write_ipc(table, sink)
+        return _read_ipc(pa.memory_map(path, "r"))
     finally:
         os.close(fd)
         if path != by_fd and os.path.exists(path):
             os.unlink(path)
-
-
-def _write_ipc_file(table: pa.Table, sink: Any) -> None:
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
 
 
 # File systems whose files are memory: spilling to them moves the columns from the heap to
