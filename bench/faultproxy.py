@@ -18,7 +18,8 @@ headers (no byte of the body gets through). ``reject=(status, code)`` answers *e
 refuses expired credentials; a HEAD's answer has no body, as on S3). ``hold`` names a request
 substring (e.g. ``partNumber=``) whose requests get no answer until the proxy stops: a writer
 stuck mid-upload, to be killed there. ``counts`` says what was injected; ``object_paths`` lists
-the path of every object GET, in order (who read what).
+the path of every object GET, in order (who read what); ``object_bytes`` counts the body bytes
+sent back for each object's GETs, by path (how much of it was read, however many times).
 Only loopback addresses are used; it stops with :meth:`stop`.
 """
 
@@ -124,6 +125,7 @@ class FaultProxy:
         self._script = list(script) if script is not None else None
         self.counts: collections.Counter[str] = collections.Counter()
         self.object_paths: list[str] = []
+        self.object_bytes: collections.Counter[str] = collections.Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -157,16 +159,28 @@ class FaultProxy:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
-    def _fault(self, method: bytes, target: bytes) -> str | None:
+    @staticmethod
+    def _object_get(method: bytes, target: bytes) -> str | None:
+        """The object's path when the request is an object GET (not a listing, not a HEAD)."""
         path, _, query = target.partition(b"?")
         is_object_get = method == b"GET" and path.count(b"/") >= 2 and not query.startswith(b"list-type")
+        return unquote(path.decode()) if is_object_get else None
+
+    def _sent(self, method: bytes, target: bytes, body: bytes) -> None:
+        path = self._object_get(method, target)
+        if path is not None:
+            with self._lock:
+                self.object_bytes[path] += len(body)
+
+    def _fault(self, method: bytes, target: bytes) -> str | None:
+        path = self._object_get(method, target)
         with self._lock:
             self.counts["requests"] += 1
-            if not is_object_get:
+            if path is None:
                 return None
             self.counts["object_gets"] += 1
-            self.object_paths.append(unquote(path.decode()))
-            if self.permanent and self.permanent.encode() in path:
+            self.object_paths.append(path)
+            if self.permanent and self.permanent in path:
                 self.counts["permanent"] += 1
                 return "permanent"
             if self._script is not None:
@@ -236,12 +250,14 @@ class FaultProxy:
                     passed = len(response_body) // 2 if self.cut_at is None else self.cut_at
                     if 0 < passed < len(response_body):
                         client.sendall(response_head + response_body[:passed])
+                        self._sent(method, target, response_body[:passed])
                         if fault == "stall":
                             self._stopping.wait(self.stall_s)
                         return  # closing mid-body
                     with self._lock:  # too short a body to fault mid-way: counted as what it was
                         self.counts[fault] -= 1
                 client.sendall(response_head + response_body)
+                self._sent(method, target, response_body)
         except OSError:
             return
         finally:

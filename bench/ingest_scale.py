@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import resource
 import subprocess
@@ -63,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from corpus import cpu_busy_before_start, emit_result, free_port, log, machine_info  # noqa: E402
+from corpus import cpu_busy_before_start, emit_result, log, machine_info, start_moto  # noqa: E402
 
 CLASSES, SHARD_SAMPLES, PAPER_INPUTS, GOAL_BYTES = 1000, 1000, 300_000_000, 100
 PREFIX = "s3://datasets/imagenet21k/train"
@@ -200,25 +199,14 @@ def measure_listing(classes: int, per_class: int, latency: float, rounds: int = 
     import statistics
     from concurrent.futures import ThreadPoolExecutor
 
-    import boto3
     import ray
     from faultproxy import FaultProxy
-    from moto.server import ThreadedMotoServer
 
     from pipeline.config import StorageSettings
     from stages.data.sources import ImageFolderSource
     from stages.ingest import list_source
 
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):  # moto's; Ray's workers inherit them
-        os.environ.setdefault(name, value)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server: a line per request otherwise
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    s3.create_bucket(Bucket="corpus")
+    server, endpoint, s3 = start_moto("corpus")
     keys = [f"n{c:08d}/n{c:08d}_{i:06d}.JPEG" for c in range(classes) for i in range(per_class)]
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda key: s3.put_object(Bucket="corpus", Key=f"train/{key}", Body=b"x"), keys))

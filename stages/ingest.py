@@ -10,6 +10,10 @@ Output (under the stage folder)::
     listing/                  the listing, saved as Parquet while it is made: a resumed ingest reads
                               it back and lists only the parts it had not (:mod:`stages.data.saved_listing`)
 
+Copying from webdataset shards on S3, each listing task keeps the source shard it streams on its
+node's disk and the writing tasks are sent where those copies are (:mod:`stages.data.shard_cache`):
+the corpus is read from S3 once.
+
 With ``mode: index`` (a ``webdataset`` source) no shard is written: ``index/NAME.json`` holds each
 source shard's stats (:mod:`stages.data.shard_index`) and the result names the source folder as
 the root the shard paths are relative to. Listing runs in Ray tasks, one per part of the source
@@ -57,6 +61,7 @@ from stages.data.listing import (
 )
 from stages.data.order import derived_seed
 from stages.data.saved_listing import LISTING_DIR, SavedListing
+from stages.data.shard_cache import ShardCache, clear_on_nodes, held_on_nodes, preferred_node
 from stages.data.shard_index import INDEX_DIR, ShardIndex, class_list, index_shard, index_stats_path
 from stages.data.skips import SkipLog
 from stages.data.sources import (
@@ -106,9 +111,13 @@ class IngestParams(StageParams):
                                                     "mixes classes (not for sources read in order: webdataset, parquet)")
     max_skip_fraction: float = Field(default=0.01, ge=0, le=1)
     workers: int = Field(default=2, ge=1, description="shard-writing Ray tasks in flight")
+    cache_sources: bool = Field(default=True, description=(
+        "copy from remote webdataset shards (S3): each listing task keeps the source shard it streams on its "
+        "node's local disk (TMPDIR, leaving 10% free) and each writing task is sent where its bytes are, so the "
+        "corpus is read from S3 once, not twice; the copies are removed when the ingest ends"))
 
-    # The shards are a pure function of the listing and the other params: parallelism is not.
-    execution_params: ClassVar[frozenset[str]] = frozenset({"workers"})
+    # The shards are a pure function of the listing and the other params: how they are made is not.
+    execution_params: ClassVar[frozenset[str]] = frozenset({"workers", "cache_sources"})
 
     @model_validator(mode="before")
     @classmethod
@@ -267,9 +276,14 @@ def write_shard(source: Source, plan: ShardPlan, out: Storage, class_index: dict
     return result
 
 
-def write_listed_shard(source: Source, name: str, split: str, rows: ListingRows, *args: Any) -> ShardResult:
+def write_listed_shard(source: Source, copies: ShardCache | None, name: str, split: str, rows: ListingRows,
+                       *args: Any) -> ShardResult:
     """:func:`write_shard`, the shard's items made here from its rows' columns — not in the
-    coordinator, which at ~10 us an item could make only ~100k a second for all writing tasks."""
+    coordinator, which at ~10 us an item could make only ~100k a second for all writing tasks.
+    ``copies``: where the listing kept this shard's source shards (a webdataset source)."""
+    if copies is not None:
+        assert isinstance(source, WebDatasetSource)
+        source = source.with_cache(copies)
     return write_shard(source, ShardPlan(name, split, rows.items(source)), *args)
 
 
@@ -369,6 +383,20 @@ class Ingest(Stage):
             self._copy(ctx, p, source)
 
     def _copy(self, ctx: StageContext, p: IngestParams, source: Source) -> None:
+        cache = None
+        if p.cache_sources and isinstance(source, WebDatasetSource) and source.storage.local_path() is None:
+            # A resumed ingest uses what the attempt it resumes kept: the bytes its saved listing was
+            # made from. Otherwise whatever an earlier, other ingest to this stage folder left goes.
+            cache = source.cache = ShardCache.for_stage(ctx.out.uri)
+            if not ctx.resumed:
+                clear_on_nodes(cache)
+        try:
+            self._copy_listed(ctx, p, source, cache)
+        finally:  # the copies are the corpus: never left behind on a node's disk
+            if cache is not None:
+                clear_on_nodes(cache)
+
+    def _copy_listed(self, ctx: StageContext, p: IngestParams, source: Source, cache: ShardCache | None) -> None:
         import ray
 
         # Spilled to the node's local temporary folder (TMPDIR): the columns leave the heap.
@@ -406,14 +434,37 @@ class Ingest(Stage):
 
         remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(write_listed_shard)
         source_ref = ray.put(source)
+        placement, node_of_copy = None, {}
+        if cache is not None:
+            node_of_copy = held_on_nodes(cache)
+            shards = listing.values("shard")  # the source shards with samples (one dictionary: unified)
+            kept = sum(ShardCache.name_of(shard) in node_of_copy for shard in shards)
+            nodes = len(set(node_of_copy.values()))
+            ctx.metrics["source_cache"] = {"folder": cache.root, "shards": len(shards), "copies": kept, "nodes": nodes}
+            ctx.logger.info("%d of %d source shards kept on %d nodes' disks for the writing tasks", kept, len(shards),
+                            nodes)
+            if kept < len(shards):
+                ctx.logger.warning("%d source shards were not kept (no room on their listing node's disk, 10%% kept "
+                                   "free; or the node lost): they are read from the source again", len(shards) - kept)
+
+            def placement(name: str) -> dict[str, Any]:  # soft: a busy node's task runs elsewhere
+                node = preferred_node(_bytes_by_shard(listing, todo[name].rows), node_of_copy)
+                return {} if node is None else {"scheduling_strategy": _near(node)}
+
+        def copies(cut: ShardCut) -> ShardCache | None:
+            """The cache as the cut's task sees it: with the nodes holding its source shards."""
+            if cache is None:
+                return None
+            names = {shard: ShardCache.name_of(shard) for shard in _bytes_by_shard(listing, cut.rows)}
+            return replace(cache, peers={shard: node_of_copy[n] for shard, n in names.items() if n in node_of_copy})
 
         def call(name: str) -> tuple:  # a shard's rows are taken when its task is sent, not before
             cut = todo[name]
             digest = digests.get(name) or listing.digest(cut.rows, class_of_label, encoding)
-            return (source_ref, cut.name, cut.split, listing.rows(cut.rows), ctx.out, class_index, p.mode, p.max_side,
-                    p.jpeg_quality, p.validation, digest)
+            return (source_ref, copies(cut), cut.name, cut.split, listing.rows(cut.rows), ctx.out, class_index, p.mode,
+                    p.max_side, p.jpeg_quality, p.validation, digest)
 
-        results.update(_run_tasks(ctx, remote, list(todo), call, p.workers, len(cuts), "shards"))
+        results.update(_run_tasks(ctx, remote, list(todo), call, p.workers, len(cuts), "shards", options=placement))
 
         ordered = [results[cut.name] for cut in cuts]
         for r in ordered:  # the stats files only mark finished shards for a resumed ingest: not outputs
@@ -591,13 +642,32 @@ class _NoBar:
         pass
 
 
+def _bytes_by_shard(listing: Listing, rows: np.ndarray) -> dict[str, int]:
+    """How many bytes of each source shard the samples at ``rows`` span (webdataset listings)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    shards = listing.take("shard", rows)
+    if pa.types.is_dictionary(shards.type):
+        shards = shards.dictionary_decode()
+    spans = pc.subtract(listing.take("end", rows), listing.take("start", rows))
+    totals = pa.table({"shard": shards, "bytes": spans}).group_by("shard").aggregate([("bytes", "sum")])
+    return dict(zip(totals.column("shard").to_pylist(), totals.column("bytes_sum").to_pylist(), strict=True))
+
+
+def _near(node: str) -> Any:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node, soft=True)
+
+
 def _run_tasks(ctx: StageContext | None, remote: Any, names: list[str], args: Callable[[str], tuple], workers: int,
                total: int, what: str, on_result: Callable[[int, str, Any], None] | None = None,
-               keep: bool = True) -> dict[str, Any]:
+               keep: bool = True, options: Callable[[str], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run ``remote(*args(name))`` for each of ``names``, ``workers`` at a time (arguments made as
-    each task is sent), with a progress bar over ``total`` (those done before count as done);
-    results by name (unless not ``keep``). ``on_result(n, name, result)`` hears of the n-th result
-    as it comes."""
+    each task is sent; ``options(name)``: its Ray options, e.g. where to run), with a progress bar
+    over ``total`` (those done before count as done); results by name (unless not ``keep``).
+    ``on_result(n, name, result)`` hears of the n-th result as it comes."""
     import contextlib
 
     import ray
@@ -612,7 +682,8 @@ def _run_tasks(ctx: StageContext | None, remote: Any, names: list[str], args: Ca
         while queue or pending:
             while queue and len(pending) < workers:
                 name = queue.popleft()
-                pending[remote.remote(*args(name))] = name
+                task = remote.options(**options(name)) if options is not None else remote
+                pending[task.remote(*args(name))] = name
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 name = pending.pop(ref)

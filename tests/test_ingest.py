@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 import zlib
@@ -1190,6 +1191,171 @@ def test_mode_copy_reads_each_image_of_a_local_webdataset_source_once(tmp_path):
            for item, data in source.read_many(plan.items)}
     assert len(got) == 20 and all(len(data) == 64_000 for data in got.values())
     assert CountingFile.read <= corpus, (CountingFile.read, corpus)
+
+
+def _source_shard(samples: list[tuple[str, int, bytes]]) -> bytes:
+    """A webdataset tar of (key, class index, image bytes) samples."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key, cls, image in samples:
+            for ext, data in (("cls", str(cls).encode()), ("jpg", image)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_mode_copy_reads_each_source_shard_on_s3_once_and_writes_the_same_shards(tmp_path, s3_endpoint, s3_bucket):
+    """Listing a source shard on S3 streams all of it; what it streams is kept on the node's disk
+    and the writing tasks read their samples from there: each source object's bytes come through
+    S3 exactly once, where without the copies they came twice — the same shards either way, and
+    no copy left on the disk after."""
+    import boto3
+
+    from bench.faultproxy import FaultProxy
+    from stages.data.shard_cache import ShardCache
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    sizes = {}
+    for shard in range(3):
+        body = _source_shard([(f"s{shard}-{i}", i % 3, _jpeg(10 * shard + i)) for i in range(7)])
+        s3.put_object(Bucket=s3_bucket, Key=f"src/train-{shard:06d}.tar", Body=body)
+        sizes[f"/{s3_bucket}/src/train-{shard:06d}.tar"] = len(body)
+    params = {"source": "webdataset", "path": f"s3://{s3_bucket}/src", "shard_samples": 5}  # cuts across shards
+    with FaultProxy(s3_endpoint) as proxy:
+        store0, m0 = run_ingest(f"s3://{s3_bucket}/runs/twice", {**params, "cache_sources": False}, endpoint=proxy.url)
+        read_twice = {path: proxy.object_bytes[path] for path in sizes}
+        proxy.object_bytes.clear()
+        store, m = run_ingest(f"s3://{s3_bucket}/runs/once", params, endpoint=proxy.url)
+        read_once = {path: proxy.object_bytes[path] for path in sizes}
+    assert read_once == sizes, (read_once, sizes)
+    assert all(read_twice[path] > 1.5 * size for path, size in sizes.items()), (read_twice, sizes)  # the baseline
+    assert record(m).samples == 21 and len(record(m).splits["train"].shards) == 5 and len(m.outputs) == len(m0.outputs)
+    assert [(o.path, o.sha256) for o in m.outputs] == [(o.path, o.sha256) for o in m0.outputs]
+    assert m.metrics["source_cache"]["copies"] == m.metrics["source_cache"]["shards"] == 3
+    assert "source_cache" not in m0.metrics
+    cache = ShardCache.for_stage(store.uri)
+    assert not Path(cache.root).exists()
+
+    # Killed after listing: the saved listing and the copies made while listing are what it left.
+    # The resumed ingest writes every shard from those copies: no byte of the source read again.
+    from pipeline.config import StorageSettings
+    from stages.data.sources import WebDatasetSource
+    from stages.ingest import list_source
+
+    direct = StorageSettings(endpoint_url=s3_endpoint)  # not through the proxy, stopped since
+    store = open_storage(store.uri, direct)
+    source = WebDatasetSource(params["path"], direct)
+    source.cache = cache
+    list_source(None, source, 2, saved=store.child("listing"))
+    assert len(cache.held()) == 3
+    store.delete_prefix("shards")
+    store.delete("manifest.json")
+    state = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/once/state.json")["Body"].read())
+    state["stages"]["ingest"]["status"] = "running"
+    s3.put_object(Bucket=s3_bucket, Key="runs/once/state.json", Body=json.dumps(state).encode())
+    with FaultProxy(s3_endpoint) as proxy:
+        _, m2 = run_ingest(f"s3://{s3_bucket}/runs/once", params, endpoint=proxy.url)
+        assert {path: proxy.object_bytes[path] for path in sizes} == dict.fromkeys(sizes, 0)
+    assert [(o.path, o.sha256) for o in m2.outputs] == [(o.path, o.sha256) for o in m.outputs]
+    assert not Path(cache.root).exists()
+
+
+def test_a_source_shard_copy_is_kept_only_whole_and_only_with_room():
+    from stages.data.shard_cache import ShardCache
+
+    body = bytes(range(256)) * 400
+    with tempfile.TemporaryDirectory() as parent:
+        cache, folder = ShardCache("t", parent, keep_free=0.0), os.path.join(parent, "t")
+        with cache.tee(io.BytesIO(body), "a/x.tar", len(body)) as f:
+            assert f.read(1000) == body[:1000]  # the rest is read through when the block ends
+        assert cache.holds("a/x.tar") and cache.held() == [ShardCache.name_of("a/x.tar")]
+        with cache.open_range("a/x.tar", 5000, 7000) as f:
+            assert f.read() == body[5000:7000]
+        assert cache.open_range("b.tar", 0, 10) is None
+
+        with pytest.raises(OSError), cache.tee(io.BytesIO(body), "b.tar", len(body)) as f:
+            f.read(3000)
+            raise OSError("connection reset, out of retries")  # a listing task failing mid-shard
+        with cache.tee(io.BytesIO(body[:-1]), "c.tar", len(body)) as f:  # an object shorter than listed
+            f.read()
+        assert sorted(os.listdir(folder)) == [ShardCache.name_of("a/x.tar")]  # no dot-file, no short copy
+
+        with open(os.path.join(folder, f".w1.{1 << 60}.part"), "wb"):  # a copy being written, room owed to it
+            stream = io.BytesIO(body)
+            with cache.tee(stream, "d.tar", len(body)) as f:
+                assert f is stream
+        with ShardCache("t", parent, keep_free=1.0).tee(stream, "d.tar", len(body)) as f:  # the disk's free share kept
+            assert f is stream
+        cache.clear()
+        assert not os.path.exists(folder) and cache.held() == []
+
+
+def test_a_writing_task_reads_a_source_shard_from_its_node_s_copy_and_the_source_where_it_holds_none(tmp_path):
+    from stages.data.shard_cache import ShardCache
+    from stages.data.sources import WebDatasetSource
+
+    root = tmp_path / "wds"
+    root.mkdir()
+    for shard in range(2):
+        (root / f"train-{shard:06d}.tar").write_bytes(
+            _source_shard([(f"s{shard}-{i}", i, bytes([65 + i]) * 900) for i in range(3)]))
+    source = WebDatasetSource(str(root))
+    items = source.items()
+    source.cache = ShardCache("t", str(tmp_path / "cache"))
+    copy = (root / "train-000000.tar").read_bytes().replace(b"A" * 900, b"a" * 900)  # told apart from the source
+    os.makedirs(source.cache.root)
+    Path(source.cache.root, ShardCache.name_of("train-000000.tar")).write_bytes(copy)
+    got = {item.key: data for item, data in source.read_many(items)}
+    assert got == {"s0-0": b"a" * 900, "s0-1": b"B" * 900, "s0-2": b"C" * 900,
+                   "s1-0": b"A" * 900, "s1-1": b"B" * 900, "s1-2": b"C" * 900}
+
+
+def test_a_copy_this_node_lacks_is_read_from_the_node_holding_it_else_from_the_source(tmp_path, monkeypatch):
+    """A shard task spanning source shards kept on two nodes reads the other node's part from that
+    node (a task pinned there), in pieces; a node that cannot answer leaves the rest to the source."""
+    import ray
+
+    from stages.data import shard_cache
+    from stages.data.shard_cache import ShardCache
+
+    body = os.urandom(50_000)
+    held = ShardCache("peer-test").root  # resolved as the Ray workers resolve it: their TMPDIR
+    os.makedirs(held, exist_ok=True)
+    Path(held, ShardCache.name_of("x.tar")).write_bytes(body)
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this process: another node's disk, no copy
+        monkeypatch.setattr(shard_cache, "PEER_PIECE", 7000)  # pieces: several tasks for one range
+        reads = []
+
+        def source(at: int) -> io.BytesIO:
+            reads.append(at)
+            return io.BytesIO(b"S" * (45_000 - at))
+
+        here = ray.get_runtime_context().get_node_id()
+        with ShardCache("peer-test", peers={"x.tar": here}).open_anywhere("x.tar", 100, 45_000, source) as f:
+            assert f.read() == body[100:45_000] and reads == []
+        with ShardCache("peer-test", peers={"x.tar": "ab" * 28}).open_anywhere("x.tar", 100, 45_000, source) as f:
+            assert f.read() == b"S" * 44_900 and reads == [100]  # no such node: all from the source
+        with ShardCache("peer-test").open_anywhere("x.tar", 100, 45_000, source) as f:  # held nowhere known
+            assert f.read() == b"S" * 44_900 and reads == [100, 100]
+        Path(held, ShardCache.name_of("y.tar")).write_bytes(body[:20_000])  # a copy that stops short
+        with ShardCache("peer-test", peers={"y.tar": here}).open_anywhere("y.tar", 100, 45_000, source) as f:
+            # Two whole pieces from the peer, then the source from where the third would have begun.
+            assert f.read() == body[100:14_100] + b"S" * 30_900 and reads == [100, 100, 14_100]
+    finally:
+        shutil.rmtree(held)
+
+
+def test_a_writing_task_goes_to_the_node_with_most_of_its_bytes():
+    from stages.data.shard_cache import ShardCache, preferred_node
+
+    copies = {ShardCache.name_of("s0.tar"): "node-b", ShardCache.name_of("s1.tar"): "node-a",
+              ShardCache.name_of("s2.tar"): "node-b"}
+    assert preferred_node({"s0.tar": 400, "s1.tar": 700}, copies) == "node-a"
+    assert preferred_node({"s0.tar": 400, "s1.tar": 700, "s2.tar": 301}, copies) == "node-b"
+    assert preferred_node({"s0.tar": 700, "s1.tar": 700}, copies) == "node-a"  # a tie: the lower id
+    assert preferred_node({"s9.tar": 700}, copies) is None
 
 
 def test_a_local_source_shard_cut_short_inside_an_image_it_seeks_over_is_damaged(tmp_path):

@@ -18,6 +18,8 @@ be planned before any image is opened and written in parallel.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import io
 import itertools
@@ -27,10 +29,13 @@ import posixpath
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pipeline.errors import VitpipeError
 from pipeline.storage import ObjectInfo, Storage, is_s3_uri, open_storage
+
+if TYPE_CHECKING:
+    from stages.data.shard_cache import ShardCache
 
 __all__ = ["SourceItem", "ListingPart", "Source", "StorageSource", "DigitsSource", "ImageFolderSource", "ListSource",
            "WebDatasetSource", "make_source", "label_name", "SPLIT_NAMES", "sanitize_key", "split_of_path",
@@ -86,6 +91,7 @@ class ListingPart:
     start: int = 0  # list: the records that begin in bytes [start, end) of the list file
     end: int | None = None
     exact: bool = False  # list: a record begins at ``start`` (else at the first line after byte start - 1)
+    size: int | None = None  # a source shard: its size (a copy of it is checked against it)
 
 
 class Source:
@@ -440,6 +446,9 @@ class WebDatasetSource(StorageSource):
     """Existing shards under ``root`` (every ``*.tar``), in name order."""
 
     random_access = False  # a shard mixing samples of many source shards would stream all of them
+    # Where listing tasks keep what they stream and writing tasks look first (mode: copy from S3:
+    # stages.data.shard_cache); None: the source is read again.
+    cache: ShardCache | None = None
 
     def shards(self) -> list[ObjectInfo]:
         """Every ``*.tar`` under the root (with sizes), in name order; one listing."""
@@ -463,7 +472,7 @@ class WebDatasetSource(StorageSource):
     def parts(self) -> list[ListingPart]:
         """One per shard: each streamed by its own task (the listing reads every byte once)."""
         self.class_names()  # read here, so that the tasks get it with the source
-        return [ListingPart(o.path) for o in self.shards()]
+        return [ListingPart(o.path, size=o.size) for o in self.shards()]
 
     def items_of(self, part: ListingPart) -> list[SourceItem]:
         from stages.data.tarshards import BadShard, iter_tar_spans
@@ -475,8 +484,11 @@ class WebDatasetSource(StorageSource):
             items.append(SourceItem(key=sanitize_key(f"{shard}-refused-{member}"), split=split, label=None,
                                     locator=TarLocator(shard, -1), origin=f"{uri}#{member}", refused=reason))
 
-        try:
-            with self.storage.open_read(shard) as f:
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(self.storage.open_read(shard))
+            if self.cache is not None:  # what is streamed is kept, for the writing tasks to read here
+                f = stack.enter_context(self.cache.tee(f, shard, part.size))
+            try:
                 # Only the label members are read: on a local disk the images are seeked over, so
                 # that mode: copy reads each image once, when its new shard is written.
                 for index, sample in enumerate(iter_tar_spans(f, name=shard, refused=refuse,
@@ -484,10 +496,10 @@ class WebDatasetSource(StorageSource):
                     items.append(SourceItem(key=sanitize_key(sample.key), split=split,
                                             label=label_name(sample.files, names), origin=f"{uri}#{sample.key}",
                                             locator=TarLocator(shard, index, sample.start, sample.end)))
-        except BadShard as err:
-            log.warning("%s; samples after the damage are skipped", err)
-            items.append(SourceItem(key=sanitize_key(f"{shard}-damaged"), split=split, label=None,
-                                    locator=TarLocator(shard, -1), origin=f"{uri}: {err}"))
+            except BadShard as err:
+                log.warning("%s; samples after the damage are skipped", err)
+                items.append(SourceItem(key=sanitize_key(f"{shard}-damaged"), split=split, label=None,
+                                        locator=TarLocator(shard, -1), origin=f"{uri}: {err}"))
         return items
 
     def locator_columns(self, items: list[SourceItem]) -> dict[str, Any]:
@@ -524,7 +536,7 @@ class WebDatasetSource(StorageSource):
             first, last = min(locators, key=lambda loc: loc.index), max(locators, key=lambda loc: loc.index)
             indices = {loc.index for loc in locators}
             try:
-                with self.storage.open_range(shard, first.start, last.end) as f:
+                with self._open_range(shard, first.start, last.end) as f:
                     for i, (_key, files) in enumerate(iter_tar_samples(f, name=shard), start=first.index):
                         if i in indices:
                             try:
@@ -536,6 +548,19 @@ class WebDatasetSource(StorageSource):
                     found.setdefault((shard, i), BadImage(str(err)))
         for item in items:
             yield item, found.get((item.locator.shard, item.locator.index), BadImage("shard is truncated or corrupt"))
+
+
+    def _open_range(self, shard: str, start: int, end: int) -> BinaryIO:
+        """Bytes of a source shard: from a copy the listing kept when there is one, else the source."""
+        if self.cache is None:
+            return self.storage.open_range(shard, start, end)
+        return self.cache.open_anywhere(shard, start, end, lambda at: self.storage.open_range(shard, at, end))
+
+    def with_cache(self, cache: ShardCache | None) -> WebDatasetSource:
+        """This source reading through ``cache`` (a writing task's, naming its shards' copies)."""
+        source = copy.copy(self)
+        source.cache = cache
+        return source
 
 
 LABEL_EXTENSIONS = frozenset({"cls", "txt", "json"})  # the members :func:`label_name` reads
