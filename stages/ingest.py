@@ -61,7 +61,7 @@ from stages.data.listing import (
 )
 from stages.data.order import derived_seed
 from stages.data.saved_listing import LISTING_DIR, SavedListing
-from stages.data.shard_cache import ShardCache, clear_on_nodes, held_on_nodes, preferred_node
+from stages.data.shard_cache import KEEP_FREE, ShardCache, clear_on_nodes, held_on_nodes, preferred_node
 from stages.data.shard_index import INDEX_DIR, ShardIndex, class_list, index_shard, index_stats_path
 from stages.data.skips import SkipLog
 from stages.data.sources import (
@@ -113,11 +113,14 @@ class IngestParams(StageParams):
     workers: int = Field(default=2, ge=1, description="shard-writing Ray tasks in flight")
     cache_sources: bool = Field(default=True, description=(
         "copy from remote webdataset shards (S3): each listing task keeps the source shard it streams on its "
-        "node's local disk (TMPDIR, leaving 10% free) and each writing task is sent where its bytes are, so the "
-        "corpus is read from S3 once, not twice; the copies are removed when the ingest ends"))
+        "node's local disk (TMPDIR) and each writing task is sent where its bytes are, so the corpus is read "
+        "from S3 once, not twice; the copies are removed when the ingest ends"))
+    cache_keep_free: float = Field(default=KEEP_FREE, ge=0, le=1, description=(
+        "cache_sources: the share of each node's TMPDIR disk left free (a source shard that would take more is "
+        "not kept, and read from S3 again)"))
 
     # The shards are a pure function of the listing and the other params: how they are made is not.
-    execution_params: ClassVar[frozenset[str]] = frozenset({"workers", "cache_sources"})
+    execution_params: ClassVar[frozenset[str]] = frozenset({"workers", "cache_sources", "cache_keep_free"})
 
     @model_validator(mode="before")
     @classmethod
@@ -383,18 +386,20 @@ class Ingest(Stage):
             self._copy(ctx, p, source)
 
     def _copy(self, ctx: StageContext, p: IngestParams, source: Source) -> None:
-        cache = None
-        if p.cache_sources and isinstance(source, WebDatasetSource) and source.storage.local_path() is None:
-            # A resumed ingest uses what the attempt it resumes kept: the bytes its saved listing was
-            # made from. Otherwise whatever an earlier, other ingest to this stage folder left goes.
-            cache = source.cache = ShardCache.for_stage(ctx.out.uri)
-            if not ctx.resumed:
-                clear_on_nodes(cache)
+        if not isinstance(source, WebDatasetSource) or source.storage.local_path() is not None:
+            self._copy_listed(ctx, p, source, None)
+            return
+        cache = ShardCache.for_stage(ctx.out.uri, keep_free=p.cache_keep_free)
+        # A resumed ingest writes from what the attempt it resumes kept (the bytes its saved listing
+        # was made from); any other start removes what an earlier ingest to this stage folder left.
+        if not (p.cache_sources and ctx.resumed):
+            clear_on_nodes(cache)
+        if p.cache_sources:
+            source.cache = cache
         try:
-            self._copy_listed(ctx, p, source, cache)
+            self._copy_listed(ctx, p, source, cache if p.cache_sources else None)
         finally:  # the copies are the corpus: never left behind on a node's disk
-            if cache is not None:
-                clear_on_nodes(cache)
+            clear_on_nodes(cache)
 
     def _copy_listed(self, ctx: StageContext, p: IngestParams, source: Source, cache: ShardCache | None) -> None:
         import ray
@@ -444,10 +449,11 @@ class Ingest(Stage):
             ctx.logger.info("%d of %d source shards kept on %d nodes' disks for the writing tasks", kept, len(shards),
                             nodes)
             if kept < len(shards):
-                ctx.logger.warning("%d source shards were not kept (no room on their listing node's disk, 10%% kept "
-                                   "free; or the node lost): they are read from the source again", len(shards) - kept)
+                ctx.logger.warning("%d source shards were not kept (less than cache_keep_free=%g of their listing "
+                                   "node's disk would be left, or it is memory, or the node is lost): they are read "
+                                   "from the source again", len(shards) - kept, p.cache_keep_free)
 
-            def placement(name: str) -> dict[str, Any]:  # soft: a busy node's task runs elsewhere
+            def placement(name: str) -> dict[str, Any]:
                 node = preferred_node(_bytes_by_shard(listing, todo[name].rows), node_of_copy)
                 return {} if node is None else {"scheduling_strategy": _near(node)}
 
@@ -656,9 +662,11 @@ def _bytes_by_shard(listing: Listing, rows: np.ndarray) -> dict[str, int]:
 
 
 def _near(node: str) -> Any:
+    """Run on ``node`` when it has a free core, else elsewhere (Ray's soft affinity alone waits for
+    a busy node's cores: the tasks in flight would queue on the nodes holding the most copies)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(node, soft=True)
+    return NodeAffinitySchedulingStrategy(node, soft=True, _spill_on_unavailable=True)
 
 
 def _run_tasks(ctx: StageContext | None, remote: Any, names: list[str], args: Callable[[str], tuple], workers: int,
@@ -679,22 +687,35 @@ def _run_tasks(ctx: StageContext | None, remote: Any, names: list[str], args: Ca
     progress = ctx.progress(total, desc=f"{ctx.name}: {what}") if ctx else contextlib.nullcontext(_NoBar())
     with progress as bar:
         bar.update(total - len(names))
-        while queue or pending:
-            while queue and len(pending) < workers:
-                name = queue.popleft()
-                task = remote.options(**options(name)) if options is not None else remote
-                pending[task.remote(*args(name))] = name
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                name = pending.pop(ref)
-                result = ray.get(ref)
-                done += 1
-                if keep:
-                    results[name] = result
-                bar.update()
-                if on_result is not None:
-                    on_result(done, name, result)
+        try:
+            while queue or pending:
+                while queue and len(pending) < workers:
+                    name = queue.popleft()
+                    task = remote.options(**options(name)) if options is not None else remote
+                    pending[task.remote(*args(name))] = name
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    name = pending.pop(ref)
+                    result = ray.get(ref)
+                    done += 1
+                    if keep:
+                        results[name] = result
+                    bar.update()
+                    if on_result is not None:
+                        on_result(done, name, result)
+        except BaseException:
+            # The tasks still in flight are stopped, and waited for (a while), before the failure goes
+            # on: what they would still write (a listing task's copy of its shard) must not land
+            # after the stage has cleaned up.
+            for ref in pending:
+                ray.cancel(ref)
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending), timeout=_CANCEL_WAIT_S)
+            raise
     return results
+
+
+_CANCEL_WAIT_S = 30.0
 
 
 def _check_skips(p: IngestParams, skipped: SkipLog, total: int, count: int) -> None:

@@ -1222,8 +1222,14 @@ def test_mode_copy_reads_each_source_shard_on_s3_once_and_writes_the_same_shards
         s3.put_object(Bucket=s3_bucket, Key=f"src/train-{shard:06d}.tar", Body=body)
         sizes[f"/{s3_bucket}/src/train-{shard:06d}.tar"] = len(body)
     params = {"source": "webdataset", "path": f"s3://{s3_bucket}/src", "shard_samples": 5}  # cuts across shards
+    # Without room for copies (none made), and with a wrong copy an earlier ingest left in the folder:
+    # removed at the start, never read.
+    stale = ShardCache.for_stage(f"s3://{s3_bucket}/runs/twice/stages/ingest")
+    os.makedirs(stale.root, exist_ok=True)
+    Path(stale.root, ShardCache.name_of("train-000000.tar")).write_bytes(
+        _source_shard([(f"s0-{i}", 2, _jpeg(90 + i)) for i in range(7)]))
     with FaultProxy(s3_endpoint) as proxy:
-        store0, m0 = run_ingest(f"s3://{s3_bucket}/runs/twice", {**params, "cache_sources": False}, endpoint=proxy.url)
+        store0, m0 = run_ingest(f"s3://{s3_bucket}/runs/twice", {**params, "cache_keep_free": 1.0}, endpoint=proxy.url)
         read_twice = {path: proxy.object_bytes[path] for path in sizes}
         proxy.object_bytes.clear()
         store, m = run_ingest(f"s3://{s3_bucket}/runs/once", params, endpoint=proxy.url)
@@ -1233,7 +1239,7 @@ def test_mode_copy_reads_each_source_shard_on_s3_once_and_writes_the_same_shards
     assert record(m).samples == 21 and len(record(m).splits["train"].shards) == 5 and len(m.outputs) == len(m0.outputs)
     assert [(o.path, o.sha256) for o in m.outputs] == [(o.path, o.sha256) for o in m0.outputs]
     assert m.metrics["source_cache"]["copies"] == m.metrics["source_cache"]["shards"] == 3
-    assert "source_cache" not in m0.metrics
+    assert m0.metrics["source_cache"]["copies"] == 0 and not Path(stale.root).exists()
     cache = ShardCache.for_stage(store.uri)
     assert not Path(cache.root).exists()
 
@@ -1261,6 +1267,25 @@ def test_mode_copy_reads_each_source_shard_on_s3_once_and_writes_the_same_shards
     assert not Path(cache.root).exists()
 
 
+def test_an_ingest_that_fails_while_listing_leaves_no_copy_on_the_disk(s3_endpoint, s3_bucket):
+    import boto3
+
+    from bench.faultproxy import FaultProxy
+    from stages.data.shard_cache import ShardCache
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for shard in range(3):
+        s3.put_object(Bucket=s3_bucket, Key=f"src/train-{shard:06d}.tar",
+                      Body=_source_shard([(f"s{shard}-{i}", i, _jpeg(i)) for i in range(3)]))
+    with FaultProxy(s3_endpoint, permanent="train-000002") as proxy:
+        config = parse_config({**ingest_config({"source": "webdataset", "path": f"s3://{s3_bucket}/src"}),
+                               "storage": {"endpoint_url": proxy.url, "read_retries": 1, "read_timeout_s": 0.5}})
+        with pytest.raises(StageFailedError, match="train-000002.tar: reading failed 2 times in a row"):
+            run_pipeline(config, f"s3://{s3_bucket}/runs/failed", RayExecutor())
+    assert proxy.counts["permanent"] == 2 and proxy.object_bytes[f"/{s3_bucket}/src/train-000000.tar"] > 0
+    assert not Path(ShardCache.for_stage(f"s3://{s3_bucket}/runs/failed/stages/ingest").root).exists()
+
+
 def test_a_source_shard_copy_is_kept_only_whole_and_only_with_room():
     from stages.data.shard_cache import ShardCache
 
@@ -1279,7 +1304,12 @@ def test_a_source_shard_copy_is_kept_only_whole_and_only_with_room():
             raise OSError("connection reset, out of retries")  # a listing task failing mid-shard
         with cache.tee(io.BytesIO(body[:-1]), "c.tar", len(body)) as f:  # an object shorter than listed
             f.read()
-        assert sorted(os.listdir(folder)) == [ShardCache.name_of("a/x.tar")]  # no dot-file, no short copy
+
+        damaged = io.BytesIO(body + bytes(4 << 20))  # megabytes after the samples (the rest of a damaged shard)
+        with cache.tee(damaged, "e.tar", len(body)) as f:
+            f.read(len(body))
+        assert damaged.tell() < len(body) + (3 << 20)  # not read through (to make a copy it cannot keep)
+        assert sorted(os.listdir(folder)) == [".lock", ShardCache.name_of("a/x.tar")]  # no dot-file, no short copy
 
         with open(os.path.join(folder, f".w1.{1 << 60}.part"), "wb"):  # a copy being written, room owed to it
             stream = io.BytesIO(body)
@@ -1287,8 +1317,20 @@ def test_a_source_shard_copy_is_kept_only_whole_and_only_with_room():
                 assert f is stream
         with ShardCache("t", parent, keep_free=1.0).tee(stream, "d.tar", len(body)) as f:  # the disk's free share kept
             assert f is stream
+        if os.path.isdir("/dev/shm"):  # a memory file system: the copies would be RAM
+            with ShardCache(f"t-{os.getpid()}", "/dev/shm", keep_free=0.0).tee(stream, "d.tar", len(body)) as f:
+                assert f is stream
+            shutil.rmtree(f"/dev/shm/t-{os.getpid()}")
         cache.clear()
         assert not os.path.exists(folder) and cache.held() == []
+
+
+def test_a_full_disk_drops_the_copy_never_the_listing():
+    from stages.data.shard_cache import _Tee
+
+    body = os.urandom(300_000)
+    tee = _Tee(io.BytesIO(body), "/dev/full")  # every write: ENOSPC
+    assert io.BufferedReader(tee).read() == body and tee.failed and "No space left" in tee.failed
 
 
 def test_a_writing_task_reads_a_source_shard_from_its_node_s_copy_and_the_source_where_it_holds_none(tmp_path):

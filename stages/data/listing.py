@@ -302,15 +302,21 @@ def filesystem_type(path: str, mounts: str) -> str:
     return kind
 
 
-def warn_if_memory_backed(folder: str) -> None:
-    """A warning when ``folder`` is on a memory file system (a tmpfs ``/tmp``): spilled there, the
-    listing saves no memory."""
+def memory_backed(folder: str) -> str | None:
+    """The memory file system ``folder`` is on (a tmpfs ``/tmp``), or None (also off Linux)."""
     try:
         with open("/proc/mounts") as mounts:
             kind = filesystem_type(os.path.realpath(folder), mounts.read())
     except OSError:  # not Linux: nothing to tell
-        return
-    if kind in _MEMORY_FILESYSTEMS:
+        return None
+    return kind if kind in _MEMORY_FILESYSTEMS else None
+
+
+def warn_if_memory_backed(folder: str) -> None:
+    """A warning when ``folder`` is on a memory file system (a tmpfs ``/tmp``): spilled there, the
+    listing saves no memory."""
+    kind = memory_backed(folder)
+    if kind is not None:
         log.warning("%s is on %s (memory): the listing spilled there stays in memory; set TMPDIR to a local "
                     "disk on the ingest coordinator's node", folder, kind)
 

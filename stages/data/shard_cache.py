@@ -7,10 +7,12 @@ the shard boundaries all depend on the whole listing. On S3, listing a tar means
 (its member headers sit between the images), and the writing tasks then read each sample's bytes
 again: twice the corpus. Here the listing task copies what it streams to its node's disk
 (:meth:`ShardCache.tee`), the coordinator asks each node which copies it holds
-(:func:`held_on_nodes`), and each writing task is sent, where it can, to the node holding most of
-its bytes (:func:`preferred_node`), where it reads them from the copy. A source shard is read from
-S3 again only where its copy is missing: a writing task placed elsewhere (its node was full), a
-node lost since, a disk without room (:attr:`ShardCache.keep_free`).
+(:func:`held_on_nodes`), and each writing task is sent to the node holding most of its bytes
+(:func:`preferred_node`; to another when that node has no free core), where it reads them from the
+copy — and what another node holds from that node (:meth:`ShardCache.open_anywhere`). A source
+shard is read from S3 again only where no copy answers: a node lost since, a disk without room
+(:attr:`ShardCache.keep_free`), on a memory file system. Like the listing's byte offsets, the
+copies assume the source objects are not rewritten while the ingest runs.
 
 A copy appears under its final name only once the whole object has been read through it (written
 to a dot-file, renamed): a listing task killed mid-shard leaves a dot-file, never a short copy.
@@ -23,6 +25,7 @@ bytes the saved listing was made from) and then removes them. The folder is
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import logging
@@ -34,12 +37,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 from pipeline.storage import LocalStorage, StorageError
+from stages.data.listing import memory_backed
 
 __all__ = ["KEEP_FREE", "ShardCache", "clear_on_nodes", "held_on_nodes", "preferred_node"]
 
 log = logging.getLogger(__name__)
 
-KEEP_FREE = 0.10  # of a node's disk, left free: Ray spills its object store to the same disk
+KEEP_FREE = 0.20  # of a node's disk, left free by default: Ray spills its object store there, the ingest
+# coordinator its listing, the writing tasks spool each shard they upload (ingest's ``cache_keep_free``)
+_DRAIN_LIMIT = 1 << 20  # after the last sample, at most this is read through to complete a copy
 _PART = ".part"  # a copy being written: ``.<random>.<expected size>.part``
 
 
@@ -55,9 +61,9 @@ class ShardCache:
     peers: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def for_stage(cls, stage_uri: str) -> ShardCache:
+    def for_stage(cls, stage_uri: str, keep_free: float = KEEP_FREE) -> ShardCache:
         """The copies of the ingest writing to ``stage_uri``."""
-        return cls(hashlib.sha256(stage_uri.encode()).hexdigest()[:16])
+        return cls(hashlib.sha256(stage_uri.encode()).hexdigest()[:16], keep_free=keep_free)
 
     @property
     def root(self) -> str:
@@ -75,30 +81,71 @@ class ShardCache:
     @contextlib.contextmanager
     def tee(self, stream: BinaryIO, shard: str, size: int | None) -> Iterator[BinaryIO]:
         """``stream``, copying what is read from it to this node's copy of ``shard`` (``size``
-        bytes). When the block ends without an error the rest of the stream is read through too
-        (a tar's end padding, what follows a damaged member), and the copy is kept if it has every
-        byte. Without room for it (or a size to check it by), ``stream`` itself."""
-        if size is None or not self._room_for(size):
+        bytes). When the block ends without an error, the little left unread (a tar's end
+        padding) is read through too, and the copy kept if it has every byte. The copy never fails
+        the reading: a disk error, or more than ``_DRAIN_LIMIT`` left unread (the rest of a damaged
+        shard), drops it. Without room for it, or a size to check it by, ``stream`` itself."""
+        temp = self._reserve(size) if size is not None else None
+        if temp is None:
             yield stream
             return
-        os.makedirs(self.root, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=self.root, prefix=".", suffix=f".{size}{_PART}")
+        tee = _Tee(stream, temp)
         kept = False
         try:
-            with os.fdopen(fd, "wb") as copy:
-                reader = io.BufferedReader(_Tee(stream, copy), buffer_size=1 << 20)
-                yield reader  # type: ignore[misc]
-                while reader.read(1 << 20):
-                    pass
-            kept = os.path.getsize(temp) == size
-            if kept:
-                os.replace(temp, os.path.join(self.root, self.name_of(shard)))
-            else:
-                log.warning("%s: read %d bytes of %d; not kept on this node", shard, os.path.getsize(temp), size)
+            reader = io.BufferedReader(tee, buffer_size=1 << 20)
+            yield reader  # type: ignore[misc]
+            kept = self._finish(reader, tee, shard, size)  # type: ignore[arg-type]
         finally:
+            tee.close_copy()
             if not kept:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
+
+    def _finish(self, reader: BinaryIO, tee: _Tee, shard: str, size: int) -> bool:
+        """Read the end of the stream through and rename the copy into place if it is whole."""
+        try:
+            left = _DRAIN_LIMIT
+            while left > 0 and (data := reader.read(min(left, 1 << 16))):
+                left -= len(data)
+            if left <= 0 and reader.read(1):
+                log.info("%s: more than %d bytes after the last sample; not kept on this node", shard, _DRAIN_LIMIT)
+                return False
+        except Exception as err:  # noqa: BLE001 - the listing has what it needs: the copy is only a saving
+            log.info("%s: not kept on this node (reading its end: %s)", shard, " ".join(str(err).split())[:200])
+            return False
+        tee.close_copy()
+        if tee.failed or tee.written != size:
+            log.warning("%s: %s; not kept on this node", shard,
+                        tee.failed or f"read {tee.written} bytes of {size}")
+            return False
+        os.replace(tee.path, os.path.join(self.root, self.name_of(shard)))
+        return True
+
+    def _reserve(self, size: int) -> str | None:
+        """A new dot-file for a copy of ``size`` bytes, if it leaves ``keep_free`` of the disk free
+        counting what the copies being written beside it still need (each dot-file's name says
+        its full size): checked and made under a lock, so that the listing tasks of a node do not
+        all take the same free space. None on a memory file system (the copies would be RAM)."""
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            if memory_backed(self.root):
+                return None
+            with open(os.path.join(self.root, ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                usage = shutil.disk_usage(self.root)
+                owed = 0
+                for entry in os.scandir(self.root):
+                    if entry.name.startswith(".") and entry.name.endswith(_PART):
+                        with contextlib.suppress(ValueError, IndexError, FileNotFoundError):
+                            owed += max(0, int(entry.name[:-len(_PART)].rsplit(".", 1)[1]) - entry.stat().st_size)
+                if usage.free - owed - size < self.keep_free * usage.total:
+                    return None
+                fd, temp = tempfile.mkstemp(dir=self.root, prefix=".", suffix=f".{size}{_PART}")
+                os.close(fd)
+                return temp
+        except OSError as err:  # no folder to be had: read the source again, as without copies
+            log.info("no copy of source shards in %s: %s", self.root, err)
+            return None
 
     def open_range(self, shard: str, start: int, end: int) -> BinaryIO | None:
         """Bytes ``[start, end)`` of this node's copy of ``shard``; None when it holds none."""
@@ -129,18 +176,6 @@ class ShardCache:
         return io.BufferedReader(_PeerRange(replace(self, peers={}), node, shard, start, end, source),
                                  buffer_size=1 << 20)  # type: ignore[return-value]
 
-    def _room_for(self, size: int) -> bool:
-        """Whether a copy of ``size`` bytes leaves ``keep_free`` of the disk free, counting what the
-        copies being written beside it still need (each dot-file's name says its full size)."""
-        os.makedirs(self.root, exist_ok=True)
-        usage = shutil.disk_usage(self.root)
-        owed = 0
-        for entry in os.scandir(self.root):
-            if entry.name.startswith(".") and entry.name.endswith(_PART):
-                with contextlib.suppress(ValueError, FileNotFoundError):
-                    owed += max(0, int(entry.name[:-len(_PART)].rsplit(".", 1)[1]) - entry.stat().st_size)
-        return usage.free - owed - size >= self.keep_free * usage.total
-
     def held(self) -> list[str]:
         """The names of the whole copies on this node."""
         try:
@@ -153,10 +188,14 @@ class ShardCache:
 
 
 class _Tee(io.RawIOBase):
-    """A reader of ``stream`` that writes every byte it reads to ``copy``."""
+    """A reader of ``stream`` that writes every byte it reads to the file at ``path``, until a
+    write fails (``failed`` says why): the reading goes on, the copy is dropped."""
 
-    def __init__(self, stream: BinaryIO, copy: BinaryIO) -> None:
-        self._stream, self._copy = stream, copy
+    def __init__(self, stream: BinaryIO, path: str) -> None:
+        self._stream, self.path = stream, path
+        self._copy: BinaryIO | None = open(path, "wb")  # noqa: SIM115 - closed by close_copy
+        self.written = 0
+        self.failed: str | None = None
 
     def readable(self) -> bool:
         return True
@@ -165,8 +204,22 @@ class _Tee(io.RawIOBase):
         data = self._stream.read(len(buffer))
         n = len(data)
         buffer[:n] = data
-        self._copy.write(data)
+        if self._copy is not None:
+            try:
+                self._copy.write(data)
+                self.written += n
+            except OSError as err:  # a full disk: this copy is dropped, the listing goes on
+                self.failed = f"writing the copy: {err}"
+                self.close_copy()
         return n
+
+    def close_copy(self) -> None:
+        if self._copy is not None:
+            copy, self._copy = self._copy, None
+            try:
+                copy.close()
+            except OSError as err:
+                self.failed = self.failed or f"closing the copy: {err}"
 
 
 PEER_PIECE = 16 << 20  # bytes a peer node sends back at a time: a writing task's heap holds one
@@ -210,7 +263,7 @@ class _PeerRange(io.RawIOBase):
             _remote_read_copy = ray.remote(num_cpus=0, max_retries=0)(_read_copy)
         task = _remote_read_copy.options(scheduling_strategy=NodeAffinitySchedulingStrategy(self._node, soft=False))
         try:
-            piece = ray.get(task.remote(self._cache, self._shard, start, end))
+            piece = ray.get(task.remote(self._cache, self._shard, start, end), timeout=PEER_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - the node is gone: the source has the bytes
             log.warning("%s: the copy on node %s did not answer (%s); reading the source", self._shard,
                         self._node[:12], " ".join(str(err).split())[:200])
@@ -253,24 +306,37 @@ def _alive_nodes() -> list[str]:
 
 def _on_each_node(cache: ShardCache, method: str) -> dict[str, object]:
     """``cache.<method>()`` run on every live node (a zero-CPU task pinned to it: it does not wait
-    for a busy node's cores), by node id; a node lost meanwhile is left out, with a warning."""
+    for a busy node's cores), by node id; a node lost meanwhile, or silent for ``NODE_TIMEOUT_S``
+    (wedged), is left out with a warning."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    call = ray.remote(num_cpus=0, max_retries=0)(_call)
-    refs = {node: call.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(cache, method)
-            for node in _alive_nodes()}
+    global _remote_call
+    if _remote_call is None:
+        _remote_call = ray.remote(num_cpus=0, max_retries=0)(_call)
+    refs = {_remote_call.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+        cache, method): node for node in _alive_nodes()}
+    ready, silent = ray.wait(list(refs), num_returns=len(refs), timeout=NODE_TIMEOUT_S)
     found: dict[str, object] = {}
-    for node, ref in refs.items():
+    for ref in ready:
         try:
-            found[node] = ray.get(ref)
+            found[refs[ref]] = ray.get(ref)
         except Exception as err:  # noqa: BLE001 - a node gone: its disk (and copies) with it
-            log.warning("source cache: node %s did not answer (%s)", node[:12], " ".join(str(err).split())[:200])
+            log.warning("source cache: node %s did not answer (%s)", refs[ref][:12], " ".join(str(err).split())[:200])
+    for ref in silent:
+        log.warning("source cache: node %s did not answer in %d s (%s left as it is)", refs[ref][:12],
+                    NODE_TIMEOUT_S, method)
+        ray.cancel(ref, force=True)
     return found
 
 
 def _call(cache: ShardCache, method: str) -> object:
     return getattr(cache, method)()
+
+
+_remote_call: Any = None
+NODE_TIMEOUT_S = 120  # a live node's zero-CPU task answers in seconds; past this it is wedged
+PEER_TIMEOUT_S = 300  # for one piece from a peer: then the source is read instead
 
 
 def held_on_nodes(cache: ShardCache) -> dict[str, str]:
