@@ -86,10 +86,17 @@ class ShardCache:
         the reading: a disk error, or more than ``_DRAIN_LIMIT`` left unread (the rest of a damaged
         shard), drops it. Without room for it, or a size to check it by, ``stream`` itself."""
         temp = self._reserve(size) if size is not None else None
-        if temp is None:
+        try:
+            tee = _Tee(stream, temp) if temp is not None else None
+        except OSError as err:  # the folder cleared under it, or no file to be had: no copy
+            log.info("%s: not kept on this node (%s)", shard, err)
+            tee = None
+        if tee is None:
+            if temp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
             yield stream
             return
-        tee = _Tee(stream, temp)
         kept = False
         try:
             reader = io.BufferedReader(tee, buffer_size=1 << 20)
