@@ -47,6 +47,17 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
         _reap(proc)
 
 
+def _until_started(head: LocalHead, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """The stand-in's "ready": its program started (the real check, a reachable Ray head, comes long
+    after that; read before, a child still inside exec shows an empty command line)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while psutil.Process(proc.pid).cmdline() != SLEEPER:
+        assert time.monotonic() < deadline, "the stand-in never started"
+        time.sleep(0.01)
+
+
 def _write_record(state_dir: Path, pid: int, **identity: Any) -> Path:
     state_file = state_dir / "head.json"
     record = {"pid": pid, "gcs_port": 6379, "dashboard_port": 8265, "token_path": str(state_dir / "tok"), **identity}
@@ -131,7 +142,7 @@ def test_start_replaces_a_stale_record_and_records_what_it_started(sleeper, tmp_
         return launched[-1]
 
     monkeypatch.setattr(local_head.subprocess, "Popen", fake_popen)
-    monkeypatch.setattr(local_head, "_wait_ready", lambda head, proc, timeout: None)
+    monkeypatch.setattr(local_head, "_wait_ready", _until_started)
     try:
         head = start_head(state_dir=tmp_path, token_path=tmp_path / "tok", env={})
         assert len(launched) == 1 and head.pid == launched[0].pid != sleeper.pid
