@@ -439,7 +439,7 @@ class Ingest(Stage):
 
         remote = ray.remote(num_cpus=_SHARD_TASK_CPUS, max_retries=2)(write_listed_shard)
         source_ref = ray.put(source)
-        placement, node_of_copy = None, {}
+        node_of_copy: dict[str, str] = {}
         if cache is not None:
             node_of_copy = held_on_nodes(cache)
             shards = listing.values("shard")  # the source shards with samples (one dictionary: unified)
@@ -453,16 +453,23 @@ class Ingest(Stage):
                                    "node's disk would be left, or it is memory, or the node is lost): they are read "
                                    "from the source again", len(shards) - kept, p.cache_keep_free)
 
-            def placement(name: str) -> dict[str, Any]:
-                node = preferred_node(_bytes_by_shard(listing, todo[name].rows), node_of_copy)
-                return {} if node is None else {"scheduling_strategy": _near(node)}
+        near: dict[str, str] = {}  # a cut's preferred node, from its arguments to its options
 
         def copies(cut: ShardCut) -> ShardCache | None:
-            """The cache as the cut's task sees it: with the nodes holding its source shards."""
+            """The cache as the cut's task sees it, with the nodes holding its source shards; the node
+            holding most of its bytes noted for :func:`placement`."""
             if cache is None:
                 return None
-            names = {shard: ShardCache.name_of(shard) for shard in _bytes_by_shard(listing, cut.rows)}
-            return replace(cache, peers={shard: node_of_copy[n] for shard, n in names.items() if n in node_of_copy})
+            spans = _bytes_by_shard(listing, cut.rows)
+            node = preferred_node(spans, node_of_copy)
+            if node is not None:
+                near[cut.name] = node
+            held = {shard: node_of_copy.get(ShardCache.name_of(shard)) for shard in spans}
+            return replace(cache, peers={shard: node for shard, node in held.items() if node is not None})
+
+        def placement(name: str) -> dict[str, Any]:
+            node = near.pop(name, None)
+            return {} if node is None else {"scheduling_strategy": _near(node)}
 
         def call(name: str) -> tuple:  # a shard's rows are taken when its task is sent, not before
             cut = todo[name]
@@ -470,7 +477,8 @@ class Ingest(Stage):
             return (source_ref, copies(cut), cut.name, cut.split, listing.rows(cut.rows), ctx.out, class_index, p.mode,
                     p.max_side, p.jpeg_quality, p.validation, digest)
 
-        results.update(_run_tasks(ctx, remote, list(todo), call, p.workers, len(cuts), "shards", options=placement))
+        results.update(_run_tasks(ctx, remote, list(todo), call, p.workers, len(cuts), "shards",
+                                  options=placement if cache is not None else None))
 
         ordered = [results[cut.name] for cut in cuts]
         for r in ordered:  # the stats files only mark finished shards for a resumed ingest: not outputs
@@ -673,7 +681,7 @@ def _run_tasks(ctx: StageContext | None, remote: Any, names: list[str], args: Ca
                total: int, what: str, on_result: Callable[[int, str, Any], None] | None = None,
                keep: bool = True, options: Callable[[str], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run ``remote(*args(name))`` for each of ``names``, ``workers`` at a time (arguments made as
-    each task is sent; ``options(name)``: its Ray options, e.g. where to run), with a progress bar
+    each task is sent; ``options(name)``, asked after them: its Ray options, e.g. where to run), with a progress bar
     over ``total`` (those done before count as done); results by name (unless not ``keep``).
     ``on_result(n, name, result)`` hears of the n-th result as it comes."""
     import contextlib
@@ -691,8 +699,9 @@ def _run_tasks(ctx: StageContext | None, remote: Any, names: list[str], args: Ca
             while queue or pending:
                 while queue and len(pending) < workers:
                     name = queue.popleft()
+                    arguments = args(name)
                     task = remote.options(**options(name)) if options is not None else remote
-                    pending[task.remote(*args(name))] = name
+                    pending[task.remote(*arguments)] = name
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     name = pending.pop(ref)

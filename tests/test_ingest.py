@@ -1274,15 +1274,20 @@ def test_an_ingest_that_fails_while_listing_leaves_no_copy_on_the_disk(s3_endpoi
     from stages.data.shard_cache import ShardCache
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    sizes = {}
     for shard in range(3):
-        s3.put_object(Bucket=s3_bucket, Key=f"src/train-{shard:06d}.tar",
-                      Body=_source_shard([(f"s{shard}-{i}", i, _jpeg(i)) for i in range(3)]))
+        body = _source_shard([(f"s{shard}-{i}", i, _jpeg(i)) for i in range(3)])
+        s3.put_object(Bucket=s3_bucket, Key=f"src/train-{shard:06d}.tar", Body=body)
+        sizes[f"/{s3_bucket}/src/train-{shard:06d}.tar"] = len(body)
+    # One listing task at a time: the first two shards are listed (and kept) before the third fails.
+    params = {"source": "webdataset", "path": f"s3://{s3_bucket}/src", "workers": 1}
     with FaultProxy(s3_endpoint, permanent="train-000002") as proxy:
-        config = parse_config({**ingest_config({"source": "webdataset", "path": f"s3://{s3_bucket}/src"}),
+        config = parse_config({**ingest_config(params),
                                "storage": {"endpoint_url": proxy.url, "read_retries": 1, "read_timeout_s": 0.5}})
         with pytest.raises(StageFailedError, match="train-000002.tar: reading failed 2 times in a row"):
             run_pipeline(config, f"s3://{s3_bucket}/runs/failed", RayExecutor())
-    assert proxy.counts["permanent"] == 2 and proxy.object_bytes[f"/{s3_bucket}/src/train-000000.tar"] > 0
+    assert proxy.counts["permanent"] == 2
+    assert [proxy.object_bytes[path] for path in list(sizes)[:2]] == list(sizes.values())[:2]
     assert not Path(ShardCache.for_stage(f"s3://{s3_bucket}/runs/failed/stages/ingest").root).exists()
 
 
@@ -1294,7 +1299,7 @@ def test_a_source_shard_copy_is_kept_only_whole_and_only_with_room():
         cache, folder = ShardCache("t", parent, keep_free=0.0), os.path.join(parent, "t")
         with cache.tee(io.BytesIO(body), "a/x.tar", len(body)) as f:
             assert f.read(1000) == body[:1000]  # the rest is read through when the block ends
-        assert cache.holds("a/x.tar") and cache.held() == [ShardCache.name_of("a/x.tar")]
+        assert cache.held() == [ShardCache.name_of("a/x.tar")]
         with cache.open_range("a/x.tar", 5000, 7000) as f:
             assert f.read() == body[5000:7000]
         assert cache.open_range("b.tar", 0, 10) is None
@@ -1309,9 +1314,11 @@ def test_a_source_shard_copy_is_kept_only_whole_and_only_with_room():
         with cache.tee(damaged, "e.tar", len(body)) as f:
             f.read(len(body))
         assert damaged.tell() < len(body) + (3 << 20)  # not read through (to make a copy it cannot keep)
-        assert sorted(os.listdir(folder)) == [".lock", ShardCache.name_of("a/x.tar")]  # no dot-file, no short copy
+        # No short copy, nothing left being written.
+        assert sorted(os.listdir(folder)) == [".lock", ".writing", ShardCache.name_of("a/x.tar")]
+        assert os.listdir(os.path.join(folder, ".writing")) == []
 
-        with open(os.path.join(folder, f".w1.{1 << 60}.part"), "wb"):  # a copy being written, room owed to it
+        with open(os.path.join(folder, ".writing", f"w1.{1 << 60}.part"), "wb"):  # being written: room owed to it
             stream = io.BytesIO(body)
             with cache.tee(stream, "d.tar", len(body)) as f:
                 assert f is stream

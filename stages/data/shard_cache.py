@@ -15,7 +15,7 @@ shard is read from S3 again only where no copy answers: a node lost since, a dis
 copies assume the source objects are not rewritten while the ingest runs.
 
 A copy appears under its final name only once the whole object has been read through it (written
-to a dot-file, renamed): a listing task killed mid-shard leaves a dot-file, never a short copy.
+in ``.writing/``, renamed): a listing task killed mid-shard leaves a file in ``.writing/``, never a short copy.
 The copies are removed when the ingest ends, however it ends (:func:`clear_on_nodes`); a
 coordinator killed outright leaves them to the resumed ingest, which uses them (they hold the
 bytes the saved listing was made from) and then removes them. The folder is
@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 KEEP_FREE = 0.20  # of a node's disk, left free by default: Ray spills its object store there, the ingest
 # coordinator its listing, the writing tasks spool each shard they upload (ingest's ``cache_keep_free``)
 _DRAIN_LIMIT = 1 << 20  # after the last sample, at most this is read through to complete a copy
-_PART = ".part"  # a copy being written: ``.<random>.<expected size>.part``
+_PART = ".part"  # a copy being written: ``.writing/<random>.<expected size>.part``
+_WRITING = ".writing"  # apart from the copies: the room check scans only the copies being written
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,6 @@ class ShardCache:
     def name_of(shard: str) -> str:
         """The copy's file name: a hash of the shard's path (paths may nest and hold any character)."""
         return hashlib.sha256(shard.encode()).hexdigest()[:32] + ".tar"
-
-    def holds(self, shard: str) -> bool:
-        return os.path.isfile(os.path.join(self.root, self.name_of(shard)))
 
     @contextlib.contextmanager
     def tee(self, stream: BinaryIO, shard: str, size: int | None) -> Iterator[BinaryIO]:
@@ -125,29 +123,35 @@ class ShardCache:
             log.warning("%s: %s; not kept on this node", shard,
                         tee.failed or f"read {tee.written} bytes of {size}")
             return False
-        os.replace(tee.path, os.path.join(self.root, self.name_of(shard)))
+        try:
+            os.replace(tee.path, os.path.join(self.root, self.name_of(shard)))
+        except OSError as err:  # the folder cleared under it (a slow clear still running): no copy
+            log.info("%s: not kept on this node (%s)", shard, err)
+            return False
         return True
 
     def _reserve(self, size: int) -> str | None:
-        """A new dot-file for a copy of ``size`` bytes, if it leaves ``keep_free`` of the disk free
-        counting what the copies being written beside it still need (each dot-file's name says
-        its full size): checked and made under a lock, so that the listing tasks of a node do not
-        all take the same free space. None on a memory file system (the copies would be RAM)."""
+        """A new file in ``.writing/`` for a copy of ``size`` bytes, if it leaves ``keep_free`` of the disk free
+        counting what the copies being written still need (each one's name says its full size;
+        they sit apart, so that this scans a few files, not the node's thousands of copies):
+        checked and made under a lock, so that the listing tasks of a node do not all take the
+        same free space. None on a memory file system (the copies would be RAM)."""
+        writing = os.path.join(self.root, _WRITING)
         try:
-            os.makedirs(self.root, exist_ok=True)
+            os.makedirs(writing, exist_ok=True)
             if memory_backed(self.root):
                 return None
             with open(os.path.join(self.root, ".lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 usage = shutil.disk_usage(self.root)
                 owed = 0
-                for entry in os.scandir(self.root):
-                    if entry.name.startswith(".") and entry.name.endswith(_PART):
+                for entry in os.scandir(writing):
+                    if entry.name.endswith(_PART):
                         with contextlib.suppress(ValueError, IndexError, FileNotFoundError):
                             owed += max(0, int(entry.name[:-len(_PART)].rsplit(".", 1)[1]) - entry.stat().st_size)
                 if usage.free - owed - size < self.keep_free * usage.total:
                     return None
-                fd, temp = tempfile.mkstemp(dir=self.root, prefix=".", suffix=f".{size}{_PART}")
+                fd, temp = tempfile.mkstemp(dir=writing, suffix=f".{size}{_PART}")
                 os.close(fd)
                 return temp
         except OSError as err:  # no folder to be had: read the source again, as without copies
@@ -314,7 +318,7 @@ def _alive_nodes() -> list[str]:
 def _on_each_node(cache: ShardCache, method: str) -> dict[str, object]:
     """``cache.<method>()`` run on every live node (a zero-CPU task pinned to it: it does not wait
     for a busy node's cores), by node id; a node lost meanwhile, or silent for ``NODE_TIMEOUT_S``
-    (wedged), is left out with a warning."""
+    (wedged, or slow to delete), is left out with a warning."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -330,10 +334,9 @@ def _on_each_node(cache: ShardCache, method: str) -> dict[str, object]:
             found[refs[ref]] = ray.get(ref)
         except Exception as err:  # noqa: BLE001 - a node gone: its disk (and copies) with it
             log.warning("source cache: node %s did not answer (%s)", refs[ref][:12], " ".join(str(err).split())[:200])
-    for ref in silent:
-        log.warning("source cache: node %s did not answer in %d s (%s left as it is)", refs[ref][:12],
-                    NODE_TIMEOUT_S, method)
-        ray.cancel(ref, force=True)
+    for ref in silent:  # not cancelled: a clear of a terabyte of copies may just be slow, and finishes
+        log.warning("source cache: node %s did not answer %s in %d s; going on without it", refs[ref][:12],
+                    method, NODE_TIMEOUT_S)
     return found
 
 
